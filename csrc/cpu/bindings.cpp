@@ -1,0 +1,22 @@
+// forge._C: the C++ CPU kernels. Every entry takes raw pointers (ints) and sizes, never a torch
+// tensor, so the module builds without torch and loads into any torch version. The GIL is released.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu/grokfast.h"
+#include "cpu/symmetric.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "forge C++ CPU kernels (pointer-based, torch-independent)";
+  m.def("grokfast_ema", &forge::grokfast_ema_cpu, py::arg("grads"), py::arg("emas"), py::arg("numels"),
+        py::arg("grad_dtypes"), py::arg("ema_dtypes"), py::arg("alpha"), py::arg("lamb"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("grokfast_ma", &forge::grokfast_ma_cpu, py::arg("grads"), py::arg("rings"), py::arg("sums"),
+        py::arg("numels"), py::arg("grad_dtypes"), py::arg("ring_dtypes"), py::arg("slot"), py::arg("scale"),
+        py::arg("lamb"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("symmetrize_from_lower_f32", &forge::symmetrize_from_lower_f32, py::arg("data"), py::arg("batch"),
+        py::arg("m"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.attr("ABI_VERSION") = 1;
+}

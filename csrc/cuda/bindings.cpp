@@ -1,0 +1,27 @@
+// forge._cuda: CUDA kernels behind raw device pointers and a stream handle (no torch at build time).
+// Loaded only when torch sees a GPU; see forge/_native.py.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+namespace forge {
+int64_t grokfast_chunk_size();
+void grokfast_ema_cuda(uintptr_t table, int n, int64_t chunks, int grad_dtype, int ema_dtype, float alpha,
+                       float lamb, uintptr_t stream);
+void grokfast_ma_cuda(uintptr_t table, int n, int64_t chunks, int grad_dtype, int ring_dtype, int64_t slot,
+                      float scale, float lamb, uintptr_t stream);
+}  // namespace forge
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "forge CUDA kernels (pointer-based, torch-independent)";
+  m.def("grokfast_chunk_size", &forge::grokfast_chunk_size);
+  m.def("grokfast_ema", &forge::grokfast_ema_cuda, py::arg("table"), py::arg("n"), py::arg("chunks"),
+        py::arg("grad_dtype"), py::arg("ema_dtype"), py::arg("alpha"), py::arg("lamb"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("grokfast_ma", &forge::grokfast_ma_cuda, py::arg("table"), py::arg("n"), py::arg("chunks"),
+        py::arg("grad_dtype"), py::arg("ring_dtype"), py::arg("slot"), py::arg("scale"), py::arg("lamb"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.attr("ABI_VERSION") = 1;
+}

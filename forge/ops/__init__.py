@@ -1,0 +1,22 @@
+"""forge.ops: the public kernel API. Every op has a plain-PyTorch reference and backend dispatch."""
+from forge.ops._dispatch import (
+    BackendUnavailableError,
+    available_backends,
+    backend_matrix_markdown,
+    last_backend,
+)
+from forge.ops.grokfast import grokfast_ema_, grokfast_ema_reference, grokfast_ma_, grokfast_ma_reference
+from forge.ops.newton_schulz import newton_schulz, newton_schulz_reference
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_matrix_markdown",
+    "last_backend",
+    "newton_schulz",
+    "newton_schulz_reference",
+    "grokfast_ema_",
+    "grokfast_ema_reference",
+    "grokfast_ma_",
+    "grokfast_ma_reference",
+]
