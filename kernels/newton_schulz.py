@@ -7,11 +7,14 @@ Plain pointer arithmetic (no block pointers: they are gone in Triton 3.9).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from forge.kernels import interpreted
+from forge.ops.newton_schulz import sym_mm_dense
 
 
 @triton.jit
@@ -58,27 +61,45 @@ def sym_mm_kernel(a_ptr, b_ptr, d_ptr, c_ptr, M, K,
         tl.store(c_base + cols[None, :].to(tl.int64) * s_cm + rows[:, None] * s_cn, out, mask=inside)
 
 
-def _config(M: int, dtype: torch.dtype) -> dict:
+def _config(dtype: torch.dtype) -> dict:
     """Tile sizes. The interpreter gets small tiles (it runs every program serially on the CPU).
 
-    GPU: 128 x 128 x 64, 8 warps, 3 stages for M >= 1024 (half-precision); smaller tiles below
-    (see benchmarks/RESULTS.md for the card and shapes these were checked on).
+    GPU (benchmarks/gpu/sweep_ns.py, H100 80GB HBM3, bf16, 2026-11-27): 128 x 128 x 64 tiles, 8 warps,
+    3 stages were the fastest of five configs at 1x4096x4096 (X X^T 0.169 ms; cuBLAS dense 0.218 ms)
+    and 24x768x3072 (0.139 ms; dense 0.150 ms); 64-row tiles reached only 530 dense-equivalent TFLOP/s
+    and 256-row tiles ran out of shared memory. float32 takes BLOCK_K 32 to keep 3 stages in it.
     """
     if interpreted():
         return dict(BLOCK_M=16, BLOCK_K=16, num_warps=1, num_stages=1)
-    if M >= 1024 and dtype != torch.float32:
-        return dict(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3)
-    if M >= 256:
-        return dict(BLOCK_M=64, BLOCK_K=64 if dtype != torch.float32 else 32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_K=32 if dtype == torch.float32 else 64, num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def use_dense(batch: int, M: int, block_m: int, device: torch.device) -> bool:
+    """Too few lower-triangle tiles to fill the GPU, so cuBLAS's dense product is faster: in the sweep
+    above, 1x2048x8192 (136 tiles on 132 SMs) took 0.118 ms dense against 0.161 ms, while 528 tiles
+    (4096) or 504 (24x768) won. Triton gets the work from 3 tiles per SM up."""
+    if device.type != "cuda":
+        return False
+    tiles = triton.cdiv(M, block_m)
+    return batch * tiles * (tiles + 1) // 2 < 3 * _sm_count(device.index or 0)
 
 
 def sym_mm_triton(A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0, beta: float = 0.0,
-                  D: torch.Tensor | None = None) -> torch.Tensor:
-    """alpha * A @ B^T + beta * D for batches A, B (b, M, K) whose result is symmetric (b, M, M)."""
+                  D: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """alpha * A @ B^T + beta * D for batches A, B (b, M, K) whose result is symmetric (b, M, M).
+
+    `config` overrides the tile sizes (BLOCK_M, BLOCK_K, num_warps, num_stages), for sweeps.
+    """
     batch, M, K = A.shape
+    cfg = config or _config(A.dtype)
+    if config is None and use_dense(batch, M, cfg["BLOCK_M"], A.device):
+        return sym_mm_dense(A, B, alpha, beta, D)
     C = torch.empty(batch, M, M, dtype=A.dtype, device=A.device)
-    cfg = _config(M, A.dtype)
     tiles = triton.cdiv(M, cfg["BLOCK_M"])
     grid = (tiles * (tiles + 1) // 2, batch)
     ieee = A.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32

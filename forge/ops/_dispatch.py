@@ -72,7 +72,7 @@ def _backend_reason(backend: str, impl: Implementation) -> str | None:
     return None
 
 
-def _runs_on(backend: str, device: torch.device) -> bool:
+def runs_on(backend: str, device: torch.device) -> bool:
     if backend == "torch":
         return True
     if backend == "triton":
@@ -110,10 +110,10 @@ def resolve(op: str, device: torch.device, backend: str = "auto") -> Callable:
                 _last[op] = name
                 return impls[name].fn
         raise BackendUnavailableError(f"{op}: no backend can run on device {device}")
-    usable = [b for b in impls if _backend_reason(b, impls[b]) is None and _runs_on(b, device)]
+    usable = [b for b in impls if _backend_reason(b, impls[b]) is None and runs_on(b, device)]
     if requested not in impls:
         why = f"{op} has no {requested!r} backend"
-    elif not _runs_on(requested, device):
+    elif not runs_on(requested, device):
         why = f"backend {requested!r} does not run tensors on device {device.type!r}"
     else:
         why = _backend_reason(requested, impls[requested])

@@ -18,6 +18,12 @@ SHAPES = [(1, 33), (29, 1), (1, 1), (37, 53), (53, 37), (19, 80), (48, 48), (3, 
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
+def tolerance(dtype, shape) -> float:
+    """A vector has one singular value, whose bf16 error is the whole error: all-bf16 NS (the torch
+    reference, like Keller Jordan's) gives f(1) = 0.665 for 0.696, 4.5%; so vectors get 1.4x in bf16."""
+    return TOLERANCE[dtype] * (1.4 if dtype == torch.bfloat16 and min(shape[-2:]) == 1 else 1.0)
+
+
 def scalar_map(coefficients: str, sigma: np.ndarray, steps: int = 5) -> np.ndarray:
     """What the iteration does to one normalized singular value, in float64."""
     for a, b, c in resolve_coefficients(coefficients, steps):
@@ -45,7 +51,7 @@ def test_half_precision_inputs(backend, dtype, shape):
     expected = newton_schulz_reference(G.double(), 5)
     out = newton_schulz(G, backend=backend)
     assert out.dtype == dtype and out.shape == G.shape
-    assert rel_error(out, expected) < TOLERANCE[dtype]
+    assert rel_error(out, expected) < tolerance(dtype, shape)
 
 
 @pytest.mark.parametrize("backend", cpu_backends("newton_schulz"))
@@ -164,11 +170,12 @@ def test_bad_input(call, error, words):
 
 @pytest.mark.parametrize("backend", gpu_backends("newton_schulz"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(1, 512), (512, 1), (257, 1031), (1031, 257), (384, 384), (6, 200, 300)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 512), (512, 1), (257, 1031), (1031, 257), (384, 384), (6, 200, 300),
+                                   (24, 768, 3072)], ids=str)  # the last one takes the Gram path
 def test_gpu_matches_float64(backend, dtype, shape):
     G = torch.randn(*shape, device="cuda").to(dtype)
     expected = newton_schulz_reference(G.double(), 5)
     out = newton_schulz(G, backend=backend)
     assert out.dtype == dtype and out.shape == G.shape
-    assert rel_error(out, expected) < TOLERANCE[dtype]
+    assert rel_error(out, expected) < tolerance(dtype, shape)
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One script for a GPU machine: install forge (the carried cp312 wheel in .whl/, else build it),
+# run the GPU tests and the GPU benchmarks, and print a short table. Results go to $OUT (or ./gpu-out).
+#   bash benchmarks/gpu/run.sh
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+OUT="${OUT:-$REPO/gpu-out}"
+mkdir -p "$OUT"
+SITE=/tmp/forge-site
+export PYTHONUNBUFFERED=1
+
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+WHEEL=$(ls "$REPO"/.whl/forge-*cp312*.whl 2>/dev/null | head -1)
+if [ -z "$WHEEL" ]; then
+  echo "no carried wheel: building (needs cmake, ninja, pybind11, scikit-build-core)"
+  python3 -m pip wheel --no-build-isolation --no-deps -w /tmp/forge-wheel "$REPO" > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  WHEEL=$(ls /tmp/forge-wheel/forge-*.whl | head -1)
+fi
+python3 -m pip install -q --no-deps --no-index --target "$SITE" "$WHEEL" || exit 1
+export PYTHONPATH="$SITE"
+cd /tmp  # so that the repository's source folder does not shadow the installed package
+python3 -c "import forge.ops as F, forge._native as N; print('backends', F.available_backends()); print('load errors', N.load_errors())"
+
+echo "== GPU tests"
+FORGE_TEST_GPU=1 timeout 300 python3 -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider --rootdir="$REPO" \
+  -o addopts="" 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+
+if [ -z "${SKIP_SWEEP:-}" ]; then
+  echo "== Triton symmetric-product tile sweep"
+  timeout 120 python3 "$REPO/benchmarks/gpu/sweep_ns.py" 2>&1 | tee "$OUT/sweep_ns.txt"
+fi
+
+echo "== GPU benchmarks"
+timeout 300 python3 -m forge.bench --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"

@@ -1,0 +1,228 @@
+"""Kernel benchmark cases, shared by `forge bench` (a quick summary) and `benchmarks/` (pytest-benchmark).
+
+Every case times forge against the op's plain-PyTorch reference and its peers on the same inputs in
+the same process, and reports ratios (reference time / implementation time), never a bare time as a
+verdict: this machine's absolute speed varies several-fold between runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from forge.ops import available_backends, grokfast_ema_, newton_schulz, newton_schulz_reference
+from forge.ops._dispatch import runs_on
+
+
+@dataclass
+class Case:
+    """One benchmark: named implementations of one op on one input; `reference` names the baseline."""
+
+    op: str
+    name: str
+    impls: dict[str, Callable[[], object]]
+    reference: str
+    quality: Callable[[object], dict] | None = None  # numbers on the result (accuracy, orthogonality)
+    bytes_moved: int | None = None  # minimum memory traffic of one call, for bandwidth figures
+    info: dict = field(default_factory=dict)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn: Callable, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_interleaved(impls: dict[str, Callable], device: torch.device, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each implementation, taking turns round by round, so that drift in the
+    machine's speed (large on a shared 2-core VM) hits every implementation alike."""
+    for fn in impls.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {label: [] for label in impls}
+    for _ in range(rounds):
+        for label, fn in impls.items():
+            samples[label].append(_time_once(fn, device))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Newton-Schulz
+# ---------------------------------------------------------------------------------------------
+
+def ns_quality(G: torch.Tensor) -> Callable[[torch.Tensor], dict]:
+    """Relative error against float64 of the same iteration, and ||X X^T - I||_F / sqrt(m) (short side)."""
+    expected = newton_schulz_reference(G.double(), 5)
+
+    def measure(out: torch.Tensor) -> dict:
+        X = out.double()
+        X = X.mT if X.shape[-2] > X.shape[-1] else X
+        eye = torch.eye(X.shape[-2], dtype=torch.float64, device=X.device)
+        orth = ((X @ X.mT - eye).norm(dim=(-2, -1)) / X.shape[-2] ** 0.5).max().item()
+        err = ((out.double() - expected).norm() / expected.norm()).item()
+        return {"rel_err_vs_fp64": err, "orth_err": orth}
+
+    return measure
+
+
+def _torch_muon_ns(G: torch.Tensor) -> Callable:
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    return lambda: _zeropower_via_newtonschulz(G, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+
+
+def newton_schulz_cases(device: torch.device, dtype: torch.dtype, shapes) -> list[Case]:
+    cases = []
+    fast = "triton" if device.type == "cuda" else "cpu"
+    for shape in shapes:
+        G = torch.randn(*shape, device=device, dtype=dtype)
+        impls = {"reference": lambda G=G: newton_schulz_reference(G)}
+        if len(shape) == 2:
+            impls["torch.optim.Muon"] = _torch_muon_ns(G)
+        if fast in available_backends("newton_schulz"):
+            impls[f"forge.{fast}"] = lambda G=G: newton_schulz(G, backend=fast, check_finite=False)
+        name = "x".join(map(str, shape)) + f"-{str(dtype).replace('torch.', '')}"
+        cases.append(Case("newton_schulz", name, impls, "reference", ns_quality(G)))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Grokfast
+# ---------------------------------------------------------------------------------------------
+
+def transformer_shapes(layers: int = 12, width: int = 768) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-2-style block stack (no embeddings): 7.08M values a 768-wide layer."""
+    per_layer = [(3 * width, width), (3 * width,), (width, width), (width,), (4 * width, width), (4 * width,),
+                 (width, 4 * width), (width,), (width,), (width,), (width,), (width,)]
+    return per_layer * layers
+
+
+def published_ema(grads, emas, alpha=0.98, lamb=2.0):
+    """ironjr/grokfast's per-tensor form: new tensors every step (5 kernels a tensor)."""
+    for i in range(len(grads)):
+        emas[i] = emas[i] * alpha + grads[i] * (1 - alpha)
+        grads[i] = grads[i] + emas[i] * lamb
+
+
+def foreach_ema(grads, emas, alpha=0.98, lamb=2.0):
+    """kozistr/pytorch_optimizer's multi-tensor form: two foreach kernels over the list."""
+    torch._foreach_lerp_(emas, grads, 1 - alpha)
+    torch._foreach_add_(grads, emas, alpha=lamb)
+
+
+def grokfast_case(device: torch.device, shapes, name: str) -> Case:
+    """The EMA filter over a parameter list, against the published form, the foreach form, and two
+    bandwidth probes that move exactly the filter's minimum bytes (16 per value: read g and ema,
+    write both): a copy into another buffer, and an in-place scale (read-modify-write, like the filter)."""
+    grads = [torch.randn(s, device=device) for s in shapes]
+    emas = [torch.zeros_like(g) for g in grads]
+    numel = sum(g.numel() for g in grads)
+    impls = {"published eager": lambda: published_ema(grads, emas), "torch foreach": lambda: foreach_ema(grads, emas)}
+    for backend in available_backends("grokfast_ema"):
+        if backend != "torch" and runs_on(backend, device) and (backend != "triton" or device.type == "cuda"):
+            impls[f"forge.{backend}"] = lambda b=backend: grokfast_ema_(grads, emas, backend=b)
+    src = torch.rand(2 * numel, device=device)
+    dst = torch.empty_like(src)
+    impls["probe: copy"] = lambda: dst.copy_(src)
+    impls["probe: in-place"] = lambda: src.mul_(1.0)
+    return Case("grokfast_ema", name, impls, "published eager", bytes_moved=16 * numel,
+                info={"values": numel, "tensors": len(grads)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and reporting
+# ---------------------------------------------------------------------------------------------
+
+def run_case(case: Case, device: torch.device, rounds: int) -> list[dict]:
+    samples = time_interleaved(case.impls, device, rounds)
+    medians = {label: statistics.median(v) for label, v in samples.items()}
+    rows = []
+    for label, fn in case.impls.items():
+        row = {"op": case.op, "case": case.name, "impl": label, "median_ms": medians[label] * 1e3,
+               "speedup_vs_ref": medians[case.reference] / medians[label], **case.info}
+        if case.quality is not None:
+            row.update(case.quality(fn()))
+        if case.bytes_moved:
+            row["GB_per_s"] = case.bytes_moved / medians[label] / 1e9
+            if "probe: copy" in medians:
+                row["pct_of_copy"] = 100 * medians["probe: copy"] / medians[label]
+                row["pct_of_inplace"] = 100 * medians["probe: in-place"] / medians[label]
+        rows.append(row)
+    return rows
+
+
+def default_cases(device: torch.device, quick: bool) -> list[Case]:
+    if device.type == "cuda":
+        ns = newton_schulz_cases(device, torch.bfloat16, [(4096, 4096), (1024, 4096), (24, 768, 3072)])
+        grok = grokfast_case(device, [(1 << 24,)] * (16 if quick else 60), "1e9-values" if not quick else "2.7e8-values")
+        return ns + [grok]
+    shapes = [(512, 512), (256, 1024)] if quick else [(1024, 1024), (1024, 4096), (12, 768, 768)]
+    layers = 2 if quick else 12
+    return newton_schulz_cases(device, torch.float32, shapes) + [
+        grokfast_case(device, transformer_shapes(layers), f"transformer-{layers}x768")]
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'op':<14} {'case':<22} {'impl':<18} {'median ms':>10} {'vs ref':>7}  extra"]
+    for r in rows:
+        extra = []
+        if "rel_err_vs_fp64" in r:
+            extra.append(f"err {r['rel_err_vs_fp64']:.1e} orth {r['orth_err']:.3f}")
+        if "GB_per_s" in r:
+            extra.append(f"{r['GB_per_s']:.1f} GB/s" + (f" ({r['pct_of_copy']:.0f}% of copy, {r['pct_of_inplace']:.0f}% of in-place)" if "pct_of_copy" in r else ""))
+        lines.append(f"{r['op']:<14} {r['case']:<22} {r['impl']:<18} {r['median_ms']:>10.2f} {r['speedup_vs_ref']:>6.2f}x  {'; '.join(extra)}")
+    return "\n".join(lines)
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forge bench", description="Time forge's kernels against their references and peers.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few rounds (about a minute on 2 cores)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed calls per implementation (median reported)")
+    parser.add_argument("--json", default=None, help="also write the rows and machine info to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rounds = args.rounds or (3 if args.quick else 9)
+    print(f"forge bench on {device}: {machine_info(device)}", flush=True)
+    rows = []
+    for case in default_cases(device, args.quick):
+        print(f"  running {case.op} {case.name} ({', '.join(case.impls)}) ...", flush=True)
+        rows += run_case(case, device, rounds)
+        print(format_rows(rows[-len(case.impls):]), flush=True)
+    print("\nall cases:\n" + format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_info(device), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
