@@ -1,0 +1,136 @@
+"""The math of MuonGrokfast as plain functions (the class in muon_grokfast.py only keeps books).
+
+Muon (Jordan et al. 2024; torch.optim.Muon), for a matrix parameter p with gradient g:
+    buf <- lerp(buf, g, 1 - mu);  u = lerp(g, buf, mu) if nesterov else buf
+    O = NewtonSchulz(u as a matrix: conv weights flattened to (out, in*kh*kw))
+    p <- p * (1 - lr * wd) - lr * f(rows, cols) * O,   f = max(1, rows/cols)^0.5 ("original")
+                                                       or 0.2 * max(rows, cols)^0.5 ("match_rms_adamw",
+                                                       Liu et al. 2025, "Muon is Scalable for LLM Training")
+AdamW (Loshchilov and Hutter 2019), exactly as torch.optim.AdamW:
+    p <- p * (1 - lr * wd);  m <- lerp(m, g, 1 - b1);  v <- b2 v + (1 - b2) g^2
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+Each update has two implementations with one signature: `single_tensor` (a plain per-parameter loop,
+the reference) and `multi_tensor` (foreach kernels over the list; matrices of one shape stacked and
+orthogonalized in one batched Newton-Schulz call, shared out across ranks under torch.distributed).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from forge.ops import newton_schulz
+
+ADJUST_LR_FNS = ("original", "match_rms_adamw")
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """The 2-D view Muon orthogonalizes: (out, in * kernel...) for conv-like weights."""
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str, shape: torch.Size) -> float:
+    """Muon's shape-aware learning rate, on the matrix view (so conv fan-in counts the kernel)."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    if adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r}; expected one of {ADJUST_LR_FNS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon
+# ---------------------------------------------------------------------------------------------
+
+def muon_single_tensor(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, ns_coefficients,
+                       ns_steps, eps, adjust_lr_fn, ns_backend="auto", process_group=None) -> None:
+    """The reference: one parameter at a time, as torch.optim.Muon writes it (NS in fp32 for fp32 grads)."""
+    for p, g, buf in zip(params, grads, bufs):
+        buf.lerp_(g, 1 - momentum)
+        update = g.lerp(buf, momentum) if nesterov else buf
+        ortho = newton_schulz(as_matrix(update), ns_steps, ns_coefficients, eps, backend=ns_backend, check_finite=False)
+        p.mul_(1 - lr * weight_decay)
+        p.add_(ortho.view_as(p), alpha=-adjusted_lr(lr, adjust_lr_fn, p.shape))
+
+
+def _orthogonalize_stack(stack: torch.Tensor, ns_steps, ns_coefficients, eps, ns_backend, process_group) -> torch.Tensor:
+    """NS of a (k, rows, cols) stack; under torch.distributed each rank does k/world of it and all-gather shares."""
+    world = dist.get_world_size(process_group) if process_group is not False else 1
+    if world == 1 or stack.shape[0] == 1:
+        return newton_schulz(stack, ns_steps, ns_coefficients, eps, backend=ns_backend, check_finite=False)
+    per_rank = -(-stack.shape[0] // world)
+    padded = torch.cat([stack, stack.new_zeros(per_rank * world - stack.shape[0], *stack.shape[1:])])
+    rank = dist.get_rank(process_group)
+    mine = padded[rank * per_rank:(rank + 1) * per_rank]
+    local = newton_schulz(mine, ns_steps, ns_coefficients, eps, backend=ns_backend, check_finite=False)
+    gathered = torch.empty_like(padded)
+    dist.all_gather_into_tensor(gathered, local.contiguous(), group=process_group)
+    return gathered[:stack.shape[0]]
+
+
+def muon_multi_tensor(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, ns_coefficients,
+                      ns_steps, eps, adjust_lr_fn, ns_backend="auto", process_group=False) -> None:
+    """Foreach momentum and update; one batched NS call per (shape, dtype, device) stack.
+
+    process_group: False for single-process, else the torch.distributed group to share NS across.
+    """
+    if not params:
+        return
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    updates = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+    stacks: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        stacks[(tuple(p.shape), p.dtype, p.device)].append(i)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    for (shape, _, _), idx in stacks.items():
+        stack = torch.stack([as_matrix(updates[i]) for i in idx])
+        ortho = _orthogonalize_stack(stack, ns_steps, ns_coefficients, eps, ns_backend, process_group)
+        targets = [params[i] for i in idx]
+        torch._foreach_add_(targets, [o.view(shape) for o in ortho.unbind(0)],
+                            alpha=-adjusted_lr(lr, adjust_lr_fn, torch.Size(shape)))
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW
+# ---------------------------------------------------------------------------------------------
+
+def _bias_corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
+    return 1 - beta1**step, math.sqrt(1 - beta2**step)
+
+
+def adamw_single_tensor(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay) -> None:
+    """The reference AdamW, one parameter at a time (steps: float32 CPU tensors, as torch keeps them)."""
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        step += 1
+        bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+
+
+def adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay) -> None:
+    """Foreach AdamW; parameters sharing a step count (all of them, normally) go in one set of kernels."""
+    if not params:
+        return
+    torch._foreach_add_(steps, 1)
+    by_step: dict[float, list[int]] = defaultdict(list)
+    for i, s in enumerate(steps):
+        by_step[s.item()].append(i)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    for step, idx in by_step.items():
+        bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2)
+        denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in idx])
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_([params[i] for i in idx], [exp_avgs[i] for i in idx], denom, value=-lr / bc1)

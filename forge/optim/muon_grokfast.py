@@ -1,0 +1,284 @@
+"""MuonGrokfast: Grokfast gradient filtering, then Muon for hidden matrices and AdamW for the rest.
+
+A drop-in `torch.optim.Optimizer`. Muon groups carry torch.optim.Muon's keys (lr, weight_decay,
+momentum, nesterov, ns_coefficients, ns_steps, eps, adjust_lr_fn) and AdamW groups torch.optim.AdamW's
+(lr, betas, eps, weight_decay); both carry the Grokfast keys. State uses torch's names
+(`momentum_buffer`, `exp_avg`, `exp_avg_sq`, `step`) plus `grokfast_ema` or `grokfast_ring`/`grokfast_sum`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from forge.ops import grokfast_ema_, grokfast_ma_
+from forge.ops.grokfast import grokfast_ma_init
+from forge.ops.newton_schulz import resolve_coefficients
+from forge.optim import functional as F
+
+GROKFAST_MODES = ("ema", "ma", None)
+_MUON_KEYS = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn")
+
+
+def _check_range(name, value, low, high, high_open=True):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (value >= high if high_open else value > high):
+        right = ")" if high_open else "]"
+        raise ValueError(f"Invalid {name}: {value!r}; expected a value in [{low}, {high}{right}")
+
+
+class MuonGrokfast(Optimizer):
+    """Muon + AdamW + Grokfast + QK-clip in one optimizer. See the module docstring and README."""
+
+    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_coefficients="muon",
+                 ns_steps=5, eps=1e-7, adjust_lr_fn="original", adamw_lr=3e-4, adamw_betas=(0.9, 0.95),
+                 adamw_eps=1e-8, grokfast="ema", grokfast_alpha=0.98, grokfast_lamb=2.0, grokfast_window=100,
+                 qk_clip_threshold=None, ste_mode=False, skip_nonfinite=False, distributed="auto", foreach=True):
+        self._adamw_defaults = dict(lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn,
+                        grokfast=grokfast, grokfast_alpha=grokfast_alpha, grokfast_lamb=grokfast_lamb,
+                        grokfast_window=grokfast_window)
+        self._validate_group(dict(defaults, use_muon=True), "defaults")
+        self._validate_group(dict(defaults, use_muon=False, **self._adamw_defaults), "AdamW defaults (adamw_*)")
+        if qk_clip_threshold is not None:
+            _check_range("qk_clip_threshold", qk_clip_threshold, 1e-12, math.inf)
+        if distributed not in ("auto", True, False):
+            raise ValueError(f"Invalid distributed: {distributed!r}; expected 'auto', True or False")
+        self.qk_clip_threshold = qk_clip_threshold
+        self.ste_mode = bool(ste_mode)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.distributed = distributed
+        self.foreach = bool(foreach)
+        self.skipped_steps = 0
+        self._qk_clip_count = 0
+        self._attention_modules: list = []
+        super().__init__(params, defaults)
+
+    # -- groups -------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Groups without `use_muon` are split: matrices (2-D and up) to Muon, the rest to AdamW."""
+        params, names = _split_named(param_group["params"], param_group.get("param_names"))
+        param_group = dict(param_group, params=params)
+        if names is not None:
+            param_group["param_names"] = names
+        if "use_muon" not in param_group:
+            for use_muon in (True, False):
+                keep = [i for i, p in enumerate(params) if (_tensor_of(p).dim() >= 2) == use_muon]
+                if keep:
+                    part = dict(param_group, use_muon=use_muon, params=[params[i] for i in keep])
+                    if names is not None:
+                        part["param_names"] = [names[i] for i in keep]
+                    self.add_param_group(part)
+            return
+        group = dict(param_group)
+        if not group["use_muon"]:
+            for key, value in self._adamw_defaults.items():
+                group.setdefault(key, value)
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        self._validate_group(group, f"param_groups[{len(self.param_groups)}]")
+        _check_unique(group, self.param_groups)
+        super().add_param_group(group)
+
+    @staticmethod
+    def _validate_group(group: dict, where: str) -> None:
+        _check_range(f"lr ({where})", group["lr"], 0.0, math.inf)
+        _check_range(f"weight_decay ({where})", group["weight_decay"], 0.0, math.inf)
+        if group.get("use_muon"):
+            _check_range(f"momentum ({where})", group["momentum"], 0.0, 1.0)
+            if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
+                raise ValueError(f"Invalid ns_steps ({where}): {group['ns_steps']!r}; expected an integer in [1, 100)")
+            resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
+            _check_range(f"eps ({where})", group["eps"], 0.0, math.inf)
+            if group["adjust_lr_fn"] not in F.ADJUST_LR_FNS:
+                raise ValueError(f"Invalid adjust_lr_fn ({where}): {group['adjust_lr_fn']!r}; expected one of {F.ADJUST_LR_FNS}")
+            for p in group.get("params", []):
+                if _tensor_of(p).dim() < 2:
+                    raise ValueError(f"use_muon=True needs parameters of 2 or more dimensions; got shape {tuple(_tensor_of(p).shape)} ({where})")
+        else:
+            betas = group["betas"]
+            if len(betas) != 2:
+                raise ValueError(f"Invalid betas ({where}): {betas!r}; expected two values in [0, 1)")
+            for i, b in enumerate(betas):
+                _check_range(f"betas[{i}] ({where})", b, 0.0, 1.0)
+            _check_range(f"eps ({where})", group["eps"], 0.0, math.inf)
+        if group["grokfast"] not in GROKFAST_MODES:
+            raise ValueError(f"Invalid grokfast ({where}): {group['grokfast']!r}; expected 'ema', 'ma' or None")
+        _check_range(f"grokfast_alpha ({where})", group["grokfast_alpha"], 0.0, 1.0)
+        _check_range(f"grokfast_lamb ({where})", group["grokfast_lamb"], -math.inf, math.inf)
+        if not isinstance(group["grokfast_window"], int) or group["grokfast_window"] < 1:
+            raise ValueError(f"Invalid grokfast_window ({where}): {group['grokfast_window']!r}; expected an integer >= 1")
+
+    # -- step ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient. Returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        gathered = [self._gather(group, gi) for gi, group in enumerate(self.param_groups)]
+        if not self._all_finite(gathered):
+            self.skipped_steps += 1
+            return loss
+        for group, (params, grads, _) in zip(self.param_groups, gathered):
+            if params:
+                self._grokfast(group, params, grads)
+                (self._muon if group["use_muon"] else self._adamw)(group, params, grads)
+        if self.qk_clip_threshold is not None:
+            self._apply_qk_clip()
+        return loss
+
+    def _gather(self, group: dict, gi: int):
+        """(params, grads, names) of the group's parameters that have a gradient."""
+        params, grads, labels = [], [], []
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            name = names[i] if names else f"param_groups[{gi}]['params'][{i}] of shape {tuple(p.shape)}"
+            if p.grad.is_sparse:
+                raise ValueError(f"MuonGrokfast does not support sparse gradients ({name})")
+            if self.ste_mode and not p.is_floating_point():
+                raise TypeError(f"ste_mode updates float latent weights; {name} is {p.dtype} (frozen/packed?)")
+            params.append(p)
+            grads.append(p.grad)
+            labels.append(name)
+        return params, grads, labels
+
+    def _all_finite(self, gathered) -> bool:
+        """One fused norm over all gradients; on NaN/Inf raise naming the parameters, or skip."""
+        grads = [g for _, gs, _ in gathered for g in gs]
+        if not grads:
+            return True
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        if bool(torch.isfinite(norms).all()):
+            return True
+        if self.skip_nonfinite:
+            return False
+        bad = [name for _, gs, names in gathered for g, name in zip(gs, names) if not bool(torch.isfinite(g).all())]
+        raise ValueError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; no parameter was changed "
+                         "(pass skip_nonfinite=True to skip such steps instead)")
+
+    def _grokfast(self, group, params, grads) -> None:
+        mode = group["grokfast"]
+        if mode is None:
+            return
+        if mode == "ema":
+            fresh = [p for p in params if "grokfast_ema" not in self.state[p]]
+            for p in fresh:  # the paper's code starts the EMA at the first gradient
+                self.state[p]["grokfast_ema"] = p.grad.detach().float().clone()
+            grokfast_ema_(grads, [self.state[p]["grokfast_ema"] for p in params],
+                          alpha=group["grokfast_alpha"], lamb=group["grokfast_lamb"])
+            return
+        window = group["grokfast_window"]
+        for p in params:
+            if "grokfast_ring" not in self.state[p]:
+                rings, sums = grokfast_ma_init([p.grad], window)
+                self.state[p].update(grokfast_ring=rings[0], grokfast_sum=sums[0], grokfast_step=0)
+        by_step: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            by_step.setdefault(self.state[p]["grokfast_step"], []).append(i)
+        for step, idx in by_step.items():
+            states = [self.state[params[i]] for i in idx]
+            grokfast_ma_([grads[i] for i in idx], [s["grokfast_ring"] for s in states],
+                         [s["grokfast_sum"] for s in states], step, lamb=group["grokfast_lamb"])
+            for s in states:
+                s["grokfast_step"] = step + 1
+
+    def _muon(self, group, params, grads) -> None:
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        fn = F.muon_multi_tensor if self.foreach else F.muon_single_tensor
+        fn(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+           nesterov=group["nesterov"], ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"],
+           eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"], process_group=self._process_group())
+
+    def _adamw(self, group, params, grads) -> None:
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in params]
+        fn = F.adamw_multi_tensor if self.foreach else F.adamw_single_tensor
+        beta1, beta2 = group["betas"]
+        fn(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+           [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+           weight_decay=group["weight_decay"])
+
+    def _process_group(self):
+        """False for single-process work; None (the default group) when Newton-Schulz is shared across ranks."""
+        if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
+            if self.distributed is True:
+                raise RuntimeError("distributed=True but torch.distributed is not initialized")
+            return False
+        return None if dist.get_world_size() > 1 else False
+
+    # -- QK-clip and the seed system's helpers ------------------------------------------------
+
+    def register_attention(self, *modules) -> None:
+        """Attention modules (forge.nn.CausalSelfAttention, or a model holding them) to QK-clip after each step."""
+        from forge.nn.attention import CausalSelfAttention
+
+        for module in modules:
+            found = [m for m in module.modules() if isinstance(m, CausalSelfAttention)]
+            if not found:
+                raise ValueError(f"no forge.nn.CausalSelfAttention in {type(module).__name__}")
+            self._attention_modules.extend(m for m in found if m not in self._attention_modules)
+
+    def _apply_qk_clip(self) -> None:
+        from forge.optim.qk_clip import qk_clip_
+
+        for module in self._attention_modules:
+            self._qk_clip_count += qk_clip_(module, self.qk_clip_threshold)
+
+    def get_qk_clip_count(self) -> int:
+        """Heads rescaled by QK-clip since construction or the last `reset_qk_clip_count()`."""
+        return self._qk_clip_count
+
+    def reset_qk_clip_count(self) -> None:
+        self._qk_clip_count = 0
+
+    def get_muon_lr(self) -> float:
+        """The learning rate of the first Muon group (what a scheduler has set it to)."""
+        return next(g["lr"] for g in self.param_groups if g["use_muon"])
+
+    def get_mu_norm(self) -> float:
+        """L2 norm of all Grokfast EMA (or moving-average sum) state: how much slow gradient is being amplified."""
+        bufs = [s[k] for s in self.state.values() for k in ("grokfast_ema", "grokfast_sum") if k in s]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b.float()) for b in bufs]))) if bufs else 0.0
+
+
+def _split_named(params, names):
+    """Tensors and their names from a list of tensors or of (name, tensor) pairs."""
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    if params and isinstance(params[0], tuple):
+        names = [n for n, _ in params]
+        params = [p for _, p in params]
+    return params, names
+
+
+def _tensor_of(p):
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"params must be tensors; got {type(p).__name__}")
+    return p
+
+
+def _check_unique(group: dict, existing: list[dict]) -> None:
+    """A parameter listed twice (in this group or an earlier one) is an error, not a warning."""
+    seen = {id(p) for g in existing for p in g["params"]}
+    for p in group["params"]:
+        if id(p) in seen:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} is listed more than once")
+        seen.add(id(p))
