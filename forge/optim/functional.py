@@ -57,18 +57,33 @@ def muon_single_tensor(params, grads, bufs, *, lr, weight_decay, momentum, neste
         p.add_(ortho.view_as(p), alpha=-adjusted_lr(lr, adjust_lr_fn, p.shape))
 
 
-def _orthogonalize_stack(stack: torch.Tensor, ns_steps, ns_coefficients, eps, ns_backend, process_group) -> torch.Tensor:
-    """NS of a (k, rows, cols) stack; under torch.distributed each rank does k/world of it and all-gather shares."""
-    world = dist.get_world_size(process_group) if process_group is not False else 1
-    if world == 1 or stack.shape[0] == 1:
+def _world_size(process_group) -> int:
+    return 1 if process_group is False else dist.get_world_size(process_group)
+
+
+def _orthogonalize_stack(stack: torch.Tensor, ns_steps, ns_coefficients, eps, ns_backend, process_group,
+                         owner: int = 0) -> torch.Tensor:
+    """NS of a (k, rows, cols) stack. Under torch.distributed the work is shared: a stack of at least
+    `world` matrices is split evenly and all-gathered; a smaller one is done by rank `owner % world`
+    alone and broadcast (the caller rotates `owner`, so lone matrices spread over the ranks too)."""
+    world = _world_size(process_group)
+    if world == 1:
         return newton_schulz(stack, ns_steps, ns_coefficients, eps, backend=ns_backend, check_finite=False)
+    rank = dist.get_rank(process_group)
+    if stack.shape[0] < world:
+        src = owner % world
+        result = (newton_schulz(stack, ns_steps, ns_coefficients, eps, backend=ns_backend, check_finite=False)
+                  if rank == src else torch.empty_like(stack)).contiguous()
+        dist.broadcast(result, src=dist.get_global_rank(process_group, src) if process_group else src,
+                       group=process_group)
+        return result
     per_rank = -(-stack.shape[0] // world)
     padded = torch.cat([stack, stack.new_zeros(per_rank * world - stack.shape[0], *stack.shape[1:])])
-    rank = dist.get_rank(process_group)
     mine = padded[rank * per_rank:(rank + 1) * per_rank]
     local = newton_schulz(mine, ns_steps, ns_coefficients, eps, backend=ns_backend, check_finite=False)
     gathered = torch.empty_like(padded)
-    dist.all_gather_into_tensor(gathered, local.contiguous(), group=process_group)
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12+
+    all_gather(gathered, local.contiguous(), group=process_group)
     return gathered[:stack.shape[0]]
 
 
@@ -87,9 +102,12 @@ def muon_multi_tensor(params, grads, bufs, *, lr, weight_decay, momentum, nester
         stacks[(tuple(p.shape), p.dtype, p.device)].append(i)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
+    world = _world_size(process_group)
+    lone = 0  # stacks smaller than the world, handed to the ranks in turn
     for (shape, _, _), idx in stacks.items():
         stack = torch.stack([as_matrix(updates[i]) for i in idx])
-        ortho = _orthogonalize_stack(stack, ns_steps, ns_coefficients, eps, ns_backend, process_group)
+        ortho = _orthogonalize_stack(stack, ns_steps, ns_coefficients, eps, ns_backend, process_group, lone)
+        lone += len(idx) < world
         targets = [params[i] for i in idx]
         torch._foreach_add_(targets, [o.view(shape) for o in ortho.unbind(0)],
                             alpha=-adjusted_lr(lr, adjust_lr_fn, torch.Size(shape)))

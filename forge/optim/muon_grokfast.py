@@ -238,9 +238,14 @@ class MuonGrokfast(Optimizer):
             self._attention_modules.extend(m for m in found if m not in self._attention_modules)
 
     def _apply_qk_clip(self) -> None:
+        """Clip each registered module's heads; under torch.distributed the per-head maxima are first
+        reduced across ranks (each saw its own batch), so every replica clips alike."""
         from forge.optim.qk_clip import qk_clip_
 
+        group = self._process_group()
         for module in self._attention_modules:
+            if group is not False:
+                dist.all_reduce(module.max_logits, op=dist.ReduceOp.MAX, group=group)
             self._qk_clip_count += qk_clip_(module, self.qk_clip_threshold)
 
     def get_qk_clip_count(self) -> int:

@@ -1,0 +1,112 @@
+"""Causal multi-head self-attention that records each head's largest pre-softmax logit.
+
+    S = (x W_q^T)(x W_k^T)^T / sqrt(d_head)   per head, causal mask, softmax, @ V, output projection
+
+QK-clip (MuonClip, Kimi K2 report, arXiv 2507.20534, section 2.1) rescales a head's query and key
+weights when its maximum logit S_max^h = max over batch, query i and key j <= i of S_ij exceeds a
+threshold tau. The forward pass already holds S, so the module keeps S_max per head in the
+`max_logits` buffer (one reduction of the scores, no extra pass over the data); `forge.optim.qk_clip`
+reads it. The attention is written out explicitly (not fused SDPA) precisely so S is available.
+
+Rotary position embeddings (RoPE, Su et al. 2021, "RoFormer", arXiv 2104.09864) are optional. The
+logit stays bilinear in (W_q x, W_k x) under RoPE, so QK-clip's scaling argument still holds.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from forge.ops._validate import check_positive_int
+
+
+def apply_rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """RoPE over the last dim of x, shape (..., seq, head_dim), positions 0..seq-1 (RoFormer eq. 34).
+
+    Each pair (x_{2i}, x_{2i+1}) at position m is rotated by the angle m * theta_i with
+    theta_i = base^(-2i / head_dim), so <R_m q, R_n k> depends on m - n only. The angles are computed
+    in at least float32 whatever x's dtype, then the result is cast back to x's dtype.
+    """
+    seq, head_dim = x.shape[-2], x.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"apply_rotary: x's last dim (head_dim) must be even, got {head_dim}")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    theta = base ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=dtype) / head_dim)
+    angles = torch.arange(seq, device=x.device, dtype=dtype)[:, None] * theta  # (seq, head_dim/2)
+    cos, sin = angles.cos(), angles.sin()
+    even, odd = x[..., 0::2].to(dtype), x[..., 1::2].to(dtype)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with separate q/k/v/o projections (dim -> dim each).
+
+    After every forward, `max_logits` (float32, shape (n_heads,), not saved in state_dict) holds each
+    head's largest unmasked pre-softmax logit over the whole batch; -inf until the first forward.
+    """
+
+    def __init__(self, dim: int, n_heads: int, bias: bool = False, rotary: bool = False):
+        super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_int("n_heads", n_heads)
+        if dim % n_heads:
+            raise ValueError(f"Invalid n_heads: {n_heads}; dim ({dim}) must be divisible by n_heads")
+        self.dim, self.n_heads, self.head_dim, self.rotary = dim, n_heads, dim // n_heads, bool(rotary)
+        if self.rotary and self.head_dim % 2:
+            raise ValueError(f"rotary=True needs an even head_dim; dim // n_heads = {self.head_dim}")
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.o_proj = nn.Linear(dim, dim, bias=bias)
+        self.register_buffer("max_logits", torch.full((n_heads,), -math.inf), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n_heads={self.n_heads}, rotary={self.rotary}"
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of shape (batch, n_heads, seq, head_dim), RoPE already applied to q and k."""
+        batch, seq, _ = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        if self.rotary:
+            q, k = apply_rotary(q), apply_rotary(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (batch, seq, {self.dim}); got {tuple(x.shape)}")
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv_heads(x)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        future = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(future, -math.inf)
+        self._record_max_logits(scores)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, seq, self.dim)
+        return self.o_proj(out)
+
+    def _record_max_logits(self, scores: torch.Tensor) -> None:
+        """max over batch, queries and keys of the masked scores (masked entries are -inf), per head."""
+        if scores.numel() == 0:
+            return
+        peak = scores.detach().amax(dim=(0, 2, 3)).float()
+        if self.max_logits.dtype != torch.float32 or self.max_logits.device != peak.device:
+            self.max_logits = peak  # .half()/.to() converted the buffer; keep it float32 (no overflow)
+        else:
+            self.max_logits.copy_(peak)
+
+    def qk_head_slices(self, head: int) -> list[torch.Tensor]:
+        """Views (sharing storage, detached) of the q_proj and k_proj rows that produce `head`:
+        rows head*head_dim:(head+1)*head_dim of each weight, then of each bias when present."""
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < self.n_heads:
+            raise ValueError(f"Invalid head: {head!r}; expected an integer in [0, {self.n_heads})")
+        rows = slice(head * self.head_dim, (head + 1) * self.head_dim)
+        params = [self.q_proj.weight, self.k_proj.weight, self.q_proj.bias, self.k_proj.bias]
+        return [p.detach()[rows] for p in params if p is not None]
