@@ -150,6 +150,64 @@ def grokfast_case(device: torch.device, shapes, name: str) -> Case:
 
 
 # ---------------------------------------------------------------------------------------------
+# Optimizer step
+# ---------------------------------------------------------------------------------------------
+
+def decoder_params(layers: int, width: int, vocab: int, device, dtype) -> tuple[list, list]:
+    """(matrices, others) shaped like a decoder's parameters: q, k, v, o, two MLP matrices a layer;
+    the embedding, norms and biases go to AdamW."""
+    matrices = [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)]
+    make = lambda s: torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02)  # noqa: E731
+    mats = [make(s) for _ in range(layers) for s in matrices]
+    others = [make((vocab, width))] + [make((width,)) for _ in range(3 * layers)]
+    for p in mats + others:
+        p.grad = torch.randn_like(p) * 1e-3
+    return mats, others
+
+
+class PlainMuonGrokfast:
+    """The same algorithm written plainly: the published eager Grokfast loop, then torch.optim.Muon's
+    per-parameter math (Newton-Schulz via `ns`, fp32 or torch's own bf16) and torch.optim.AdamW."""
+
+    def __init__(self, mats, others, ns, lr=0.02, adamw_lr=3e-4):
+        self.mats, self.params, self.ns, self.lr = mats, mats + others, ns, lr
+        self.emas = [p.grad.clone() for p in self.params]
+        self.bufs = [torch.zeros_like(p) for p in mats]
+        self.adamw = torch.optim.AdamW(others, lr=adamw_lr, betas=(0.9, 0.95))
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for p in self.params]
+        published_ema(grads, self.emas)
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        for p, buf in zip(self.mats, self.bufs):
+            buf.lerp_(p.grad, 0.05)
+            update = self.ns(p.grad.lerp(buf, 0.95))
+            p.add_(update, alpha=-self.lr * max(1, p.shape[0] / p.shape[1]) ** 0.5)
+        self.adamw.step()
+
+
+def optimizer_case(device: torch.device, layers: int, width: int, dtype: torch.dtype) -> Case:
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    from forge.optim import MuonGrokfast
+
+    mats, others = decoder_params(layers, width, 4 * width, device, dtype)
+    forge_opt = MuonGrokfast([{"params": mats, "use_muon": True}, {"params": others, "use_muon": False}],
+                             adamw_betas=(0.9, 0.95))
+    plain = PlainMuonGrokfast(mats, others, lambda u: newton_schulz_reference(u.float()).to(u.dtype))
+    torch_muon = PlainMuonGrokfast(mats, others, lambda u: _zeropower_via_newtonschulz(u, (3.4445, -4.7750, 2.0315), 5, 1e-7).to(u.dtype))
+    forge_bf16 = MuonGrokfast([{"params": mats, "use_muon": True}, {"params": others, "use_muon": False}],
+                              adamw_betas=(0.9, 0.95), ns_dtype=torch.bfloat16)
+    impls = {"plain (fp32 NS)": plain.step, "torch.optim.Muon math (bf16 NS)": torch_muon.step,
+             "forge MuonGrokfast": forge_opt.step, "forge, ns_dtype=bf16": forge_bf16.step}
+    reference = "plain (fp32 NS)" if dtype == torch.float32 else "torch.optim.Muon math (bf16 NS)"
+    name = f"{layers}x{width}-{str(dtype).replace('torch.', '')}"
+    return Case("optimizer_step", name, impls, reference, info={"values": sum(p.numel() for p in mats + others)})
+
+
+# ---------------------------------------------------------------------------------------------
 # Running and reporting
 # ---------------------------------------------------------------------------------------------
 
@@ -175,11 +233,12 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type == "cuda":
         ns = newton_schulz_cases(device, torch.bfloat16, [(4096, 4096), (1024, 4096), (24, 768, 3072)])
         grok = grokfast_case(device, [(1 << 24,)] * (16 if quick else 60), "1e9-values" if not quick else "2.7e8-values")
-        return ns + [grok]
+        return ns + [grok, optimizer_case(device, 12, 768, torch.bfloat16)]
     shapes = [(512, 512), (256, 1024)] if quick else [(1024, 1024), (1024, 4096), (12, 768, 768)]
     layers = 2 if quick else 12
     return newton_schulz_cases(device, torch.float32, shapes) + [
-        grokfast_case(device, transformer_shapes(layers), f"transformer-{layers}x768")]
+        grokfast_case(device, transformer_shapes(layers), f"transformer-{layers}x768"),
+        optimizer_case(device, 2 if quick else 6, 128 if quick else 384, torch.float32)]
 
 
 def format_rows(rows: list[dict]) -> str:

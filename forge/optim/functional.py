@@ -47,12 +47,14 @@ def adjusted_lr(lr: float, adjust_lr_fn: str, shape: torch.Size) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def muon_single_tensor(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, ns_coefficients,
-                       ns_steps, eps, adjust_lr_fn, ns_backend="auto", process_group=None) -> None:
-    """The reference: one parameter at a time, as torch.optim.Muon writes it (NS in fp32 for fp32 grads)."""
+                       ns_steps, eps, adjust_lr_fn, ns_dtype=None, ns_backend="auto", process_group=None) -> None:
+    """The reference: one parameter at a time, as torch.optim.Muon writes it (NS in the parameter's
+    dtype, or `ns_dtype`; torch.optim.Muon always uses bfloat16)."""
     for p, g, buf in zip(params, grads, bufs):
         buf.lerp_(g, 1 - momentum)
         update = g.lerp(buf, momentum) if nesterov else buf
-        ortho = newton_schulz(as_matrix(update), ns_steps, ns_coefficients, eps, backend=ns_backend, check_finite=False)
+        ortho = newton_schulz(as_matrix(update).to(ns_dtype or update.dtype), ns_steps, ns_coefficients, eps,
+                              backend=ns_backend, check_finite=False).to(p.dtype)
         p.mul_(1 - lr * weight_decay)
         p.add_(ortho.view_as(p), alpha=-adjusted_lr(lr, adjust_lr_fn, p.shape))
 
@@ -88,7 +90,7 @@ def _orthogonalize_stack(stack: torch.Tensor, ns_steps, ns_coefficients, eps, ns
 
 
 def muon_multi_tensor(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, ns_coefficients,
-                      ns_steps, eps, adjust_lr_fn, ns_backend="auto", process_group=False) -> None:
+                      ns_steps, eps, adjust_lr_fn, ns_dtype=None, ns_backend="auto", process_group=False) -> None:
     """Foreach momentum and update; one batched NS call per (shape, dtype, device) stack.
 
     process_group: False for single-process, else the torch.distributed group to share NS across.
@@ -105,8 +107,9 @@ def muon_multi_tensor(params, grads, bufs, *, lr, weight_decay, momentum, nester
     world = _world_size(process_group)
     lone = 0  # stacks smaller than the world, handed to the ranks in turn
     for (shape, _, _), idx in stacks.items():
-        stack = torch.stack([as_matrix(updates[i]) for i in idx])
+        stack = torch.stack([as_matrix(updates[i]) for i in idx]).to(ns_dtype or updates[idx[0]].dtype)
         ortho = _orthogonalize_stack(stack, ns_steps, ns_coefficients, eps, ns_backend, process_group, lone)
+        ortho = ortho.to(params[idx[0]].dtype)
         lone += len(idx) < world
         targets = [params[i] for i in idx]
         torch._foreach_add_(targets, [o.view(shape) for o in ortho.unbind(0)],

@@ -30,16 +30,33 @@ def _check_range(name, value, low, high, high_open=True):
 
 
 class MuonGrokfast(Optimizer):
-    """Muon + AdamW + Grokfast + QK-clip in one optimizer. See the module docstring and README."""
+    """Muon + AdamW + Grokfast + QK-clip in one optimizer.
+
+    Args (Muon keywords mean what they mean in torch.optim.Muon):
+        params: parameters, named parameters, or groups; a group may set `use_muon`, otherwise it is
+            split by dimension (see `muon_param_groups` for a split by module type).
+        lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps, eps, adjust_lr_fn: Muon groups.
+        adamw_lr, adamw_betas, adamw_eps: defaults of the AdamW groups (weight_decay is shared).
+        grokfast: "ema" (g + lamb * ema), "ma" (g + lamb * mean of the last `grokfast_window`) or None.
+        qk_clip_threshold: tau of MuonClip for the modules given to `register_attention`.
+        ste_mode: the parameters are BitNet latent weights; the straight-through estimator lives in the
+            layer, so the update is the ordinary one on the float latents; integer (packed) weights are refused.
+        skip_nonfinite: skip a step with NaN/Inf gradients instead of raising.
+        distributed: "auto" shares Newton-Schulz across ranks when torch.distributed is initialized.
+        foreach: multi-tensor kernels (True) or the per-parameter reference loop (False).
+        ns_dtype: dtype of the Newton-Schulz iteration (default: the parameter's). torch.optim.Muon and
+            Keller Jordan's Muon use torch.bfloat16, which is faster on GPUs and CPUs with bf16 GEMMs.
+    """
 
     def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_coefficients="muon",
                  ns_steps=5, eps=1e-7, adjust_lr_fn="original", adamw_lr=3e-4, adamw_betas=(0.9, 0.95),
                  adamw_eps=1e-8, grokfast="ema", grokfast_alpha=0.98, grokfast_lamb=2.0, grokfast_window=100,
-                 qk_clip_threshold=None, ste_mode=False, skip_nonfinite=False, distributed="auto", foreach=True):
+                 qk_clip_threshold=None, ste_mode=False, skip_nonfinite=False, distributed="auto", foreach=True,
+                 ns_dtype=None):
         self._adamw_defaults = dict(lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn,
-                        grokfast=grokfast, grokfast_alpha=grokfast_alpha, grokfast_lamb=grokfast_lamb,
+                        ns_dtype=ns_dtype, grokfast=grokfast, grokfast_alpha=grokfast_alpha, grokfast_lamb=grokfast_lamb,
                         grokfast_window=grokfast_window)
         self._validate_group(dict(defaults, use_muon=True), "defaults")
         self._validate_group(dict(defaults, use_muon=False, **self._adamw_defaults), "AdamW defaults (adamw_*)")
@@ -94,6 +111,8 @@ class MuonGrokfast(Optimizer):
                 raise ValueError(f"Invalid ns_steps ({where}): {group['ns_steps']!r}; expected an integer in [1, 100)")
             resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
             _check_range(f"eps ({where})", group["eps"], 0.0, math.inf)
+            if group["ns_dtype"] not in (None, torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"Invalid ns_dtype ({where}): {group['ns_dtype']!r}; expected None, torch.float32, torch.bfloat16 or torch.float16")
             if group["adjust_lr_fn"] not in F.ADJUST_LR_FNS:
                 raise ValueError(f"Invalid adjust_lr_fn ({where}): {group['adjust_lr_fn']!r}; expected one of {F.ADJUST_LR_FNS}")
             for p in group.get("params", []):
@@ -201,7 +220,8 @@ class MuonGrokfast(Optimizer):
         fn = F.muon_multi_tensor if self.foreach else F.muon_single_tensor
         fn(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
            nesterov=group["nesterov"], ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"],
-           eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"], process_group=self._process_group())
+           eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=group["ns_dtype"],
+           process_group=self._process_group())
 
     def _adamw(self, group, params, grads) -> None:
         for p in params:

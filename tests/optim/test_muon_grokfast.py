@@ -110,6 +110,26 @@ def test_muon_part_matches_torch_muon_to_bf16_tolerance():
         assert not torch.equal(p, q)  # and forge did not just run torch's bf16 arithmetic
 
 
+def test_ns_dtype_bfloat16_runs_newton_schulz_in_bf16():
+    """ns_dtype=bfloat16 (as torch.optim.Muon does it): within bf16 error of the fp32 steps, not equal to them."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.Linear(32, 16, bias=False))
+    start, half, full = (copy.deepcopy(model) for _ in range(3))
+    opts = [MuonGrokfast(half.parameters(), grokfast=None, ns_dtype=torch.bfloat16),
+            MuonGrokfast(full.parameters(), grokfast=None)]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for m, opt in zip((half, full), opts):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for p, q, p0 in zip(half.parameters(), full.parameters(), start.parameters()):
+        assert p.dtype == torch.float32
+        assert 0 < (p - q).norm() < 0.03 * (q - p0).norm()
+    with pytest.raises(ValueError, match="Invalid ns_dtype"):
+        MuonGrokfast(model.parameters(), ns_dtype=torch.int8)
+
+
 def test_grokfast_is_applied_before_the_update():
     """Grokfast on = the filter applied to the gradients, then the same optimizer with Grokfast off."""
     model = Net()
