@@ -282,3 +282,23 @@ def test_trains_a_model():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("grokfast", ["ema", "ma"])
+def test_gpu_steps_match_cpu_steps(grokfast, monkeypatch):
+    """The GPU kernels (Triton Newton-Schulz, CUDA Grokfast) take the same steps as the CPU ones."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 convolutions, like the CPU
+    model = Net()
+    gpu_model = copy.deepcopy(model).cuda()
+    cpu_opt = MuonGrokfast(muon_param_groups(model), grokfast=grokfast, grokfast_window=2)
+    gpu_opt = MuonGrokfast(muon_param_groups(gpu_model), grokfast=grokfast, grokfast_window=2)
+    for s in range(3):
+        x, y = batch(s)
+        for m, opt, dev in ((model, cpu_opt, "cpu"), (gpu_model, gpu_opt, "cuda")):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x.to(dev)).flatten(0, 1), y.to(dev).flatten()).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), gpu_model.parameters()):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-3, atol=1e-4)
