@@ -12,6 +12,7 @@ naming the ones that can. The choice is made at every call, never by swapping mo
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ def register(op: str, backend: str, needs_native: bool = True):
     return wrap
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    """Looked up once: `find_spec` searches sys.path, too slow for every dispatch."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -65,7 +72,7 @@ def _backend_reason(backend: str, impl: Implementation) -> str | None:
         return None if _native.cpu_module() is not None else f"forge._C not loaded ({_native.load_errors().get('_C')})"
     if backend == "cuda":
         return None if _native.cuda_module() is not None else f"forge._cuda not loaded ({_native.load_errors().get('_cuda')})"
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed"
     if not (torch.cuda.is_available() or triton_interpreted()):
         return "no CUDA device and TRITON_INTERPRET is not set"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from forge.ops import grokfast_ema_
+from forge.ops.grokfast import grokfast_ema_init
 from forge.optim.muon_grokfast import MuonGrokfast
 from forge.optim.param_groups import muon_param_groups
 
@@ -54,9 +55,8 @@ def with_grokfast(optimizer: torch.optim.Optimizer, alpha: float = 0.98, lamb: f
 
     def filter_grads(opt, args, kwargs):
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        for p in params:
-            if p not in opt.grokfast_ema:
-                opt.grokfast_ema[p] = p.grad.detach().float().clone()
+        fresh = [p for p in params if p not in opt.grokfast_ema]
+        opt.grokfast_ema.update(zip(fresh, grokfast_ema_init([p.grad for p in fresh])))
         with torch.no_grad():
             grokfast_ema_([p.grad for p in params], [opt.grokfast_ema[p] for p in params], alpha=alpha, lamb=lamb)
 

@@ -7,26 +7,19 @@ momentum, nesterov, ns_coefficients, ns_steps, eps, adjust_lr_fn) and AdamW grou
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
 from forge.ops import grokfast_ema_, grokfast_ma_
-from forge.ops.grokfast import grokfast_ma_init
+from forge.ops.grokfast import grokfast_ema_init, grokfast_ma_init
+from forge.ops._validate import check_finite_number
 from forge.ops.newton_schulz import resolve_coefficients
 from forge.optim import functional as F
 
 GROKFAST_MODES = ("ema", "ma", None)
 _MUON_KEYS = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn")
-
-
-def _check_range(name, value, low, high, high_open=True):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (value >= high if high_open else value > high):
-        right = ")" if high_open else "]"
-        raise ValueError(f"Invalid {name}: {value!r}; expected a value in [{low}, {high}{right}")
 
 
 class MuonGrokfast(Optimizer):
@@ -61,7 +54,7 @@ class MuonGrokfast(Optimizer):
         self._validate_group(dict(defaults, use_muon=True), "defaults")
         self._validate_group(dict(defaults, use_muon=False, **self._adamw_defaults), "AdamW defaults (adamw_*)")
         if qk_clip_threshold is not None:
-            _check_range("qk_clip_threshold", qk_clip_threshold, 1e-12, math.inf)
+            check_finite_number("qk_clip_threshold", qk_clip_threshold, low=0.0, low_open=True)
         if distributed not in ("auto", True, False):
             raise ValueError(f"Invalid distributed: {distributed!r}; expected 'auto', True or False")
         self.qk_clip_threshold = qk_clip_threshold
@@ -103,14 +96,14 @@ class MuonGrokfast(Optimizer):
 
     @staticmethod
     def _validate_group(group: dict, where: str) -> None:
-        _check_range(f"lr ({where})", group["lr"], 0.0, math.inf)
-        _check_range(f"weight_decay ({where})", group["weight_decay"], 0.0, math.inf)
+        check_finite_number(f"lr ({where})", group["lr"], low=0.0)
+        check_finite_number(f"weight_decay ({where})", group["weight_decay"], low=0.0)
         if group.get("use_muon"):
-            _check_range(f"momentum ({where})", group["momentum"], 0.0, 1.0)
+            check_finite_number(f"momentum ({where})", group["momentum"], low=0.0, high=1.0, high_open=True)
             if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
                 raise ValueError(f"Invalid ns_steps ({where}): {group['ns_steps']!r}; expected an integer in [1, 100)")
             resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
-            _check_range(f"eps ({where})", group["eps"], 0.0, math.inf)
+            check_finite_number(f"eps ({where})", group["eps"], low=0.0)
             if group["ns_dtype"] not in (None, torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"Invalid ns_dtype ({where}): {group['ns_dtype']!r}; expected None, torch.float32, torch.bfloat16 or torch.float16")
             if group["adjust_lr_fn"] not in F.ADJUST_LR_FNS:
@@ -123,12 +116,12 @@ class MuonGrokfast(Optimizer):
             if len(betas) != 2:
                 raise ValueError(f"Invalid betas ({where}): {betas!r}; expected two values in [0, 1)")
             for i, b in enumerate(betas):
-                _check_range(f"betas[{i}] ({where})", b, 0.0, 1.0)
-            _check_range(f"eps ({where})", group["eps"], 0.0, math.inf)
+                check_finite_number(f"betas[{i}] ({where})", b, low=0.0, high=1.0, high_open=True)
+            check_finite_number(f"eps ({where})", group["eps"], low=0.0)
         if group["grokfast"] not in GROKFAST_MODES:
             raise ValueError(f"Invalid grokfast ({where}): {group['grokfast']!r}; expected 'ema', 'ma' or None")
-        _check_range(f"grokfast_alpha ({where})", group["grokfast_alpha"], 0.0, 1.0)
-        _check_range(f"grokfast_lamb ({where})", group["grokfast_lamb"], -math.inf, math.inf)
+        check_finite_number(f"grokfast_alpha ({where})", group["grokfast_alpha"], low=0.0, high=1.0, high_open=True)
+        check_finite_number(f"grokfast_lamb ({where})", group["grokfast_lamb"])
         if not isinstance(group["grokfast_window"], int) or group["grokfast_window"] < 1:
             raise ValueError(f"Invalid grokfast_window ({where}): {group['grokfast_window']!r}; expected an integer >= 1")
 
@@ -190,8 +183,8 @@ class MuonGrokfast(Optimizer):
             return
         if mode == "ema":
             fresh = [p for p in params if "grokfast_ema" not in self.state[p]]
-            for p in fresh:  # the paper's code starts the EMA at the first gradient
-                self.state[p]["grokfast_ema"] = p.grad.detach().float().clone()
+            for p, ema in zip(fresh, grokfast_ema_init([p.grad for p in fresh])):  # started at the first gradient
+                self.state[p]["grokfast_ema"] = ema
             grokfast_ema_(grads, [self.state[p]["grokfast_ema"] for p in params],
                           alpha=group["grokfast_alpha"], lamb=group["grokfast_lamb"])
             return

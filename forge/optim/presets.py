@@ -6,7 +6,7 @@ AdamW's RMS and AdamW's learning rates carry over. `fallback_lr` is the AdamW gr
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -41,18 +41,12 @@ class MuGrokConfig:
     def custom(cls, muon_lr: float = 0.01, **changes) -> "MuGrokConfig":
         return cls(muon_lr=muon_lr, **changes)
 
-    def with_changes(self, **changes) -> "MuGrokConfig":
-        return replace(self, **changes)
-
     def to_kwargs(self) -> dict:
         """MuonGrokfast keyword arguments for this config."""
         return dict(lr=self.muon_lr, adamw_lr=self.fallback_lr, grokfast_alpha=self.grokfast_alpha,
                     grokfast_lamb=self.grokfast_lambda, qk_clip_threshold=self.qk_clip_threshold,
                     ste_mode=self.muon_ste_mode, momentum=self.momentum, nesterov=self.nesterov,
                     ns_steps=self.ns_steps, weight_decay=self.weight_decay, adjust_lr_fn="match_rms_adamw")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # The seed's values (reference/seed_system.md 3.1). Its phase-5 STE flag is a leftover of an older

@@ -248,6 +248,14 @@ def test_bad_hyperparameters(kwargs, words):
     assert words in str(info.value)
 
 
+def test_distributed_true_needs_an_initialized_process_group():
+    model = nn.Linear(4, 4)
+    opt = MuonGrokfast(model.parameters(), distributed=True)
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match="not initialized"):
+        opt.step()
+
+
 def test_parameter_listed_twice_is_an_error():
     layer = nn.Linear(3, 3)
     with pytest.raises(ValueError, match="more than once"):
