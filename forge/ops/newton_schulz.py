@@ -11,6 +11,8 @@ File layout (one file per op): the reference, the coefficient sets, the faster a
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from forge import _native
@@ -131,7 +133,7 @@ def ns_gram(X: torch.Tensor, triples, sym_mm, restart_after: int = 2) -> torch.T
     Q <- Q P while R <- P R P, and X (m x n) is touched only at the start, at one restart and at the end.
     Every m x m product is symmetric (its factors are polynomials in one R), so all use sym_mm.
     The restart (X <- Q X, R <- X X^T, Q <- I after `restart_after` steps) is what keeps it stable:
-    forming R <- Q R_0 Q instead was measured here to lose all accuracy in float16.
+    an alternative that forms R <- Q R_0 Q without touching X lost all accuracy in float16 when tried.
     Accuracy: R squares the condition number, so directions with normalized sigma below sqrt(eps)
     are resolved only to about sqrt(eps): on rank-deficient float32 input ~1e-3 relative error
     against ~3e-5 for the standard form (tests/ops/test_newton_schulz.py).
@@ -154,13 +156,36 @@ def ns_gram(X: torch.Tensor, triples, sym_mm, restart_after: int = 2) -> torch.T
 
 
 # Aspect ratio n/m from which Gram NS beats the symmetric standard form (see the FLOP counts above;
-# with the blocked CPU products the crossover measured here was about 1.2, so 1.5 leaves margin).
+# with the blocked CPU products at m = 512 the crossover was about 1.5: benchmarks/cpu_ns_tuning.py).
 GRAM_MIN_ASPECT = 1.5
 
 
-def choose_method(m: int, n: int) -> str:
-    """'gram' for clearly rectangular matrices (m <= n after transposition), else 'symmetric'."""
-    return "gram" if n >= GRAM_MIN_ASPECT * m and m > 1 else "symmetric"
+@functools.lru_cache(maxsize=None)
+def _cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 / AMX CPUs run oneDNN's bf16 GEMMs about 2x faster than fp32 (1024^3: 5.2 against
+    11.5 ms on the CI machine, benchmarks/cpu_ns_tuning.py)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and torch.backends.mkldnn.is_available()
+
+
+# Gram NS on a GPU only pays once the m x m products are compute-bound: on an H100, 1x1024x4096 bf16
+# took 1.23 ms with Gram against 1.02 ms for the eager reference (a launch-bound chain of small
+# products), while 24x768x3072 (batch * m^3 = 1.1e10) ran 1.6x faster than the reference.
+GPU_GRAM_MIN_WORK = 8e9  # batch * m^3
+
+
+def choose_method(batch: int, m: int, n: int, dtype: torch.dtype, device_type: str) -> str:
+    """'gram' or 'symmetric' for a (batch, m, n) stack, m <= n after transposition. Gram needs a clearly
+    rectangular matrix, and more mantissa than bf16 has (it then computes in fp16 on a GPU), so:
+    - CPU bf16 on a CPU with fast bf16 GEMMs stays bf16 and standard (2x faster GEMMs beat 1.5x fewer FLOPs);
+    - GPU fp16 stays standard (its Gram iteration was 3e-2 from float64 on an H100, against 1e-3);
+    - GPU stacks below GPU_GRAM_MIN_WORK stay standard (launch-bound)."""
+    if m == 1 or n < GRAM_MIN_ASPECT * m:
+        return "symmetric"
+    if device_type == "cuda" and (dtype == torch.float16 or batch * m**3 < GPU_GRAM_MIN_WORK):
+        return "symmetric"
+    if device_type == "cpu" and dtype == torch.bfloat16 and _cpu_has_fast_bf16():
+        return "symmetric"
+    return "gram"
 
 
 def ns_fast(G: torch.Tensor, triples, eps: float, sym_mm, compute_dtype, check_finite: bool,
@@ -171,7 +196,7 @@ def ns_fast(G: torch.Tensor, triples, eps: float, sym_mm, compute_dtype, check_f
     X = G.reshape(-1, shape[-2], shape[-1])
     if tall:
         X = X.mT
-    method = method or choose_method(X.shape[-2], X.shape[-1])
+    method = method or choose_method(*X.shape, dtype, G.device.type)
     if callable(compute_dtype):
         compute_dtype = compute_dtype(method)
     X = _normalize(X, eps, compute_dtype, check_finite)
@@ -215,20 +240,21 @@ def sym_mm_dense(A, B, alpha=1.0, beta=0.0, D=None):
     return C if alpha == 1.0 else C.mul_(alpha)
 
 
-# Up to this many rows one dense GEMM beats the blocked form (256-512 measured on the CI machine).
+# Up to this many rows one dense GEMM is as fast as the blocked form (benchmarks/cpu_ns_tuning.py).
 DENSE_MAX_ROWS = 512
 
 
-def sym_mm_blocked(A, B, alpha=1.0, beta=0.0, D=None, leaf: int = 128):
+def sym_mm_blocked(A, B, alpha=1.0, beta=0.0, D=None, leaf: int = 128, dense_max_rows: int = DENSE_MAX_ROWS):
     """alpha A B^T + beta D for a symmetric result, computing only a block-lower part, then mirroring.
 
     Recursive halving: each level is one large GEMM for the off-diagonal quarter (large GEMMs keep
     MKL efficient), down to diagonal leaves of at most `leaf` rows; 1024 rows and leaf 128 execute
-    0.56 of the dense FLOPs. All products go through torch's own BLAS. Leaf 128 was the fastest of
-    128-512 for m in {768, 1024, 2048} on the 2-core CI machine (benchmarks/RESULTS.md).
+    0.56 of the dense FLOPs. All products go through torch's own BLAS. Leaf 128 and DENSE_MAX_ROWS come
+    from benchmarks/cpu_ns_tuning.py on the 2-core CI machine (two runs: X X^T at m = 2048 about 1.5x
+    faster than dense with leaf 128, leaf 256-512 a little slower; at m <= 512 blocking gains nothing).
     """
     batch, m = A.shape[0], A.shape[1]
-    if m <= DENSE_MAX_ROWS or A.dtype != torch.float32:  # oneDNN's bf16 GEMMs lose more to blocking than it saves
+    if m <= dense_max_rows or A.dtype != torch.float32:  # oneDNN's bf16 GEMMs lose more to blocking than it saves
         return sym_mm_dense(A, B, alpha, beta, D)
     C = torch.empty(batch, m, m, dtype=A.dtype, device=A.device)
     _lower_recursive(A, B, C, alpha, beta, D, 0, m, leaf)
@@ -251,25 +277,11 @@ def _newton_schulz_torch(G, triples, eps, check_finite):
     return newton_schulz_reference(G, len(triples), triples, eps, check_finite)
 
 
-def _cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 / AMX CPUs run oneDNN's bf16 GEMMs about 2x faster than fp32 (measured on the CI machine)."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and torch.backends.mkldnn.is_available()
-
-
 @_dispatch.register("newton_schulz", "cpu", needs_native=False)
 def _newton_schulz_cpu(G, triples, eps, check_finite):
-    """float32 work everywhere, except bfloat16 input on CPUs with fast bf16 GEMMs: that stays bf16 and
-    takes the standard form (the Gram iteration needs more mantissa than bf16, and 2x faster GEMMs beat
-    its 1.5x fewer FLOPs)."""
-    if G.dtype == torch.bfloat16 and _cpu_has_fast_bf16():
-        return ns_fast(G, triples, eps, sym_mm_blocked, torch.bfloat16, check_finite, method="symmetric")
-    return ns_fast(G, triples, eps, sym_mm_blocked, torch.float32, check_finite)
-
-
-# Gram NS on a GPU only pays once the m x m products are compute-bound: on an H100, 1x1024x4096 bf16
-# took 1.23 ms with Gram against 1.02 ms for the eager reference (a launch-bound chain of small
-# products), while 24x768x3072 (batch * m^3 = 1.1e10) ran 1.6x faster than the reference.
-GPU_GRAM_MIN_WORK = 8e9  # batch * m^3
+    """float32 work, except bf16 input on CPUs with fast bf16 GEMMs, which stays bf16 (see choose_method)."""
+    keep_bf16 = G.dtype == torch.bfloat16 and _cpu_has_fast_bf16()
+    return ns_fast(G, triples, eps, sym_mm_blocked, torch.bfloat16 if keep_bf16 else torch.float32, check_finite)
 
 
 @_dispatch.register("newton_schulz", "triton")
@@ -283,13 +295,7 @@ def _newton_schulz_triton(G, triples, eps, check_finite):
             return torch.float16  # as Gram NS does: the Gram iteration needs more mantissa than bf16 has
         return G.dtype
 
-    m, n = sorted(G.shape[-2:])
-    batch = G.numel() // (m * n)
-    # float16 input keeps the standard form: its Gram iteration (float16) was 3e-2 from float64 on an
-    # H100, against 1e-3 for the standard form; bfloat16 input tolerates it (its own NS error is ~2e-2).
-    small = G.is_cuda and batch * m**3 < GPU_GRAM_MIN_WORK
-    method = "symmetric" if G.dtype == torch.float16 or small else None
-    return ns_fast(G, triples, eps, sym_mm_triton, compute_dtype, check_finite, method=method)
+    return ns_fast(G, triples, eps, sym_mm_triton, compute_dtype, check_finite)
 
 
 # ---------------------------------------------------------------------------------------------

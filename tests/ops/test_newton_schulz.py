@@ -7,6 +7,7 @@ from conftest import cpu_backends, gpu_backends, rel_error
 from forge.ops import BackendUnavailableError, last_backend, newton_schulz, newton_schulz_reference
 from forge.ops.newton_schulz import (
     COEFFICIENT_SETS,
+    choose_method,
     ns_fast,
     resolve_coefficients,
     sym_mm_blocked,
@@ -118,6 +119,16 @@ def test_gram_and_standard_forms_agree_with_float64():
         for method in ("gram", "symmetric"):
             out = ns_fast(G, triples, 1e-7, sym_mm_blocked, torch.float32, True, method=method)
             assert rel_error(out, expected) < TOLERANCE[torch.float32], method
+
+
+def test_method_choice():
+    f32, f16 = torch.float32, torch.float16
+    assert choose_method(1, 64, 64, f32, "cpu") == "symmetric"      # square
+    assert choose_method(1, 64, 256, f32, "cpu") == "gram"          # wide
+    assert choose_method(1, 1, 256, f32, "cpu") == "symmetric"      # a vector has no Gram work
+    assert choose_method(1, 1024, 4096, f32, "cuda") == "symmetric"  # launch-bound on a GPU
+    assert choose_method(24, 768, 3072, f32, "cuda") == "gram"
+    assert choose_method(24, 768, 3072, f16, "cuda") == "symmetric"  # fp16 Gram is too inexact
 
 
 @pytest.mark.parametrize("m, k", [(300, 70), (257, 257), (129, 3)])
