@@ -21,8 +21,9 @@ from torch import nn
 from forge.ops._validate import check_positive_int
 
 
-def apply_rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """RoPE over the last dim of x, shape (..., seq, head_dim), positions 0..seq-1 (RoFormer eq. 34).
+def apply_rotary(x: torch.Tensor, base: float = 10000.0, offset: int = 0) -> torch.Tensor:
+    """RoPE over the last dim of x, shape (..., seq, head_dim), positions offset..offset+seq-1
+    (RoFormer eq. 34; the offset places new tokens after a key/value cache).
 
     Each pair (x_{2i}, x_{2i+1}) at position m is rotated by the angle m * theta_i with
     theta_i = base^(-2i / head_dim), so <R_m q, R_n k> depends on m - n only. The angles are computed
@@ -33,7 +34,7 @@ def apply_rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
         raise ValueError(f"apply_rotary: x's last dim (head_dim) must be even, got {head_dim}")
     dtype = torch.promote_types(x.dtype, torch.float32)
     theta = base ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=dtype) / head_dim)
-    angles = torch.arange(seq, device=x.device, dtype=dtype)[:, None] * theta  # (seq, head_dim/2)
+    angles = torch.arange(offset, offset + seq, device=x.device, dtype=dtype)[:, None] * theta  # (seq, head_dim/2)
     cos, sin = angles.cos(), angles.sin()
     even, odd = x[..., 0::2].to(dtype), x[..., 1::2].to(dtype)
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
@@ -47,13 +48,14 @@ class CausalSelfAttention(nn.Module):
     head's largest unmasked pre-softmax logit over the whole batch; -inf until the first forward.
     """
 
-    def __init__(self, dim: int, n_heads: int, bias: bool = False, rotary: bool = False):
+    def __init__(self, dim: int, n_heads: int, bias: bool = False, rotary: bool = False, rope_base: float = 10000.0):
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("n_heads", n_heads)
         if dim % n_heads:
             raise ValueError(f"Invalid n_heads: {n_heads}; dim ({dim}) must be divisible by n_heads")
         self.dim, self.n_heads, self.head_dim, self.rotary = dim, n_heads, dim // n_heads, bool(rotary)
+        self.rope_base = float(rope_base)
         if self.rotary and self.head_dim % 2:
             raise ValueError(f"rotary=True needs an even head_dim; dim // n_heads = {self.head_dim}")
         self.q_proj = nn.Linear(dim, dim, bias=bias)
@@ -65,8 +67,8 @@ class CausalSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n_heads={self.n_heads}, rotary={self.rotary}"
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v of shape (batch, n_heads, seq, head_dim), RoPE already applied to q and k."""
+    def qkv_heads(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of shape (batch, n_heads, seq, head_dim), RoPE (positions from `offset`) applied to q, k."""
         batch, seq, _ = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
@@ -74,23 +76,31 @@ class CausalSelfAttention(nn.Module):
 
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         if self.rotary:
-            q, k = apply_rotary(q), apply_rotary(k)
+            q, k = apply_rotary(q, self.rope_base, offset), apply_rotary(k, self.rope_base, offset)
         return q, k, v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                use_cache: bool = False):
+        """Attention over x (batch, seq, dim). With `past_kv` = (k, v) of earlier positions (batch,
+        n_heads, past, head_dim), x holds the positions after them; `use_cache=True` returns
+        (out, (k, v)) with the cache extended by x's keys and values."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, {self.dim}); got {tuple(x.shape)}")
         batch, seq, _ = x.shape
-        q, k, v = self.qkv_heads(x)
+        past = 0 if past_kv is None else past_kv[0].shape[2]
+        q, k, v = self.qkv_heads(x, offset=past)
+        if past_kv is not None:
+            k, v = torch.cat((past_kv[0].expand(batch, -1, -1, -1), k), 2), torch.cat(
+                (past_kv[1].expand(batch, -1, -1, -1), v), 2)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        future = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
+        future = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).triu(past + 1)
         scores = scores.masked_fill(future, -math.inf)
         self._record_max_logits(scores)
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, seq, self.dim)
-        return self.o_proj(out)
+        out = self.o_proj((probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, seq, self.dim))
+        return (out, (k, v)) if use_cache else out
 
     def _record_max_logits(self, scores: torch.Tensor) -> None:
         """max over batch, queries and keys of the masked scores (masked entries are -inf), per head."""
