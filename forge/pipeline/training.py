@@ -1,0 +1,66 @@
+"""Supervised training of a language model on built-in task examples, shared by the phases that train.
+
+Loss = cross-entropy on the answer tokens only (`forge.data.encode_batch` marks everything else -100),
+so a model is judged on what it answers, never on reproducing the question. Batches are drawn with
+replacement from the pre-encoded examples by a seeded generator, and trimmed to the longest row, so
+a run is reproducible and pays only for the tokens it holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from forge.data import encode_batch
+
+
+@dataclass
+class TrainingLog:
+    """What a training run did: the loss every step and any evaluations along the way."""
+
+    losses: list[float] = field(default_factory=list)
+    evals: list[tuple[int, dict]] = field(default_factory=list)
+
+    def smoothed_loss(self, last: int = 20) -> float:
+        tail = self.losses[-last:]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+
+def answer_loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the answer positions (targets != -100)."""
+    logits = model(tokens)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+
+
+def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, examples, tokenizer, *, steps: int,
+                      batch_size: int, max_len: int, seed: int,
+                      evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 0,
+                      on_step: Callable[[int, float], None] | None = None) -> TrainingLog:
+    """Train `model` for `steps` optimizer steps on `examples`; NaN losses stop the run with an error."""
+    if not examples:
+        raise ValueError("train_on_examples: no training examples")
+    batch = encode_batch(examples, tokenizer, max_len)
+    lengths = (batch.tokens != tokenizer.pad_id).sum(1)
+    generator = torch.Generator().manual_seed(seed)
+    log = TrainingLog()
+    model.train()
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(examples), (batch_size,), generator=generator)
+        width = int(lengths[idx].max())
+        loss = answer_loss(model, batch.tokens[idx, :width], batch.targets[idx, :width])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        log.losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, log.losses[-1])
+        if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps):
+            log.evals.append((step, evaluate(model)))
+            model.train()
+    model.eval()
+    return log
