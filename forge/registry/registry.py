@@ -107,7 +107,8 @@ class ModelRegistry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._pid = os.getpid()
-        self._conn: sqlite3.Connection | None = schema.connect(self.path, self.timeout)
+        self._conn: sqlite3.Connection | None
+        self._conn, self.open_report = schema.connect(self.path, self.timeout)
         self._conn.row_factory = sqlite3.Row
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -422,12 +423,18 @@ class ModelRegistry:
 
     def vacuum_incremental(self, pages: int | None = None) -> int:
         """Return up to `pages` free pages (all when None) to the file system; returns pages freed.
-        The file shrinks once the WAL is checkpointed, which this does afterwards."""
-        limit = "" if pages is None else f"({check_positive_int('pages', pages)})"
+        The file shrinks once the WAL is checkpointed, which this does afterwards.
+
+        Python's sqlite3 steps a row-less statement once, and ``PRAGMA incremental_vacuum`` frees
+        one page per step, so a single execute frees one page whatever N says: we step it per page.
+        """
+        if pages is not None:
+            check_positive_int("pages", pages)
 
         def vacuum(conn: sqlite3.Connection) -> int:
             before = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            conn.execute(f"PRAGMA incremental_vacuum{limit}").fetchall()   # frees a page per step
+            for _ in range(before if pages is None else min(pages, before)):
+                conn.execute("PRAGMA incremental_vacuum(1)")
             return before - conn.execute("PRAGMA freelist_count").fetchone()[0]
         freed = self._write(vacuum, "vacuum_incremental")
         self.checkpoint_wal()

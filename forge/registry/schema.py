@@ -137,8 +137,9 @@ def with_retry(fn: Callable[[], T], timeout: float, what: str) -> T:
             delay = min(delay * 2.0, 0.25)
 
 
-def connect(path: Path, timeout: float) -> sqlite3.Connection:
-    """Open the database with the registry's settings and bring its schema up to date."""
+def connect(path: Path, timeout: float) -> tuple[sqlite3.Connection, dict]:
+    """Open the database with the registry's settings and bring its schema up to date.
+    Returns (connection, {"upgraded_from": old schema version, "converted_auto_vacuum": bool})."""
     conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
                            check_same_thread=False)
     try:
@@ -151,12 +152,12 @@ def connect(path: Path, timeout: float) -> sqlite3.Connection:
                                "the registry needs a local file system")
         conn.execute("PRAGMA synchronous = NORMAL")   # durable across process crashes in WAL
         conn.execute("PRAGMA foreign_keys = ON")
-        migrate(conn, path, timeout)
-        ensure_incremental_vacuum(conn, timeout)
+        report = {"upgraded_from": migrate(conn, path, timeout),
+                  "converted_auto_vacuum": ensure_incremental_vacuum(conn, timeout)}
     except BaseException:
         conn.close()
         raise
-    return conn
+    return conn, report
 
 
 def migrate(conn: sqlite3.Connection, path: Path, timeout: float) -> int:
@@ -187,15 +188,16 @@ def rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def ensure_incremental_vacuum(conn: sqlite3.Connection, timeout: float) -> None:
-    """Convert a database created without auto_vacuum (e.g. by an old version) once."""
+def ensure_incremental_vacuum(conn: sqlite3.Connection, timeout: float) -> bool:
+    """Convert a database created without auto_vacuum (e.g. by an old version) once; True if it did."""
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == AUTO_VACUUM_INCREMENTAL:
-        return
+        return False
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     with_retry(lambda: conn.execute("VACUUM"), timeout, "VACUUM to enable incremental vacuum")
     value = conn.execute("PRAGMA auto_vacuum").fetchone()[0]
     if value != AUTO_VACUUM_INCREMENTAL:
         raise RuntimeError(f"auto_vacuum is {value} after VACUUM; expected 2 (incremental)")
+    return True
 
 
 def completed_phase_rows(conn: sqlite3.Connection, session_id: str | None = None) -> dict:
