@@ -144,9 +144,14 @@ def connect(path: Path, timeout: float) -> tuple[sqlite3.Connection, dict]:
                            check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")   # before any table exists
-        mode = with_retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0],
-                          timeout, "enabling WAL")
+        # Only a fresh file needs these two; checking first keeps opening an existing database
+        # from waiting on another process's write lock.
+        if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+            with_retry(lambda: conn.execute("PRAGMA auto_vacuum = INCREMENTAL"), timeout, "auto_vacuum")
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode.lower() != "wal":
+            mode = with_retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0],
+                              timeout, "enabling WAL")
         if mode.lower() != "wal":
             raise RuntimeError(f"{path}: SQLite refused WAL journal mode (got {mode!r}); "
                                "the registry needs a local file system")
@@ -162,6 +167,10 @@ def connect(path: Path, timeout: float) -> tuple[sqlite3.Connection, dict]:
 
 def migrate(conn: sqlite3.Connection, path: Path, timeout: float) -> int:
     """Apply the missing migrations in one IMMEDIATE transaction; returns the old version."""
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    if current == SCHEMA_VERSION:
+        return current                     # the common case takes no write lock
+
     def attempt() -> int:
         conn.execute("BEGIN IMMEDIATE")
         try:
