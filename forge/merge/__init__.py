@@ -1,0 +1,22 @@
+"""forge.merge: model-merging operators on state dicts and the evolutionary merge search (Phase 2)."""
+from forge.merge.operators import (
+    OPERATORS,
+    SLERP_COLINEAR_THRESHOLD,
+    Recipe,
+    apply_recipe,
+    block_index,
+    count_layers,
+    dare,
+    dfs,
+    frankenmerge,
+    linear,
+    rename_block,
+    slerp,
+    slerp_many,
+    ties,
+)
+
+__all__ = [
+    "OPERATORS", "SLERP_COLINEAR_THRESHOLD", "Recipe", "apply_recipe", "block_index", "count_layers",
+    "dare", "dfs", "frankenmerge", "linear", "rename_block", "slerp", "slerp_many", "ties",
+]
