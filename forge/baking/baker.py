@@ -226,7 +226,7 @@ class PromptBaker:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            result.train_kl.append(float(loss))
+            result.train_kl.append(float(loss.detach()))
             result.steps = step
             if step % eval_every == 0 or step == self.steps:
                 result.kl_curve.append((step, self._held_out_kl(wrapped, held_out)))
