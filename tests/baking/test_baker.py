@@ -2,9 +2,10 @@
 
 The module fixture trains a 2-layer Transformer on its own little vocabulary: "<bos> x <sep> x <eos>"
 (copy) without a prompt, and "R : <bos> x <sep> reverse(x) <eos>" after the prompt "R:". Baking "R:" must
-make the UNPROMPTED model reverse. Measured on this machine (seed 0): KL(prompted teacher || unprompted
-student) on held-out inputs 3.96 -> 0.07 (-98%), reverse accuracy without the prompt 0.02 -> 0.91 against
-1.00 for the prompted original; half-baking (0.5) stops at KL 1.7.
+make the UNPROMPTED model reverse. Measured here (seeds as below, 100 LoRA steps, rank 4): KL(prompted
+teacher || unprompted student) on 128 held-out inputs 4.49 -> 0.0065 (-99.9%); reverse accuracy without
+the prompt 0.02 -> 1.00, the prompted original's 1.00; half-baking (0.5) stops after 5 steps at KL 1.98,
+greedy accuracy still 0.02 but the reversed answer's log-likelihood between the original's and the bake's.
 """
 import math
 
@@ -69,6 +70,14 @@ def greedy_accuracy(model, d: torch.Tensor, reverse: bool) -> float:
     return (seq[:, -(LENGTH + 1):] == answers(d, reverse)).all(1).float().mean().item()
 
 
+@torch.no_grad()
+def reverse_log_likelihood(model, d: torch.Tensor) -> float:
+    """Mean log P(reverse(x) <eos> | <bos> x <sep>), teacher-forced: a continuous measure of the rule."""
+    seq = torch.cat([inputs_of(d), answers(d, reverse=True)], 1)
+    logits = model(seq[:, :-1])[:, -(LENGTH + 1):]
+    return -F.cross_entropy(logits.reshape(-1, VOCAB), seq[:, -(LENGTH + 1):].reshape(-1)).item()
+
+
 def baker_for(model, **overrides) -> PromptBaker:
     settings = dict(rank=4, alpha=8.0, lr=1e-2, steps=100, batch_size=32, traj_len=LENGTH + 1, stop_token=EOS,
                     eval_every=10, seed=0)
@@ -125,6 +134,8 @@ def test_half_bake_lands_between_the_original_and_the_full_bake(tiny):
     assert half.kl_curve[-1][1] <= 0.5 * half.kl_before < half.kl_curve[-2][1]  # stopped at the first crossing
     original_acc, full_acc = (greedy_accuracy(m, d, reverse=True) for m in (model, full.model))
     assert original_acc <= greedy_accuracy(half.model, d, reverse=True) <= full_acc
+    lls = [reverse_log_likelihood(m, d) for m in (model, half.model, full.model)]
+    assert lls[0] < lls[1] < lls[2]
 
 
 def test_interpolated_strength_scales_the_prompt(tiny):
