@@ -375,7 +375,8 @@ def _describe(error: dict) -> str:
         return "required key is missing"
     if kind in bounds:
         op, name = bounds[kind]
-        return f"must be {op} {ctx[name]}, got {_shown(got)}"
+        bound = ctx[name]
+        return f"must be {op} {f'{bound:g}' if isinstance(bound, float) else bound}, got {_shown(got)}"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']}, got {_shown(got)}"
     if kind in ("too_short", "string_too_short"):

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 REQUIRED_METADATA = ("model_config", "tokenizer")   # every model carries its shape and vocabulary
 
 
+class PipelineError(RuntimeError):
+    """The run cannot go on (bad request, missing inputs, a failed phase); the message says why."""
+
+
 class HandoffError(ValueError):
     """Models do not meet the rules for passing from one phase to the next; says which rule failed."""
 

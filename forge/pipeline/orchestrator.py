@@ -20,17 +20,13 @@ import torch
 
 from forge.pipeline import state as files
 from forge.pipeline.config import PipelineConfig
-from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext, PhaseResult
+from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext, PhaseResult, PipelineError
 from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
 from forge.pipeline.models import build_from_metadata
-from forge.pipeline.phases import PHASES, load_controller_class, phase_name
+from forge.pipeline.phases import load_controller_class, make_plan, phase_name
 from forge.registry.checkpoint import load_checkpoint, save_checkpoint
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-class PipelineError(RuntimeError):
-    """The run cannot go on (bad request, missing inputs, a failed phase); the message says why."""
 
 
 @dataclass
@@ -48,16 +44,6 @@ def safe_name(text: str) -> str:
     if not cleaned:
         raise ValueError(f"name {text!r} has no file-name-safe characters")
     return cleaned[:80]
-
-
-def make_plan(from_phase: int = 1, only: int | None = None) -> list[int]:
-    """The phases a run covers: from `from_phase` to 8, or just `only`."""
-    for label, value in (("from_phase", from_phase), ("only", only)):
-        if value is not None and (isinstance(value, bool) or value not in PHASES):
-            raise PipelineError(f"unknown phase {value!r} for {label}; phases are 1..{max(PHASES)}")
-    if only is not None:
-        return [only]
-    return list(range(from_phase, max(PHASES) + 1))
 
 
 def pick_device(choice: str) -> torch.device:

@@ -12,7 +12,8 @@ import torch
 
 from forge.pipeline.config import load_config
 from forge.pipeline.controller import HandoffError
-from forge.pipeline.orchestrator import Pipeline, PipelineError
+from forge.pipeline.controller import PipelineError
+from forge.pipeline.orchestrator import Pipeline
 from forge.registry import ModelRegistry
 from forge.registry.checkpoint import ChecksumError
 

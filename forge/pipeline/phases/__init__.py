@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from forge.pipeline.controller import PhaseController
+from forge.pipeline.controller import PhaseController, PipelineError
 
 PHASES: dict[int, tuple[str, str | None]] = {
     1: ("cognate", "forge.pipeline.phases.phase1_cognate:CognatePhase"),
@@ -59,3 +59,13 @@ def last_implemented(phases) -> int | None:
             break
         last = phase
     return last
+
+
+def make_plan(from_phase: int = 1, only: int | None = None) -> list[int]:
+    """The phases a run covers: from `from_phase` to 8, or just `only`."""
+    for label, value in (("from_phase", from_phase), ("only", only)):
+        if value is not None and (isinstance(value, bool) or value not in PHASES):
+            raise PipelineError(f"unknown phase {value!r} for {label}; phases are 1..{max(PHASES)}")
+    if only is not None:
+        return [only]
+    return list(range(from_phase, max(PHASES) + 1))
