@@ -1,14 +1,17 @@
-"""The `forge` command. Today: `forge bench` (kernel benchmarks) and `forge backends`.
+"""The `forge` command: the Agent Forge pipeline (`run`, `resume`, `status`, `phases`, `models`,
+`rollback`, `clean`) and the kernel tools (`bench`, `backends`).
 
-The pipeline commands (`run`, `resume`, `status`, `phases`, `models`, `rollback`) arrive with the
-pipeline; until then they exit with a message saying so.
+Errors print one `forge <command>: error: <reason>` line to stderr and exit non-zero: 2 for a bad
+request (config, arguments, unknown session or phase), 1 when a run fails. A bad request writes
+nothing: the config is validated before any folder or database is created.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-PIPELINE_COMMANDS = ("run", "resume", "status", "phases", "models", "rollback")
+EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 def _backends(_args) -> int:
@@ -25,24 +28,200 @@ def _backends(_args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+class UsageError(Exception):
+    """A bad request: exits with EXIT_USAGE and the message."""
+
+
+def _config(args):
+    from forge.pipeline.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, args.set or ())
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+
+
+def _registry(config, must_exist: bool):
+    """The registry; with must_exist, a missing database is a clear error instead of a new file."""
+    path = config.registry_path()
+    if must_exist and not path.is_file():
+        raise UsageError(f"no registry at {path} (nothing has run with this run_root yet)")
+    from forge.registry import ModelRegistry
+
+    return ModelRegistry(path, timeout=config.registry.timeout)
+
+
+def _pipeline(config, registry):
+    from forge.pipeline.orchestrator import Pipeline
+
+    return Pipeline(config, registry)
+
+
+def _phases(_args) -> int:
+    from forge.pipeline.phases import PHASES, is_implemented
+
+    for number, (name, _) in PHASES.items():
+        print(f"{number}  {name:<12} {'implemented' if is_implemented(number) else 'not implemented yet'}")
+    return 0
+
+
+def _dry_run(config, plan: list[int]) -> int:
+    from forge.pipeline.estimate import estimate
+    from forge.pipeline.handoff import validate_table
+    from forge.pipeline.phases import is_implemented, phase_name
+
+    runnable = []
+    for phase in plan:
+        if not is_implemented(phase):
+            break
+        runnable.append(phase)
+    print(f"config ok; plan: phases {plan[0]}..{plan[-1]}")
+    for rule in validate_table(config):
+        print(f"  handoff {rule}")
+    seconds = estimate(config, runnable)
+    for phase in plan:
+        note = f"~{seconds[phase]:.0f} s" if phase in seconds else (
+            "implemented" if phase in runnable else "not implemented yet")
+        print(f"  phase {phase} {phase_name(phase):<12} {note}")
+    if runnable != plan:
+        print(f"a run would stop after phase {runnable[-1]}" if runnable else "no phase of this plan can run yet")
+    print(f"estimated total ~{sum(seconds.values()):.0f} s (measured step costs; a lower bound); nothing was written")
+    return 0
+
+
+def _run(args) -> int:
+    from forge.pipeline.phases import make_plan
+
+    config = _config(args)
+    plan = make_plan(args.from_phase, args.only)
+    if args.dry_run:
+        return _dry_run(config, plan)
+    with _registry(config, must_exist=False) as registry:
+        _pipeline(config, registry).run(args.from_phase, args.only, args.source_session)
+    return 0
+
+
+def _resume(args) -> int:
+    config = _config(args)
+    with _registry(config, must_exist=True) as registry:
+        _pipeline(config, registry).resume(args.session)
+    return 0
+
+
+def _rollback(args) -> int:
+    config = _config(args)
+    with _registry(config, must_exist=True) as registry:
+        loaded = _pipeline(config, registry).rollback(args.session, args.phase)
+        for item in loaded:
+            print(f"reloaded {item.model_id} (sha256 {item.record['sha256'][:12]} verified)")
+    return 0
+
+
+def _status(args) -> int:
+    config = _config(args)
+    with _registry(config, must_exist=True) as registry:
+        if args.session is None:
+            sessions = registry.list_sessions()
+            for s in sessions:
+                print(f"{s['id']}  {s['status']:<11} phase {s['current_phase']}  {s['progress']:.0f}%")
+            if not sessions:
+                print("no sessions")
+            return 0
+        session = registry.get_session(args.session)
+        if session is None:
+            raise UsageError(f"unknown session {args.session!r}")
+        print(f"{session['id']}  {session['status']}  phase {session['current_phase']}  {session['progress']:.0f}%"
+              + (f"  ({session['error']})" if session.get("error") else ""))
+        for phase, info in _pipeline(config, registry).completed(args.session).items():
+            print(f"  phase {phase}: completed -> {', '.join(info['model_ids'])}")
+    return 0
+
+
+def _models(args) -> int:
+    with _registry(_config(args), must_exist=True) as registry:
+        models = registry.list_models(session_id=args.session, phase=args.phase)
+        for m in models:
+            params = m.get("parameter_count")
+            print(f"{m['id']}  phase {m['phase']}  {m['name']:<14} {params if params is not None else '?':>9} params"
+                  f"  sha256 {m['sha256'][:12]}  {m['path']}")
+        if not models:
+            print("no models")
+    return 0
+
+
+def _clean(args) -> int:
+    from forge.registry import CleanupPolicy
+
+    config = _config(args)
+    c = config.cleanup
+    policy = CleanupPolicy(max_session_age_days=c.max_session_age_days, max_sessions_total=c.max_sessions_total,
+                           max_models_per_session=c.max_models_per_session,
+                           keep_last_n_checkpoints=c.keep_last_n_checkpoints, file_root=Path(config.run_root))
+    with _registry(config, must_exist=True) as registry:
+        result = registry.apply_cleanup(policy)
+        print(f"deleted {len(result['sessions_deleted'])} session(s), {len(result['models_deleted'])} model(s)")
+    return 0
+
+
+def _phase_number(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 8:
+        raise argparse.ArgumentTypeError(f"unknown phase {text!r}; phases are 1..8 (see `forge phases`)")
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forge", description="forge: kernels and the Agent Forge pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("bench", help="time the kernels against their references and peers", add_help=False)
     sub.add_parser("backends", help="list each op's backends and which can run here")
-    for name in PIPELINE_COMMANDS:
-        sub.add_parser(name, help="(pipeline: not built yet)")
+    sub.add_parser("phases", help="list the pipeline phases and which are implemented")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="pipeline YAML (default: built-in defaults)")
+    common.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config value")
+    run = sub.add_parser("run", parents=[common], help="run the pipeline in a new session")
+    run.add_argument("--from-phase", type=_phase_number, default=1)
+    run.add_argument("--only", type=_phase_number)
+    run.add_argument("--source-session", help="session whose models feed --from-phase/--only (default: newest)")
+    run.add_argument("--dry-run", action="store_true", help="validate and estimate; run and write nothing")
+    for name, text in (("resume", "continue a failed, killed or rolled-back session"),
+                       ("rollback", "reload a phase's models and continue the session from there")):
+        cmd = sub.add_parser(name, parents=[common], help=text)
+        cmd.add_argument("session")
+        if name == "rollback":
+            cmd.add_argument("phase", type=_phase_number)
+    status = sub.add_parser("status", parents=[common], help="list sessions, or show one")
+    status.add_argument("session", nargs="?")
+    models = sub.add_parser("models", parents=[common], help="list registered models")
+    models.add_argument("--phase", type=_phase_number)
+    models.add_argument("--session")
+    sub.add_parser("clean", parents=[common], help="apply the config's cleanup policy")
+    return parser
+
+
+COMMANDS = {"backends": _backends, "phases": _phases, "run": _run, "resume": _resume, "rollback": _rollback,
+            "status": _status, "models": _models, "clean": _clean}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from forge.bench import main as bench_main
 
         return bench_main(argv[1:])
-    args = parser.parse_args(argv)
-    if args.command == "backends":
-        return _backends(args)
-    print(f"forge {args.command}: the pipeline is not built yet; `forge bench` and `forge backends` work today.",
-          file=sys.stderr)
-    return 2
+    args = _parser().parse_args(argv)
+    from forge.pipeline.controller import PipelineError
+
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as error:
+        print(f"forge {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except PipelineError as error:
+        print(f"forge {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, RuntimeError, OSError) as error:   # e.g. a checkpoint whose hash changed
+        print(f"forge {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def forge(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "forge.cli", *args], capture_output=True, text=True, timeout=timeout)
+def forge(*args, timeout=300, cwd=None):
+    return subprocess.run([sys.executable, "-m", "forge.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd)
 
 
 def test_backends_lists_every_op():
@@ -33,9 +34,38 @@ def test_bench_quick_runs_and_reports_ratios(tmp_path):
             assert r["rel_err_vs_fp64"] < 1e-3
 
 
-def test_pipeline_commands_say_they_are_not_built_yet():
-    result = forge("run")
-    assert result.returncode == 2 and "not built yet" in result.stderr
+def test_phases_lists_every_phase_and_3_to_8_as_not_implemented_yet():
+    result = forge("phases")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    names = ["cognate", "evomerge", "quietstar", "bitnet", "curriculum", "baking", "experts", "compression"]
+    assert [line.split()[:2] for line in lines] == [[str(n), name] for n, name in enumerate(names, 1)]
+    assert all(line.endswith("not implemented yet") for line in lines[2:])
+
+
+def test_pipeline_errors_exit_nonzero_with_the_reason_and_write_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("phases:\n  phase1: {steps: 5\n")
+    cases = [(("run", "--config", str(bad)), "invalid YAML at line"),
+             (("run", "--config", str(tmp_path / "missing.yaml")), "config file not found"),
+             (("run", "--set", "phases.phase2.population_size=0"), "phases.phase2.population_size: must be >= 2, got 0"),
+             (("run", "--set", "phases.phase1.stepz=5"), "phases.phase1.stepz: unknown key"),
+             (("run", "--only", "9"), "unknown phase '9'"),
+             (("rollback", "some-session", "0"), "unknown phase '0'"),
+             (("status",), "no registry at"),
+             (("resume", "nope"), "no registry at")]
+    for args, reason in cases:
+        result = forge(*args, cwd=tmp_path)
+        assert result.returncode != 0 and reason in result.stderr, (args, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_dry_run_validates_and_writes_nothing(tmp_path):
+    result = forge("run", "--dry-run", "--set", "phases.phase1.steps=10", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "config ok" in result.stdout and "handoff 1->2: 3 model(s)" in result.stdout
+    assert "phase 3 quietstar    not implemented yet" in result.stdout and "nothing was written" in result.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -1,0 +1,413 @@
+"""Pipeline configuration: typed, validated sections loaded from YAML.
+
+`load_config(path, overrides)` reads `config/pipeline_config.yaml`-style files into `PipelineConfig`
+(pydantic v2, unknown keys forbidden, no silent type coercion). Every problem becomes one
+`ConfigError` line that names the YAML path of the field, e.g.
+`phases.phase2.population_size: must be >= 2, got 0`. The model defaults equal the shipped YAML
+(a test checks it), so `load_config()` with no file gives the same pipeline as the file.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config" / "pipeline_config.yaml"
+# The built-in procedural tasks of forge.data (tests check this list against forge.data.TASKS).
+KNOWN_TASKS = ("modular", "addition", "multiplication", "sorting", "copy", "reversal", "word_problems")
+MERGE_OPERATORS = ("linear", "slerp", "ties", "dare", "frankenmerge", "dfs")
+PHASE_NAMES = {1: "cognate", 2: "evomerge", 3: "quietstar", 4: "bitnet",
+               5: "curriculum", 6: "baking", 7: "experts", 8: "compression"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the YAML path of each bad field."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors and values keep their YAML type."""
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+# -- top-level sections ---------------------------------------------------------------------------
+class WandbConfig(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = Field("agent-forge", min_length=1)
+
+
+class RegistryConfig(Section):
+    path: str | None = None          # None -> <run_root>/registry.db
+    timeout: float = Field(30.0, gt=0)
+
+
+class HardwareConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0)    # 0 -> leave torch's default
+
+
+class CleanupConfig(Section):
+    auto_cleanup: bool = False
+    max_session_age_days: float | None = Field(30.0, ge=0)
+    max_sessions_total: int | None = Field(100, ge=1)
+    max_models_per_session: int | None = Field(None, ge=1)
+    keep_last_n_checkpoints: int | None = Field(5, ge=1)
+
+
+# -- phase 1: cognate -----------------------------------------------------------------------------
+class ModelShape(Section):
+    dim: int = Field(96, ge=8)
+    n_layers: int = Field(3, ge=1)
+    n_heads: int = Field(4, ge=1)
+    max_len: int = Field(48, ge=8)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> "ModelShape":
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size "
+                             "(rotary positions rotate pairs)")
+        return self
+
+
+class CognateModel(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    seed: int = Field(ge=0)
+    task_weights: dict[str, float] = Field(min_length=1)
+
+    @field_validator("task_weights")
+    @classmethod
+    def _known_tasks(cls, weights: dict[str, float]) -> dict[str, float]:
+        for task, weight in weights.items():
+            if task not in KNOWN_TASKS:
+                raise ValueError(f"unknown task {task!r}; allowed: {', '.join(KNOWN_TASKS)}")
+            if not weight >= 0:
+                raise ValueError(f"weight of task {task!r} must be >= 0, got {weight}")
+        if not any(w > 0 for w in weights.values()):
+            raise ValueError("at least one task weight must be > 0")
+        return weights
+
+
+def _default_cognate_models() -> list[CognateModel]:
+    mixes = [{"addition": 2, "modular": 1, "reversal": 1, "copy": 1, "sorting": 1},
+             {"modular": 2, "addition": 1, "sorting": 1, "copy": 1, "reversal": 1},
+             {"reversal": 2, "sorting": 2, "copy": 1, "addition": 1, "modular": 1}]
+    return [CognateModel(name=f"cognate-{c}", seed=i + 1, task_weights={k: float(v) for k, v in mix.items()})
+            for i, (c, mix) in enumerate(zip("abc", mixes))]
+
+
+class Phase1Config(Section):
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.002, gt=0)
+    eval_every: int = Field(200, ge=1)
+    eval_examples: int = Field(512, ge=1)
+    train_examples: int = Field(20000, ge=1)
+    model: ModelShape = Field(default_factory=ModelShape)
+    init_seed: int = Field(0, ge=0)
+    models: list[CognateModel] = Field(default_factory=_default_cognate_models, min_length=2)  # merging needs >= 2
+    min_margin_over_baseline: float = Field(0.15, ge=0, le=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[CognateModel]) -> list[CognateModel]:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return models
+
+
+# -- phase 2: evomerge ----------------------------------------------------------------------------
+class FitnessWeights(Section):
+    accuracy: float = Field(1.0, ge=0)
+    loss: float = Field(0.3, ge=0)
+    speed: float = Field(0.05, ge=0)
+    memory: float = Field(0.05, ge=0)
+
+
+class Phase2Config(Section):
+    generations: int = Field(6, ge=1)
+    population_size: int = Field(8, ge=2)
+    elite_count: int = Field(2, ge=1)
+    mutation_strength: float = Field(0.05, ge=0)
+    operators: list[Literal["linear", "slerp", "ties", "dare", "frankenmerge", "dfs"]] = Field(
+        default_factory=lambda: list(MERGE_OPERATORS), min_length=1)
+    fitness_weights: FitnessWeights = Field(default_factory=FitnessWeights)
+    eval_examples: int = Field(256, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _elite_fits(self) -> "Phase2Config":
+        if self.elite_count >= self.population_size:
+            raise ValueError(f"elite_count ({self.elite_count}) must be < population_size "
+                             f"({self.population_size})")
+        return self
+
+
+# -- phases 3..8: not implemented yet; the seed's settings scaled to a tiny model -------------------
+class AntiTheater(Section):
+    min_divergence: float = Field(0.3, ge=0, le=1)
+    min_ablation_drop: float = Field(0.02, ge=0, le=1)
+    min_correlation: float = Field(0.5, ge=-1, le=1)
+
+
+class Phase3Config(Section):
+    thinking_tokens: int = Field(12, ge=2)
+    baking_steps: int = Field(300, ge=1)
+    baking_lr: float = Field(1e-4, gt=0)
+    convergence_threshold: float = Field(0.85, ge=0, le=1)
+    rl_episodes: int = Field(500, ge=1)
+    num_thoughts: int = Field(4, ge=1)
+    thought_length: int = Field(8, ge=1)
+    rl_lr: float = Field(5e-4, gt=0)
+    kl_coefficient: float = Field(0.1, ge=0)
+    anti_theater: AntiTheater = Field(default_factory=AntiTheater)
+
+
+class Phase4Config(Section):
+    zero_threshold: float = Field(0.1, ge=0, lt=1)
+    preserve_layers: list[str] = Field(default_factory=lambda: ["embed", "norm", "head"])
+    calibration_samples: int = Field(256, ge=1)
+    fine_tune_steps: int = Field(200, ge=0)
+    fine_tune_lr: float = Field(1e-4, gt=0)
+    fine_tune_threshold: float = Field(0.05, ge=0, le=1)
+    max_accuracy_drop: float = Field(0.10, ge=0, le=1)
+    min_compression: float = Field(4.0, ge=1)
+
+
+class Phase5Config(Section):
+    num_levels: int = Field(10, ge=1)
+    questions_per_level: int = Field(200, ge=1)
+    target_accuracy: float = Field(0.75, gt=0, le=1)
+    advance_accuracy: float = Field(0.80, gt=0, le=1)
+    consecutive_for_mastery: int = Field(3, ge=1)
+    dream_epochs_per_level: int = Field(1, ge=0)
+    dream_temperature: float = Field(1.2, gt=0)
+    lr: float = Field(1e-3, gt=0)
+
+
+class Phase6Config(Section):
+    max_cycles: int = Field(10, ge=1)
+    plateau_threshold: float = Field(0.02, ge=0)
+    plateau_window: int = Field(3, ge=2)
+    half_baking_strength: float = Field(0.5, ge=0, le=1)
+    baking_steps: int = Field(100, ge=1)
+    baking_lr: float = Field(1e-4, gt=0)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    target_score: float = Field(0.70, ge=0, le=1)
+
+
+class Phase7Config(Section):
+    min_experts: int = Field(3, ge=1)
+    max_experts: int = Field(6, ge=1)
+    svf_singular_values: int = Field(16, ge=1)
+    svf_lr: float = Field(1e-4, gt=0)
+    svf_steps: int = Field(200, ge=1)
+    kl_coefficient: float = Field(0.1, ge=0)
+    adas_generations: int = Field(10, ge=1)
+    adas_population: int = Field(8, ge=2)
+    mutation_rate: float = Field(0.1, ge=0, le=1)
+    crossover_rate: float = Field(0.7, ge=0, le=1)
+    tournament_size: int = Field(3, ge=2)
+
+    @model_validator(mode="after")
+    def _expert_range(self) -> "Phase7Config":
+        if self.max_experts < self.min_experts:
+            raise ValueError(f"max_experts ({self.max_experts}) must be >= min_experts ({self.min_experts})")
+        return self
+
+
+class Phase8Config(Section):
+    seedlm_block_size: int = Field(64, ge=1)
+    seedlm_seed_bits: int = Field(8, ge=1, le=32)
+    vptq_codebook_size: int = Field(256, ge=2)
+    vptq_vector_dim: int = Field(8, ge=1)
+    hyper_params_per_curve: int = Field(8, ge=1)
+    min_stage_retention: float = Field(0.95, ge=0, le=1)
+    min_final_retention: float = Field(0.84, ge=0, le=1)
+
+
+class PhasesConfig(Section):
+    phase1: Phase1Config = Field(default_factory=Phase1Config)
+    phase2: Phase2Config = Field(default_factory=Phase2Config)
+    phase3: Phase3Config = Field(default_factory=Phase3Config)
+    phase4: Phase4Config = Field(default_factory=Phase4Config)
+    phase5: Phase5Config = Field(default_factory=Phase5Config)
+    phase6: Phase6Config = Field(default_factory=Phase6Config)
+    phase7: Phase7Config = Field(default_factory=Phase7Config)
+    phase8: Phase8Config = Field(default_factory=Phase8Config)
+
+
+class PipelineConfig(Section):
+    run_root: str = Field("runs/", min_length=1)
+    seed: int = Field(0, ge=0)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    cleanup: CleanupConfig = Field(default_factory=CleanupConfig)
+    phases: PhasesConfig = Field(default_factory=PhasesConfig)
+
+    def phase(self, number: int) -> Section:
+        """The config section of phase `number` (1..8)."""
+        if number not in PHASE_NAMES:
+            raise ValueError(f"phase must be one of 1..8, got {number!r}")
+        return getattr(self.phases, f"phase{number}")
+
+    def registry_path(self) -> Path:
+        return Path(self.registry.path) if self.registry.path else Path(self.run_root) / "registry.db"
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# -- loading ----------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`) and refuses duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax error becomes a ConfigError naming the source, line and column."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The raw mapping of a config file (an empty file is an empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = parse_yaml(path.read_text(), str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Deep-merge mappings; lists and scalars in `update` replace those in `base`."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_override(raw: dict, text: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (`50` -> int)."""
+    key, sep, value_text = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. phases.phase1.steps=50")
+    parts = key.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[:depth + 1]), key)
+    last = parts[-1]
+    value = parse_yaml(value_text, f"--set {key}")
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{'.'.join(parts[:-1])}: is not a section (it holds a {type(node).__name__}); "
+                          f"cannot set {key}")
+
+
+def _child(node: Any, part: str, here: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{here.rsplit('.', 1)[0]}: is not a section (it holds a {type(node).__name__}); "
+                          f"cannot set {key}")
+    return node.setdefault(part, {})
+
+
+def _index(items: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(items)} items")
+    return int(part)
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+               "list": "a list", "dict": "a mapping", "model": "a mapping (section)"}
+
+
+def _location(loc: tuple) -> str:
+    text = ""
+    for item in loc:
+        text += f"[{item}]" if isinstance(item, int) else (f".{item}" if text else str(item))
+    return text or "<top level>"
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value) if value is not None else "null"
+
+
+def _describe(error: dict) -> str:
+    """One pydantic error as `must be >= 2, got 0` / `unknown key` / `expected an integer, got 'x' (str)`."""
+    kind, ctx, got = error["type"], error.get("ctx") or {}, error.get("input")
+    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+              "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in bounds:
+        op, name = bounds[kind]
+        bound = ctx[name]
+        return f"must be {op} {f'{bound:g}' if isinstance(bound, float) else bound}, got {_shown(got)}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}, got {_shown(got)}"
+    if kind in ("too_short", "string_too_short"):
+        return f"must have at least {ctx.get('min_length')} item(s), got {_shown(got)}"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx['pattern']}, got {_shown(got)}"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    base = kind.split("_")[0]
+    if base in _TYPE_WORDS and kind.endswith(("_type", "_parsing", "_from_float", "_attributes_type")):
+        return f"expected {_TYPE_WORDS[base]}, got {_shown(got)} ({type(got).__name__})"
+    return f"{error['msg']}, got {_shown(got)}"
+
+
+def config_from_dict(raw: dict) -> PipelineConfig:
+    """Validate a raw mapping; all problems at once, one `path: problem` line each."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        lines = [f"{_location(e['loc'])}: {_describe(e)}" for e in error.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> PipelineConfig:
+    """Load `path` (None: the built-in defaults, equal to config/pipeline_config.yaml) over the
+    defaults, apply `a.b.c=value` overrides, validate. Raises ConfigError naming the YAML path."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'a.b.c=value' strings, not one string")
+    raw = PipelineConfig().to_dict()
+    if path is not None:
+        raw = _merge(raw, read_config_file(path))
+    for text in overrides:
+        apply_override(raw, text)
+    return config_from_dict(raw)

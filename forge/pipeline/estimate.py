@@ -1,0 +1,76 @@
+"""Rough run-time estimate for a dry run: the config's step and evaluation counts times the measured
+cost of one training step and one evaluation forward pass of the configured model on this machine.
+
+It measures (a couple of steps on random tokens, nothing saved) instead of assuming a FLOP rate,
+because the shared 2-core CPUs this runs on vary several-fold. Phase 1 trains with MuonGrokfast,
+whose Newton-Schulz step costs more than the AdamW step timed here, so read it as a lower bound.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from forge.pipeline.config import PipelineConfig
+
+VOCAB_ESTIMATE = 100        # the character vocabulary of forge.data is under 100 tokens
+EVAL_BATCH = 256            # forge.data.evaluate's default batch
+DECODE_FACTOR = 2.0         # greedy decoding with a KV cache ~ two full forward passes of compute
+
+
+def _model(config: PipelineConfig):
+    from forge.nn import build_model
+
+    shape = config.phases.phase1.model
+    return build_model({"vocab_size": VOCAB_ESTIMATE, "dim": shape.dim, "n_layers": shape.n_layers,
+                        "n_heads": shape.n_heads, "max_len": shape.max_len})
+
+
+def _best_of(fn, repeats: int = 2) -> float:
+    fn()                                            # warm-up (allocations, kernel choice)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure(config: PipelineConfig) -> dict[str, float]:
+    """Seconds per training step (batch_size x max_len) and per evaluation batch (256 sequences)."""
+    model = _model(config)
+    p1 = config.phases.phase1
+    tokens = torch.randint(0, VOCAB_ESTIMATE, (p1.batch_size, p1.model.max_len))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        loss = model(tokens).float().logsumexp(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    eval_tokens = torch.randint(0, VOCAB_ESTIMATE, (EVAL_BATCH, p1.model.max_len))
+
+    def eval_batch():
+        with torch.no_grad():
+            model(eval_tokens)
+    return {"train_step_s": _best_of(train_step), "eval_batch_s": _best_of(eval_batch) * DECODE_FACTOR}
+
+
+def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] | None = None) -> dict[int, float]:
+    """Estimated seconds for each of `phases` that has a formula (phases 1 and 2)."""
+    if not {1, 2} & set(phases):
+        return {}
+    costs = costs or measure(config)
+    p1, p2 = config.phases.phase1, config.phases.phase2
+
+    def evaluation(examples: int) -> float:
+        return math.ceil(examples / EVAL_BATCH) * costs["eval_batch_s"]
+    out = {}
+    if 1 in phases:
+        evals = p1.steps // p1.eval_every + 1
+        out[1] = len(p1.models) * (p1.steps * costs["train_step_s"] + evals * evaluation(p1.eval_examples))
+    if 2 in phases:
+        out[2] = (p2.generations + 1) * p2.population_size * evaluation(p2.eval_examples)
+    return out

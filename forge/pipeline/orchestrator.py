@@ -1,0 +1,362 @@
+"""Pipeline: runs phases in order, hands models from one to the next, and never loses a result.
+
+Each phase's models are saved (safetensors + JSON, sha256) under <run_root>/<session>/phaseN_name/
+and registered before the next phase starts. Order of one phase's commit:
+  1. execute, validate_output  2. save every checkpoint  3. write the manifest (phase_result.json)
+  4. register each model (a model already registered from the same file and hash is adopted)
+  5. record_phase_result("completed").
+A process killed before 3 reruns the phase; killed after 3, resume finishes 4-5 from the manifest
+without running the phase again, so nothing is lost and nothing is registered twice.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from forge.pipeline import state as files
+from forge.pipeline.config import PipelineConfig
+from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext, PhaseResult, PipelineError
+from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
+from forge.pipeline.models import build_from_metadata
+from forge.pipeline.phases import load_controller_class, make_plan, phase_name
+from forge.registry.checkpoint import load_checkpoint, save_checkpoint
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass
+class RunReport:
+    session_id: str
+    status: str                                 # "completed" or "failed"
+    completed: list[int] = field(default_factory=list)
+    final_model_ids: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a model or session name (no separators, no '..')."""
+    cleaned = _SAFE.sub("_", text).strip("._")
+    if not cleaned:
+        raise ValueError(f"name {text!r} has no file-name-safe characters")
+    return cleaned[:80]
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("hardware.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def default_tracker(session_dir: Path, session_id: str, mode: str, project: str):
+    from forge.tracking import Tracker
+
+    return Tracker(session_dir, session_id, mode=mode, project=project)
+
+
+class Pipeline:
+    """Runs, resumes and rolls back sessions of the phase table against one registry."""
+
+    def __init__(self, config: PipelineConfig, registry: Any, *, tracker_factory: Callable | None = None,
+                 log: Callable[[str], None] = print, progress_bars: bool | None = None):
+        self.config = config
+        self.registry = registry
+        self.run_root = Path(config.run_root)
+        self.tracker_factory = tracker_factory or default_tracker
+        self.log = log
+        self.progress_bars = progress_bars    # None: tqdm decides (shown on a terminal)
+
+    # -- entry points ---------------------------------------------------------------------------
+    def run(self, from_phase: int = 1, only: int | None = None, source_session: str | None = None) -> RunReport:
+        """Start a new session over make_plan(from_phase, only). A plan that starts after phase 1
+        takes its inputs from `source_session` (default: the newest session that completed the
+        phase before)."""
+        from forge.registry import new_session_id
+
+        plan = make_plan(from_phase, only)
+        source = self._find_source(plan[0], source_session) if plan[0] > 1 else None
+        session_id = new_session_id()
+        session_dir = self.session_dir(session_id)
+        session_dir.mkdir(parents=True, exist_ok=False)
+        files.write_json(session_dir / "config.json", self.config.to_dict())
+        self.registry.create_session(session_id, {"pipeline": self.config.to_dict(),
+                                                  "plan": {"phases": plan, "source_session": source}})
+        self.log(f"session {session_id}: phases {plan[0]}..{plan[-1]} -> {session_dir}")
+        return self._run(session_id)
+
+    def resume(self, session_id: str) -> RunReport:
+        """Continue a failed, killed or rolled-back session after its last completed phase, with the
+        config it was started with."""
+        session = self._session(session_id)
+        self.config = PipelineConfig.model_validate(session["config"]["pipeline"])
+        self.log(f"resuming session {session_id} (status {session['status']})")
+        return self._run(session_id)
+
+    def rollback(self, session_id: str, phase: int) -> list[LoadedModel]:
+        """Reload the models `phase` produced in this session (hash checked) and make the session
+        continue from there: later phases count as not done and rerun on `forge resume`."""
+        self._session(session_id)
+        completed = self.completed(session_id)
+        if phase not in completed:
+            raise PipelineError(f"session {session_id} has no completed phase {phase}; "
+                                f"completed: {sorted(completed) or 'none'}")
+        loaded = self.load_models(completed[phase]["model_ids"])
+        stale = {str(q): info["model_ids"] for q, info in completed.items() if q > phase}
+        session_dir = self.session_dir(session_id)
+        with files.SessionLock(session_dir):
+            state = files.read_state(session_dir)
+            state["rollbacks"].append({"phase": phase, "stale": stale})
+            files.write_state(session_dir, state)
+            self.registry.set_session_status(session_id, "interrupted", error=f"rolled back to phase {phase}")
+        self.log(f"session {session_id} rolled back to phase {phase}; `forge resume {session_id}` continues")
+        return loaded
+
+    # -- queries ----------------------------------------------------------------------------------
+    def session_dir(self, session_id: str) -> Path:
+        return self.run_root / safe_name(session_id)
+
+    def completed(self, session_id: str) -> dict[int, dict]:
+        """The session's completed phases, minus those a rollback invalidated."""
+        completed = dict(self.registry.completed_phases(session_id))
+        for rollback in files.read_state(self.session_dir(session_id))["rollbacks"]:
+            for phase, ids in rollback["stale"].items():
+                if completed.get(int(phase), {}).get("model_ids") == ids:
+                    del completed[int(phase)]
+        return completed
+
+    def load_models(self, model_ids: list[str]) -> list[LoadedModel]:
+        """Registered models rebuilt from their checkpoints; a file whose sha256 differs from the
+        registry's record is refused (ChecksumError)."""
+        out = []
+        for model_id in model_ids:
+            record = self.registry.get_model(model_id)
+            if record is None:
+                raise PipelineError(f"model {model_id!r} is not in the registry")
+            state_dict, metadata = load_checkpoint(Path(record["path"]), expected_sha256=record["sha256"])
+            model = build_from_metadata(metadata)
+            model.load_state_dict(state_dict, strict=True)
+            out.append(LoadedModel(model.eval(), record, metadata))
+        return out
+
+    def _session(self, session_id: str) -> dict:
+        session = self.registry.get_session(session_id)
+        if session is None:
+            raise PipelineError(f"unknown session {session_id!r}; `forge status` lists sessions")
+        return session
+
+    def _find_source(self, phase: int, source_session: str | None) -> str:
+        """The session whose phase `phase - 1` models feed a run starting at `phase`."""
+        wanted = phase - 1
+        candidates = [source_session] if source_session else [s["id"] for s in self.registry.list_sessions()]
+        for session_id in candidates:
+            self._session(session_id)
+            if wanted in self.completed(session_id):
+                return session_id
+        where = f"session {source_session}" if source_session else "any session"
+        raise PipelineError(f"phase {phase} needs the models of phase {wanted}, but {where} has not "
+                            f"completed phase {wanted}; run it first (forge run --only {wanted})")
+
+    # -- the run loop -----------------------------------------------------------------------------
+    def _run(self, session_id: str) -> RunReport:
+        session = self._session(session_id)
+        plan = session["config"]["plan"]
+        session_dir = self.session_dir(session_id)
+        self._apply_hardware()
+        with files.SessionLock(session_dir):
+            self.registry.set_session_status(session_id, "running")
+            tracker = self.tracker_factory(session_dir, session_id, self.config.wandb.mode,
+                                           self.config.wandb.project)
+            try:
+                report = self._run_plan(session_id, plan, tracker)
+            except KeyboardInterrupt:
+                self.registry.set_session_status(session_id, "interrupted", error="interrupted by the user")
+                raise
+            except Exception as error:   # recorded, then re-raised with the reason for the CLI
+                self.registry.set_session_status(session_id, "failed", error=f"{type(error).__name__}: {error}")
+                raise PipelineError(f"session {session_id} failed: {error}") from error
+            finally:
+                tracker.close()
+        self.registry.set_session_status(session_id, "completed")
+        self.log(report.message)
+        return report
+
+    def _run_plan(self, session_id: str, plan: dict, tracker) -> RunReport:
+        phases = plan["phases"]
+        completed = self.completed(session_id)
+        for index, phase in enumerate(phases):
+            if phase in completed:
+                continue
+            controller_cls = load_controller_class(phase)
+            if controller_cls is None:
+                return self._stopped(session_id, phases, phase, completed)
+            inputs = self._inputs(session_id, phase, plan, completed)
+            if phase > 1:
+                self._check_handoff(session_id, phase - 1, phase, inputs)
+            ids, metrics = self._run_phase(session_id, phase, controller_cls, inputs, tracker)
+            completed[phase] = {"model_ids": ids, "metrics": metrics}
+            self.registry.update_session_progress(session_id, phase, 100.0 * (index + 1) / len(phases))
+        last = phases[-1]
+        return RunReport(session_id, "completed", sorted(completed), completed[last]["model_ids"],
+                         f"session {session_id}: completed phase{'s' if len(phases) > 1 else ''} "
+                         f"{phases[0]}..{last}; final models {', '.join(completed[last]['model_ids'])}")
+
+    def _stopped(self, session_id: str, phases: list[int], phase: int, completed: dict) -> RunReport:
+        done = [p for p in phases if p in completed]
+        final = completed[done[-1]]["model_ids"] if done else []
+        after = f"after phase {done[-1]} ({phase_name(done[-1])})" if done else "before running any phase"
+        message = (f"session {session_id}: phase {phase} ({phase_name(phase)}) is not implemented yet; "
+                   f"stopped {after}" + (f"; final models {', '.join(final)}" if final else ""))
+        return RunReport(session_id, "completed", done, final, message)
+
+    def _inputs(self, session_id: str, phase: int, plan: dict, completed: dict) -> list[LoadedModel]:
+        if phase == 1:
+            return []
+        if phase - 1 in completed:
+            return self.load_models(completed[phase - 1]["model_ids"])
+        source = plan.get("source_session")
+        if phase == plan["phases"][0] and source:
+            return self.load_models(self.completed(source)[phase - 1]["model_ids"])
+        raise PipelineError(f"phase {phase} has no inputs: phase {phase - 1} is not completed in session {session_id}")
+
+    def _check_handoff(self, session_id: str, source: int, target: int, inputs: list[LoadedModel]) -> None:
+        """Check the handoff rule and register the outcome once per set of models."""
+        ids = [item.model_id for item in inputs]
+        key = f"{source}->{target}"
+        session_dir = self.session_dir(session_id)
+        state = files.read_state(session_dir)
+        if state["handoffs"].get(key, {}).get("model_ids") == ids:
+            return
+        try:
+            metrics = check_handoff(HANDOFF_RULES[(source, target)], inputs, self.config)
+        except HandoffError as error:
+            self.registry.register_phase_handoff(session_id, source, target, ids, "failed", {"error": str(error)})
+            raise
+        handoff_id = self.registry.register_phase_handoff(session_id, source, target, ids, "passed", metrics)
+        state["handoffs"][key] = {"model_ids": ids, "handoff_id": handoff_id}
+        files.write_state(session_dir, state)
+
+    def _apply_hardware(self) -> None:
+        if self.config.hardware.threads:
+            torch.set_num_threads(self.config.hardware.threads)
+
+    # -- one phase ------------------------------------------------------------------------------
+    def _phase_dir(self, session_id: str, phase: int) -> Path:
+        """phaseN_name, or phaseN_name-rK after K rollbacks redid it (old files stay registered)."""
+        rollbacks = files.read_state(self.session_dir(session_id))["rollbacks"]
+        redone = sum(1 for r in rollbacks if str(phase) in r["stale"])
+        suffix = f"-r{redone}" if redone else ""
+        return self.session_dir(session_id) / f"phase{phase}_{phase_name(phase)}{suffix}"
+
+    def _run_phase(self, session_id: str, phase: int, controller_cls, inputs, tracker) -> tuple[list[str], dict]:
+        phase_dir = self._phase_dir(session_id, phase)
+        phase_dir.mkdir(parents=True, exist_ok=True)
+        manifest = files.read_json(phase_dir / files.MANIFEST)
+        if manifest is None:
+            self.log(f"phase {phase} ({phase_name(phase)}): running")
+            result = self._execute(session_id, phase, controller_cls, inputs, tracker, phase_dir)
+            manifest = self._save_outputs(phase, phase_dir, result, inputs)
+        else:
+            self.log(f"phase {phase} ({phase_name(phase)}): finishing from its saved manifest")
+        ids = self._register_outputs(session_id, phase, phase_dir, manifest, tracker)
+        self.registry.record_phase_result(session_id, phase, "completed", ids, manifest["metrics"],
+                                          manifest["duration_s"])
+        self.log(f"phase {phase} ({phase_name(phase)}): done in {manifest['duration_s']:.1f}s -> {', '.join(ids)}")
+        return ids, manifest["metrics"]
+
+    def _execute(self, session_id, phase, controller_cls, inputs, tracker, phase_dir) -> PhaseResult:
+        controller = controller_cls()
+        phase_config = self.config.phase(phase)
+        tracker.start_phase(phase, phase_name(phase), phase_config.model_dump(mode="json"))
+        started = time.perf_counter()
+        with _ProgressBar(phase, self.progress_bars) as progress:
+            ctx = PhaseContext(session_id, phase, self.config, phase_config, self.session_dir(session_id),
+                               phase_dir, self.registry, tracker, inputs, progress, self.config.seed,
+                               pick_device(self.config.hardware.device))
+            torch.manual_seed(self.config.seed + phase)
+            try:
+                controller.validate_input(ctx)
+                result = controller.execute(ctx)
+                controller.validate_output(result, ctx)
+            except Exception as error:
+                self.registry.record_phase_result(session_id, phase, "failed", [], {"error": str(error)},
+                                                  time.perf_counter() - started)
+                tracker.finish_phase()
+                raise
+        result.duration_s = result.duration_s or time.perf_counter() - started
+        tracker.log({f"phase{phase}/{k}": v for k, v in _flat(result.metrics).items()})
+        tracker.finish_phase()
+        return result
+
+    def _save_outputs(self, phase: int, phase_dir: Path, result: PhaseResult, inputs) -> dict:
+        """Save every model (step 2), then the manifest naming them (step 3)."""
+        entries = []
+        for output in result.models:
+            path = phase_dir / f"{safe_name(output.name)}.safetensors"
+            metadata = {**output.metadata, "parameter_count": sum(p.numel() for p in output.model.parameters()),
+                        "phase": phase, "phase_name": phase_name(phase), "name": output.name}
+            info = save_checkpoint(output.model.state_dict(), path, metadata)
+            entries.append({"name": output.name, "file": path.name, "sha256": info.sha256,
+                            "metadata": metadata, "metrics": output.metrics, "tags": list(output.tags)})
+        manifest = {"phase": phase, "models": entries, "metrics": result.metrics,
+                    "duration_s": result.duration_s, "parent_ids": [item.model_id for item in inputs]}
+        files.write_json(phase_dir / files.MANIFEST, manifest)
+        return manifest
+
+    def _register_outputs(self, session_id: str, phase: int, phase_dir: Path, manifest: dict, tracker) -> list[str]:
+        """Register the manifest's models (step 4); models registered before a crash are adopted."""
+        known = {(str(Path(r["path"]).resolve()), r["sha256"]): r["id"]
+                 for r in self.registry.list_models(session_id=session_id, phase=phase)}
+        ids = []
+        for entry in manifest["models"]:
+            path = phase_dir / entry["file"]
+            load_checkpoint(path, expected_sha256=entry["sha256"])   # refuses a file changed since saving
+            model_id = known.get((str(path.resolve()), entry["sha256"]))
+            if model_id is None:
+                model_id = self.registry.register_model(
+                    session_id, phase_name(phase), entry["name"], path, entry["metadata"], phase=phase,
+                    metrics=entry["metrics"], tags=entry["tags"], parent_ids=manifest["parent_ids"])
+                artifact = tracker.log_model_artifact(path, entry["name"], entry["metadata"])
+                if artifact is not None:
+                    self.registry.register_artifact(model_id, *artifact)
+            ids.append(model_id)
+        return ids
+
+
+def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested numeric metrics as one level of 'a/b' keys (what trackers log)."""
+    out = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+class _ProgressBar:
+    """ctx.progress for one phase: a tqdm bar (shown on a terminal) with the phase's latest message."""
+
+    def __init__(self, phase: int, enabled: bool | None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, desc=f"phase {phase} {phase_name(phase)}", unit="permille",
+                        disable=None if enabled is None else not enabled, leave=False)
+
+    def __enter__(self) -> Callable[[float, str], None]:
+        return self.update
+
+    def update(self, fraction: float, message: str = "") -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        self.bar.update(int(fraction * 1000) - self.bar.n)
+        if message:
+            self.bar.set_postfix_str(message, refresh=False)
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.close()

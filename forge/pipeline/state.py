@@ -1,0 +1,72 @@
+"""Small per-session files beside the registry: the phase manifest, the session state (rollbacks,
+registered handoffs) and the session lock.
+
+Why files: the registry has no idempotency keys, so the orchestrator writes down what it is about
+to register (the manifest, after every checkpoint is on disk) and matches it against the registry
+after a crash. Every file is written to a temporary name and moved into place (os.replace).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+MANIFEST = "phase_result.json"
+STATE = "session_state.json"
+LOCK = "session.lock"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); it was edited or damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_state(session_dir: Path) -> dict:
+    state = read_json(session_dir / STATE) or {}
+    state.setdefault("rollbacks", [])
+    state.setdefault("handoffs", {})
+    return state
+
+
+def write_state(session_dir: Path, state: dict) -> None:
+    write_json(session_dir / STATE, state)
+
+
+class SessionLock:
+    """An exclusive advisory lock on the session folder, so two processes never run one session.
+    The kernel drops it when its holder dies, even by SIGKILL."""
+
+    def __init__(self, session_dir: Path):
+        self.path = session_dir / LOCK
+        self.handle = None
+
+    def __enter__(self) -> "SessionLock":
+        self.handle = open(self.path, "a")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise RuntimeError(f"session folder {self.path.parent} is in use by another forge process") from None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
