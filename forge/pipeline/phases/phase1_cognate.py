@@ -60,7 +60,8 @@ class CognatePhase(PhaseController):
             ctx.tracker.log({f"{spec.name}/{k}": v for k, v in metrics.items() if isinstance(v, float)})
             meta = {"model_config": shape.to_dict(), "tokenizer": tokenizer.to_dict(),
                     "parameter_count": model.num_parameters(), "task_weights": as_dict(spec.task_weights),
-                    "seed": spec.seed, "loss_curve": log.losses[:: max(1, len(log.losses) // 100)],
+                    "seed": spec.seed, "specialization": _specialization(spec.task_weights),
+                    "final_loss": metrics["final_train_loss"], "loss_curve": log.losses[:: max(1, len(log.losses) // 100)],
                     "init_checkpoint": str(init_info.path), "init_sha256": init_info.sha256}
             outputs.append(ModelOutput(name=spec.name, model=model, metadata=meta, metrics=metrics))
             trained.append(model)
@@ -122,3 +123,10 @@ class CognatePhase(PhaseController):
                                    f"baseline by {margin:.3f}, less than the required {need}")
         if result.metrics["diversity_min_distance"] < 0.05 or result.metrics["diversity_disagreement"] <= 0.0:
             raise HandoffError(f"phase 1 models are not diverse: {result.metrics}")
+
+
+def _specialization(task_weights) -> str:
+    """The task(s) a model's data mix favours most, e.g. "addition" or "copy+reversal"."""
+    weights = as_dict(task_weights)
+    top = max(weights.values())
+    return "+".join(sorted(t for t, w in weights.items() if w == top))

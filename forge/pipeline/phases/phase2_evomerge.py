@@ -68,6 +68,7 @@ class EvoMergePhase(PhaseController):
         output = ModelOutput(name="champion", model=champion, metrics=metrics, metadata={
             "model_config": champion_shape.to_dict(), "tokenizer": tokenizer.to_dict(),
             "parameter_count": champion.num_parameters(), "task_weights": {t: 1.0 for t in tasks},
+            "fitness": float(result.champion.score), "merge_technique": result.champion.recipe.operator,
             "recipe": result.champion.recipe.to_dict(), "evolution": result.to_dict()})
         return PhaseResult(success=True, models=[output], metrics=metrics, duration_s=time.perf_counter() - started)
 
