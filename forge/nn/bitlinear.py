@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from forge.ops import pack_ternary, ste_act_int8, ste_ternary, ternary_linear, ternary_quant, unpack_ternary
-from forge.ops._validate import check_finite_number, check_positive_int
+from forge.ops._validate import check_finite_number, check_float_tensor, check_positive_int
 
 DEFAULT_SKIP = ("head", "lm_head", "output", "classifier", "embed")
 
@@ -40,9 +40,9 @@ class BitLinear(nn.Module):
         self.frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (..., in_features={self.in_features}); got {got}")
+        check_float_tensor("x", x)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., in_features={self.in_features}); got {tuple(x.shape)}")
         h = self.norm(x)
         if self.frozen:
             if torch.is_grad_enabled() and h.requires_grad:
