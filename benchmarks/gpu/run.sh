@@ -34,3 +34,7 @@ fi
 
 echo "== GPU benchmarks"
 timeout 300 python3 -m forge.bench --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
+
+echo "== BitNet GPU benchmarks (bf16)"
+timeout 300 python3 -m pytest "$REPO/benchmarks/test_bitnet.py" --benchmark-only -q -p no:cacheprovider \
+  --rootdir="$REPO" -o addopts="" 2>&1 | tail -30 | tee "$OUT/bench_bitnet.txt"

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cpu/bitnet.h"
 #include "cpu/grokfast.h"
 #include "cpu/symmetric.h"
 
@@ -18,5 +19,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lamb"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def("symmetrize_from_lower_f32", &forge::symmetrize_from_lower_f32, py::arg("data"), py::arg("batch"),
         py::arg("m"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("ternary_quant", &forge::ternary_quant_cpu, py::arg("w"), py::arg("dtype"), py::arg("groups"),
+        py::arg("group_size"), py::arg("eps"), py::arg("scale"), py::arg("out"), py::arg("dequantize"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("act_quant", &forge::act_quant_cpu, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
+        py::arg("eps"), py::arg("scale"), py::arg("out"), py::arg("out_stride"), py::arg("dequantize"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("pack_ternary", &forge::pack_ternary_cpu, py::arg("q"), py::arg("rows"), py::arg("cols"), py::arg("packed"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("unpack_ternary", &forge::unpack_ternary_cpu, py::arg("packed"), py::arg("rows"), py::arg("cols"),
+        py::arg("q"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("ternary_linear", &forge::ternary_linear_cpu, py::arg("x"), py::arg("dtype"), py::arg("m"), py::arg("k"),
+        py::arg("packed"), py::arg("n"), py::arg("scale"), py::arg("scale_stride"), py::arg("eps"), py::arg("y"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.attr("ABI_VERSION") = 1;
 }

@@ -10,6 +10,13 @@ void grokfast_ema_cuda(uintptr_t table, int n, int64_t chunks, int grad_dtype, i
                        float lamb, uintptr_t stream);
 void grokfast_ma_cuda(uintptr_t table, int n, int64_t chunks, int grad_dtype, int ring_dtype, int64_t slot,
                       float scale, float lamb, uintptr_t stream);
+int64_t ternary_block_values();
+void ternary_quant_cuda(uintptr_t w, int dtype, int64_t groups, int64_t group_size, float eps, uintptr_t scale,
+                        uintptr_t partial, uintptr_t out, bool dequantize, uintptr_t stream);
+void act_quant_cuda(uintptr_t x, int dtype, int64_t rows, int64_t cols, float eps, uintptr_t scale, uintptr_t out,
+                    int64_t out_stride, bool dequantize, uintptr_t stream);
+void ternary_linear_cuda(uintptr_t xq, uintptr_t xs, int64_t m, int64_t kb, uintptr_t packed, int64_t n,
+                         uintptr_t scale, int64_t scale_stride, int dtype, uintptr_t y, uintptr_t stream);
 }  // namespace forge
 
 namespace py = pybind11;
@@ -22,6 +29,16 @@ PYBIND11_MODULE(_cuda, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("grokfast_ma", &forge::grokfast_ma_cuda, py::arg("table"), py::arg("n"), py::arg("chunks"),
         py::arg("grad_dtype"), py::arg("ring_dtype"), py::arg("slot"), py::arg("scale"), py::arg("lamb"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("ternary_block_values", &forge::ternary_block_values);
+  m.def("ternary_quant", &forge::ternary_quant_cuda, py::arg("w"), py::arg("dtype"), py::arg("groups"),
+        py::arg("group_size"), py::arg("eps"), py::arg("scale"), py::arg("partial"), py::arg("out"),
+        py::arg("dequantize"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("act_quant", &forge::act_quant_cuda, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
+        py::arg("eps"), py::arg("scale"), py::arg("out"), py::arg("out_stride"), py::arg("dequantize"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("ternary_linear", &forge::ternary_linear_cuda, py::arg("xq"), py::arg("xs"), py::arg("m"), py::arg("kb"),
+        py::arg("packed"), py::arg("n"), py::arg("scale"), py::arg("scale_stride"), py::arg("dtype"), py::arg("y"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.attr("ABI_VERSION") = 1;
 }

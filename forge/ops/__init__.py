@@ -5,6 +5,15 @@ from forge.ops._dispatch import (
     backend_matrix_markdown,
     last_backend,
 )
+from forge.ops.bitnet import (
+    act_quant_int8,
+    pack_ternary,
+    ste_act_int8,
+    ste_ternary,
+    ternary_linear,
+    ternary_quant,
+    unpack_ternary,
+)
 from forge.ops.grokfast import grokfast_ema_, grokfast_ema_reference, grokfast_ma_, grokfast_ma_reference
 from forge.ops.newton_schulz import newton_schulz, newton_schulz_reference
 
@@ -19,4 +28,11 @@ __all__ = [
     "grokfast_ema_reference",
     "grokfast_ma_",
     "grokfast_ma_reference",
+    "act_quant_int8",
+    "pack_ternary",
+    "ste_act_int8",
+    "ste_ternary",
+    "ternary_linear",
+    "ternary_quant",
+    "unpack_ternary",
 ]

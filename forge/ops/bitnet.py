@@ -1,0 +1,489 @@
+"""BitNet b1.58 quantization (Ma et al. 2024, "The Era of 1-bit LLMs", arXiv 2402.17764, and its
+"Training Tips, Code and FAQ" note), straight-through gradients, 2-bit packing and the ternary matmul.
+
+Weights (absmean, per tensor or per output row):  scale = max(mean|W|, eps),  q = clamp(round(W / scale), -1, 1)
+Activations (absmax, per token = last dim):        s = max(max|x|, eps) / 127,  q = clamp(round(x / s), -127, 127)
+Dequantized values are q * scale. round is half-to-even (torch.round); every backend computes in float32,
+the weight mean accumulates in float64 (so backends agree up to values within an ulp of a rounding tie).
+
+STE (straight-through estimator, Bengio et al. 2013, as in the paper): `ste_ternary` / `ste_act_int8` return
+the dequantized values in the forward and pass the incoming gradient unchanged in the backward.
+
+Packing: 4 weights a byte, 2 bits each, code q + 1 in {0, 1, 2}, planar layout: with kb = ceil(in/4), weight
+k of a row is byte k % kb, bits 2 * (k // kb). Each quarter of a row is then a contiguous activation slice,
+so a kernel decodes a byte with shifts and masks against four contiguous int8 streams (no gather).
+"""
+from __future__ import annotations
+
+import torch
+
+from forge import _native
+from forge.ops import _dispatch
+from forge.ops._validate import check_finite_number, check_float_tensor, check_positive_int
+
+EPS = 1e-5  # the paper's code: clamp_(min=1e-5) on both scales
+
+
+# ---------------------------------------------------------------------------------------------
+# References (plain PyTorch; they define the ops)
+# ---------------------------------------------------------------------------------------------
+
+def _groups(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """w as (groups, group_size): one group per output row, or one for the whole tensor."""
+    return w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+
+
+def absmean_scale(abs_sums: torch.Tensor, count: int, eps: float) -> torch.Tensor:
+    """float32 max(sum|w| / count, eps) from float64-accumulated sums; NaN stays NaN."""
+    return (abs_sums.double() / count).float().clamp_min(eps)
+
+
+def ternary_quant_reference(w: torch.Tensor, per_channel: bool = False, eps: float = EPS):
+    """(q int8 of w's shape, scale float32: shape () or (rows,))."""
+    rows = _groups(w.float(), per_channel)
+    scale = absmean_scale(rows.abs().sum(dim=1, dtype=torch.float64), rows.shape[1], eps)
+    q = torch.round(rows / scale[:, None]).clamp(-1, 1).to(torch.int8).reshape(w.shape)
+    return q, (scale if per_channel else scale.reshape(()))
+
+
+def ste_ternary_reference(w: torch.Tensor, per_channel: bool = False, eps: float = EPS) -> torch.Tensor:
+    """The dequantized ternary weight q * scale, in w's dtype."""
+    q, scale = ternary_quant_reference(w, per_channel, eps)
+    return (_groups(q.float(), per_channel) * scale.reshape(-1, 1)).reshape(w.shape).to(w.dtype)
+
+
+def act_quant_int8_reference(x: torch.Tensor, eps: float = EPS):
+    """(q int8 of x's shape, scale float32 of shape x.shape[:-1]), per token over the last dim."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp_min(eps) / 127.0
+    return torch.round(xf / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def ste_act_int8_reference(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    q, scale = act_quant_int8_reference(x, eps)
+    return (q.float() * scale[..., None]).to(x.dtype)
+
+
+def pack_ternary_reference(q: torch.Tensor) -> torch.Tensor:
+    """int8 (rows, k) in {-1, 0, 1} -> uint8 (rows, ceil(k / 4)), planar layout (module docstring)."""
+    kb = (q.shape[1] + 3) // 4
+    codes = torch.ones(q.shape[0], 4 * kb, dtype=torch.uint8, device=q.device)  # padding: code 1 = weight 0
+    codes[:, :q.shape[1]] = (q + 1).to(torch.uint8)
+    codes = codes.view(q.shape[0], 4, kb)
+    return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+
+
+def unpack_ternary_reference(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 (rows, kb) -> int8 (rows, in_features); the exact inverse of pack_ternary."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    codes = (packed[:, None, :] >> shifts[None, :, None]) & 3
+    return (codes.reshape(packed.shape[0], -1)[:, :in_features].to(torch.int8) - 1)
+
+
+def ternary_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int,
+                             eps: float = EPS) -> torch.Tensor:
+    """y = x . W^T with x quantized per token: y = (sum_k q_x q_w) * s_x * scale (exact integer sums:
+    float32 holds them while 127 * in_features < 2**24)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = act_quant_int8_reference(x2, eps)
+    w = unpack_ternary_reference(packed, x.shape[-1]).float()
+    y = (xq.float() @ w.T) * xs[:, None] * scale.float().reshape(-1).expand(out_features)[None, :]
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend launchers. Signatures: ternary (w, per_channel, eps, dequantize) -> (out, scale per group);
+# act (x2d, eps, dequantize) -> (out, scale per row); pack (q2d); unpack (packed, in_features);
+# linear (x2d, packed, scale (1,) or (n,), eps) -> y2d.
+# ---------------------------------------------------------------------------------------------
+
+def _register(ops: tuple[str, ...], backend: str, needs_native: bool = True):
+    def wrap(fn):
+        for op in ops:
+            _dispatch.register(op, backend, needs_native)(fn)
+        return fn
+    return wrap
+
+
+TERNARY_OPS, ACT_OPS = ("ternary_quant", "ste_ternary"), ("act_quant_int8", "ste_act_int8")
+
+
+@_register(TERNARY_OPS, "torch")
+def _ternary_torch(w, per_channel, eps, dequantize):
+    if dequantize:
+        return ste_ternary_reference(w, per_channel, eps), None
+    q, scale = ternary_quant_reference(w, per_channel, eps)
+    return q, scale.reshape(-1)
+
+
+@_register(ACT_OPS, "torch")
+def _act_torch(x, eps, dequantize):
+    if dequantize:
+        return ste_act_int8_reference(x, eps), None
+    return act_quant_int8_reference(x, eps)
+
+
+@_register(("pack_ternary",), "torch")
+def _pack_torch(q):
+    return pack_ternary_reference(q)
+
+
+@_register(("unpack_ternary",), "torch")
+def _unpack_torch(packed, in_features):
+    return unpack_ternary_reference(packed, in_features)
+
+
+@_register(("ternary_linear",), "torch")
+def _linear_torch(x, packed, scale, eps):
+    return ternary_linear_reference(x, packed, scale, packed.shape[0], eps)
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+@_register(TERNARY_OPS, "cpu")
+def _ternary_cpu(w, per_channel, eps, dequantize):
+    w = w.contiguous()
+    groups = w.shape[0] if per_channel else 1
+    scale = torch.empty(groups, dtype=torch.float32)
+    out = torch.empty_like(w) if dequantize else torch.empty(w.shape, dtype=torch.int8)
+    _native.cpu_module().ternary_quant(w.data_ptr(), _native.dtype_code(w), groups, w.numel() // groups, eps,
+                                       scale.data_ptr(), out.data_ptr(), dequantize, _threads())
+    return out, scale
+
+
+@_register(ACT_OPS, "cpu")
+def _act_cpu(x, eps, dequantize):
+    x = x.contiguous()
+    scale = torch.empty(x.shape[0], dtype=torch.float32)
+    out = torch.empty_like(x) if dequantize else torch.empty(x.shape, dtype=torch.int8)
+    _native.cpu_module().act_quant(x.data_ptr(), _native.dtype_code(x), x.shape[0], x.shape[1], eps,
+                                   scale.data_ptr(), out.data_ptr(), x.shape[1], dequantize, _threads())
+    return out, scale
+
+
+@_register(("pack_ternary",), "cpu")
+def _pack_cpu(q):
+    q = q.contiguous()
+    packed = torch.empty(q.shape[0], (q.shape[1] + 3) // 4, dtype=torch.uint8)
+    _native.cpu_module().pack_ternary(q.data_ptr(), q.shape[0], q.shape[1], packed.data_ptr(), _threads())
+    return packed
+
+
+@_register(("unpack_ternary",), "cpu")
+def _unpack_cpu(packed, in_features):
+    packed = packed.contiguous()
+    q = torch.empty(packed.shape[0], in_features, dtype=torch.int8)
+    _native.cpu_module().unpack_ternary(packed.data_ptr(), packed.shape[0], in_features, q.data_ptr(), _threads())
+    return q
+
+
+@_register(("ternary_linear",), "cpu")
+def _linear_cpu(x, packed, scale, eps):
+    x, packed, scale = x.contiguous(), packed.contiguous(), scale.contiguous()
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype)
+    _native.cpu_module().ternary_linear(x.data_ptr(), _native.dtype_code(x), x.shape[0], x.shape[1],
+                                        packed.data_ptr(), packed.shape[0], scale.data_ptr(),
+                                        int(scale.numel() > 1), eps, y.data_ptr(), _threads())
+    return y
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@_register(TERNARY_OPS, "cuda")
+def _ternary_cuda(w, per_channel, eps, dequantize):
+    mod, w = _native.cuda_module(), w.contiguous()
+    groups = w.shape[0] if per_channel else 1
+    size = w.numel() // groups
+    partial = torch.empty(groups * -(-size // mod.ternary_block_values()), dtype=torch.float32, device=w.device)
+    scale = torch.empty(groups, dtype=torch.float32, device=w.device)
+    out = torch.empty_like(w) if dequantize else torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    mod.ternary_quant(w.data_ptr(), _native.dtype_code(w), groups, size, eps, scale.data_ptr(), partial.data_ptr(),
+                      out.data_ptr(), dequantize, _stream(w.device))
+    return out, scale
+
+
+def _act_cuda_into(x, eps, out, out_stride, dequantize):
+    scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    _native.cuda_module().act_quant(x.data_ptr(), _native.dtype_code(x), x.shape[0], x.shape[1], eps,
+                                    scale.data_ptr(), out.data_ptr(), out_stride, dequantize, _stream(x.device))
+    return out, scale
+
+
+@_register(ACT_OPS, "cuda")
+def _act_cuda(x, eps, dequantize):
+    x = x.contiguous()
+    out = torch.empty_like(x) if dequantize else torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    return _act_cuda_into(x, eps, out, x.shape[1], dequantize)
+
+
+@_register(("ternary_linear",), "cuda")
+def _linear_cuda(x, packed, scale, eps):
+    x, packed, scale = x.contiguous(), packed.contiguous(), scale.contiguous()
+    kb = packed.shape[1]
+    xq = torch.zeros(x.shape[0], 4 * kb, dtype=torch.int8, device=x.device)
+    _, xs = _act_cuda_into(x, eps, xq, 4 * kb, False)
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
+    _native.cuda_module().ternary_linear(xq.data_ptr(), xs.data_ptr(), x.shape[0], kb, packed.data_ptr(),
+                                         packed.shape[0], scale.data_ptr(), int(scale.numel() > 1),
+                                         _native.dtype_code(x), y.data_ptr(), _stream(x.device))
+    return y
+
+
+@_register(TERNARY_OPS, "triton")
+def _ternary_triton(w, per_channel, eps, dequantize):
+    from forge.kernels.bitnet import ternary_quant_triton
+
+    return ternary_quant_triton(w.contiguous(), per_channel, eps, dequantize)
+
+
+@_register(ACT_OPS, "triton")
+def _act_triton(x, eps, dequantize):
+    from forge.kernels.bitnet import act_quant_triton
+
+    return act_quant_triton(x.contiguous(), eps, dequantize)
+
+
+@_register(("ternary_linear",), "triton")
+def _linear_triton(x, packed, scale, eps):
+    from forge.kernels.bitnet import ternary_linear_triton
+
+    return ternary_linear_triton(x.contiguous(), packed.contiguous(), scale.contiguous(), eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+
+def _check_quant_input(name: str, t, eps) -> float:
+    check_float_tensor(name, t)
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); expected at least one value")
+    return check_finite_number("eps", eps, low=0.0, low_open=True)
+
+
+def _check_weight(w, per_channel, eps) -> float:
+    eps = _check_quant_input("w", w, eps)
+    if not isinstance(per_channel, bool):
+        raise TypeError(f"per_channel must be a bool, got {type(per_channel).__name__}")
+    if per_channel and w.dim() < 2:
+        raise ValueError(f"per_channel=True needs w with at least 2 dims (out_features, ...); got shape {tuple(w.shape)}")
+    return eps
+
+
+def _check_activation(x, eps) -> float:
+    eps = _check_quant_input("x", x, eps)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dim (..., features); got a 0-dim tensor")
+    return eps
+
+
+def _check_packed(packed, in_features: int, out_features: int | None = None) -> None:
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+        got = f"{packed.dtype} {tuple(packed.shape)}" if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise TypeError(f"packed must be a 2-dim uint8 tensor (from pack_ternary); got {got}")
+    if packed.shape[1] != (in_features + 3) // 4:
+        raise ValueError(f"packed has {packed.shape[1]} bytes a row; in_features={in_features} needs "
+                         f"ceil({in_features} / 4) = {(in_features + 3) // 4}")
+    if out_features is not None and packed.shape[0] != out_features:
+        raise ValueError(f"out_features={out_features} but packed has {packed.shape[0]} rows")
+
+
+def _check_linear(x, packed, scale, out_features, eps) -> float:
+    eps = _check_activation(x, eps)
+    check_positive_int("out_features", out_features)
+    _check_packed(packed, x.shape[-1], out_features)
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+        raise TypeError(f"scale must be a float32 tensor (from ternary_quant); got {getattr(scale, 'dtype', type(scale).__name__)}")
+    if scale.numel() not in (1, out_features):
+        raise ValueError(f"scale must hold 1 or out_features={out_features} values; got shape {tuple(scale.shape)}")
+    for name, t in (("packed", packed), ("scale", scale)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return eps
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops (what torch.compile sees); eager calls skip the wrapper and run the same code
+# ---------------------------------------------------------------------------------------------
+
+def _run_ternary(w, per_channel, eps, dequantize, backend):
+    op = "ste_ternary" if dequantize else "ternary_quant"
+    out, scale = _dispatch.resolve(op, w.device, backend)(w, per_channel, eps, dequantize)
+    return out, scale
+
+
+def _run_act(x, eps, dequantize, backend):
+    op = "ste_act_int8" if dequantize else "act_quant_int8"
+    out, scale = _dispatch.resolve(op, x.device, backend)(x.reshape(-1, x.shape[-1]), eps, dequantize)
+    return out.reshape(x.shape), (None if scale is None else scale.reshape(x.shape[:-1]))
+
+
+@torch.library.custom_op("forge::ternary_quant", mutates_args=())
+def _ternary_quant_op(w: torch.Tensor, per_channel: bool, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = _run_ternary(w, per_channel, eps, False, backend)
+    return q.contiguous(), scale.reshape(-1).clone()
+
+
+@_ternary_quant_op.register_fake
+def _(w, per_channel, eps, backend):
+    return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.shape[0] if per_channel else 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("forge::act_quant_int8", mutates_args=())
+def _act_quant_op(x: torch.Tensor, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = _run_act(x, eps, False, backend)
+    return q.contiguous(), scale.contiguous()
+
+
+@_act_quant_op.register_fake
+def _(x, eps, backend):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("forge::ste_ternary", mutates_args=())
+def _ste_ternary_op(w: torch.Tensor, per_channel: bool, eps: float, backend: str) -> torch.Tensor:
+    return _run_ternary(w, per_channel, eps, True, backend)[0].contiguous()
+
+
+@torch.library.custom_op("forge::ste_act_int8", mutates_args=())
+def _ste_act_op(x: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    return _run_act(x, eps, True, backend)[0].contiguous()
+
+
+@_ste_ternary_op.register_fake
+def _(w, per_channel, eps, backend):
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+@_ste_act_op.register_fake
+def _(x, eps, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _identity_backward(ctx, grad):
+    """Straight-through: the gradient with respect to the latent input is the incoming gradient."""
+    return (grad,) + (None,) * ctx.n_extra
+
+
+def _setup_ste(n_extra):
+    def setup(ctx, inputs, output):
+        ctx.n_extra = n_extra
+    return setup
+
+
+_ste_ternary_op.register_autograd(_identity_backward, setup_context=_setup_ste(3))
+_ste_act_op.register_autograd(_identity_backward, setup_context=_setup_ste(2))
+
+
+@torch.library.custom_op("forge::ternary_linear", mutates_args=())
+def _ternary_linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int, eps: float,
+                       backend: str) -> torch.Tensor:
+    return _linear_dispatch(x, packed, scale, out_features, eps, backend)
+
+
+@_ternary_linear_op.register_fake
+def _(x, packed, scale, out_features, eps, backend):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _linear_dispatch(x, packed, scale, out_features, eps, backend):
+    fn = _dispatch.resolve("ternary_linear", x.device, backend)
+    y = fn(x.reshape(-1, x.shape[-1]), packed, scale.reshape(-1), eps)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Eager STE: forward(x) = quantize-dequantize(x) by the dispatched kernel, backward = identity."""
+
+    @staticmethod
+    def forward(ctx, x, run):
+        return run(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def ternary_quant(w: torch.Tensor, per_channel: bool = False, eps: float = EPS, backend: str = "auto"):
+    """Absmean ternary quantization: (q int8 in {-1, 0, 1} of w's shape, scale float32).
+
+    scale = max(mean|w|, eps) over the whole tensor (shape ()) or, with per_channel, over each output
+    row w[i] (shape (w.shape[0],)); q = clamp(round(w / scale), -1, 1); w ~ q * scale.
+    NaN anywhere in a group makes its scale NaN (q is then meaningless), so the NaN reaches q * scale.
+    """
+    eps = _check_weight(w, per_channel, eps)
+    if torch.compiler.is_compiling():
+        q, scale = _ternary_quant_op(w, per_channel, eps, backend)
+    else:
+        q, scale = _run_ternary(w, per_channel, eps, False, backend)
+    return q.reshape(w.shape), (scale.reshape(-1) if per_channel else scale.reshape(()))
+
+
+def act_quant_int8(x: torch.Tensor, eps: float = EPS, backend: str = "auto"):
+    """Per-token absmax int8 quantization over the last dim: (q int8 of x's shape, scale float32 x.shape[:-1]).
+
+    scale = max(max|x|, eps) / 127, q = clamp(round(x / scale), -127, 127); x ~ q * scale.
+    """
+    eps = _check_activation(x, eps)
+    if torch.compiler.is_compiling():
+        return _act_quant_op(x, eps, backend)
+    return _run_act(x, eps, False, backend)
+
+
+def ste_ternary(w: torch.Tensor, per_channel: bool = False, eps: float = EPS, backend: str = "auto") -> torch.Tensor:
+    """q * scale of `ternary_quant` in w's dtype, with the identity gradient (straight-through) to w."""
+    eps = _check_weight(w, per_channel, eps)
+    if torch.compiler.is_compiling():
+        return _ste_ternary_op(w, per_channel, eps, backend)
+    return _StraightThrough.apply(w, lambda t: _run_ternary(t, per_channel, eps, True, backend)[0])
+
+
+def ste_act_int8(x: torch.Tensor, eps: float = EPS, backend: str = "auto") -> torch.Tensor:
+    """q * scale of `act_quant_int8` in x's dtype, with the identity gradient (straight-through) to x."""
+    eps = _check_activation(x, eps)
+    if torch.compiler.is_compiling():
+        return _ste_act_op(x, eps, backend)
+    return _StraightThrough.apply(x, lambda t: _run_act(t, eps, True, backend)[0])
+
+
+def pack_ternary(q: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """int8 (out_features, in_features) in {-1, 0, 1} -> uint8 (out_features, ceil(in_features / 4))."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
+        raise TypeError(f"q must be an int8 tensor (from ternary_quant); got {getattr(q, 'dtype', type(q).__name__)}")
+    if q.dim() != 2 or q.numel() == 0:
+        raise ValueError(f"q must be 2-dim (out_features, in_features) and non-empty; got shape {tuple(q.shape)}")
+    if bool((q.abs() > 1).any()):
+        raise ValueError("q must hold only -1, 0 and 1")
+    if torch.compiler.is_compiling():
+        return pack_ternary_reference(q)
+    return _dispatch.resolve("pack_ternary", q.device, backend)(q)
+
+
+def unpack_ternary(packed: torch.Tensor, in_features: int, backend: str = "auto") -> torch.Tensor:
+    """The exact inverse of `pack_ternary`: uint8 (rows, ceil(in_features / 4)) -> int8 (rows, in_features)."""
+    check_positive_int("in_features", in_features)
+    _check_packed(packed, in_features)
+    if torch.compiler.is_compiling():
+        return unpack_ternary_reference(packed, in_features)
+    return _dispatch.resolve("unpack_ternary", packed.device, backend)(packed, in_features)
+
+
+def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int, eps: float = EPS,
+                   backend: str = "auto") -> torch.Tensor:
+    """y = x . W^T (..., out_features) from packed ternary W without unpacking it to floats: x is quantized
+    per token to int8 (`act_quant_int8`), dot products accumulate in int32 from the decoded 2-bit codes,
+    y = acc * s_x * scale. scale: float32 with 1 value (per tensor) or out_features values (per row).
+    Inference only (no gradient); y has x's dtype.
+    """
+    eps = _check_linear(x, packed, scale, out_features, eps)
+    if torch.compiler.is_compiling():
+        return _ternary_linear_op(x, packed, scale, out_features, eps, backend)
+    return _linear_dispatch(x, packed, scale, out_features, eps, backend)
