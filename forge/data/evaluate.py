@@ -39,7 +39,9 @@ def _logits(model: Callable, tokens: torch.Tensor, vocab_size: int) -> torch.Ten
 def _answer_loss_sum(model, examples, tokenizer, max_len, device) -> tuple[float, int]:
     """Summed cross-entropy over answer tokens + <eos> (teacher forcing), and their count."""
     batch = encode_batch(examples, tokenizer, max_len).to(device)
-    logits = _logits(model, batch.tokens, tokenizer.vocab_size).float()
+    logits = _logits(model, batch.tokens, tokenizer.vocab_size)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
     return loss.item(), int((batch.targets != IGNORE_INDEX).sum())
