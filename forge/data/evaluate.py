@@ -36,15 +36,24 @@ def _logits(model: Callable, tokens: torch.Tensor, vocab_size: int) -> torch.Ten
     return out
 
 
-def _answer_loss_sum(model, examples, tokenizer, max_len, device) -> tuple[float, int]:
-    """Summed cross-entropy over answer tokens + <eos> (teacher forcing), and their count."""
+def _score_batch(model, examples, tokenizer, max_len, device) -> tuple[float, int, list[bool]]:
+    """One teacher-forced pass: summed answer-token cross-entropy, its token count, and per
+    example whether greedy decoding reproduces the answer and then <eos> exactly.
+
+    Greedy decoding matches the answer iff the argmax at every answer position (and at the last
+    one, <eos>) equals the target under teacher forcing: while the decoded prefix equals the
+    answer's prefix, the model sees exactly the teacher-forced input. So one forward pass gives
+    the exact-match result of full greedy decoding (`greedy_answers`, which the tests compare).
+    """
     batch = encode_batch(examples, tokenizer, max_len).to(device)
     logits = _logits(model, batch.tokens, tokenizer.vocab_size)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
-    return loss.item(), int((batch.targets != IGNORE_INDEX).sum())
+    answer = batch.targets != IGNORE_INDEX
+    exact = ((logits.argmax(-1) == batch.targets) | ~answer).all(dim=1)
+    return loss.item(), int(answer.sum()), exact.tolist()
 
 
 def greedy_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int,
@@ -54,7 +63,8 @@ def greedy_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer,
     Each row decodes at most len(answer) + 1 tokens (enough to tell an exact match, which needs
     <eos> right after the answer) and never past max_len. Rows are right-padded; the logits at a
     row's last real position do not see the padding because the model is causal. The whole
-    batch is re-run for every new token (no cache): simple, and cheap at this size.
+    batch is re-run for every new token (no cache). `evaluate` gets the same exact-match result
+    from one pass; this function shows what the model actually says.
     """
     device = _model_device(model) if device is None else device
     seqs = [prompt_ids(ex, tokenizer) for ex in examples]
@@ -86,7 +96,8 @@ def evaluate(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_l
              batch_size: int = 256) -> dict:
     """{"accuracy", "loss", "perplexity", "per_task_accuracy", "n"} over `examples`.
 
-    accuracy: greedy-decoded answer ids equal the answer's ids and are followed by <eos>.
+    accuracy: greedy-decoded answer ids equal the answer's ids and are followed by <eos>
+    (computed from one teacher-forced pass, which is exact; see `_score_batch`).
     loss: mean cross-entropy per answer token (+ <eos>) under teacher forcing; perplexity = exp(loss).
     """
     check_positive_int("batch_size", batch_size)
@@ -109,11 +120,11 @@ def _evaluate(model, examples, tokenizer, max_len, batch_size) -> dict:
     right, seen = Counter(), Counter()
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo : lo + batch_size]
-        s, c = _answer_loss_sum(model, chunk, tokenizer, max_len, device)
+        s, c, exact = _score_batch(model, chunk, tokenizer, max_len, device)
         loss_sum, count = loss_sum + s, count + c
-        for ex, ids in zip(chunk, greedy_answers(model, chunk, tokenizer, max_len, device)):
+        for ex, ok in zip(chunk, exact):
             seen[ex.task] += 1
-            right[ex.task] += ids == tokenizer.encode(ex.answer)
+            right[ex.task] += ok
     loss = loss_sum / count
     return {
         "accuracy": sum(right.values()) / len(examples),

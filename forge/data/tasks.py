@@ -27,12 +27,17 @@ class Example:
     answer: str
 
 
-def _check_range(name: str, low: int, high: int, minimum: int) -> None:
-    for field, v in ((f"{name} low", low), (f"{name} high", high)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise ValueError(f"Invalid {field}: {v!r}; expected an integer >= {minimum}")
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= {minimum}")
+    return value
+
+
+def _check_range(low_name: str, low, high_name: str, high, minimum: int) -> None:
+    _check_int(low_name, low, minimum)
+    _check_int(high_name, high, minimum)
     if low > high:
-        raise ValueError(f"Invalid {name}: low {low} > high {high}")
+        raise ValueError(f"Invalid {low_name}/{high_name}: {low} > {high}")
 
 
 def _number(rng: random.Random, min_digits: int, max_digits: int) -> int:
@@ -57,7 +62,7 @@ class ModularTask(Task):
     name = "modular"
 
     def __init__(self, modulus: int = 97, ops: str = "+-*"):
-        _check_range("modulus", modulus, modulus, 2)
+        _check_int("modulus", modulus, 2)
         if not ops or set(ops) - set("+-*"):
             raise ValueError(f"Invalid ops: {ops!r}; expected a non-empty subset of '+-*'")
         self.modulus, self.ops = modulus, ops
@@ -75,7 +80,7 @@ class AdditionTask(Task):
     name = "addition"
 
     def __init__(self, min_digits: int = 1, max_digits: int = 3):
-        _check_range("digits", min_digits, max_digits, 1)
+        _check_range("min_digits", min_digits, "max_digits", max_digits, 1)
         self.min_digits, self.max_digits = min_digits, max_digits
 
     def sample(self, rng):
@@ -89,7 +94,7 @@ class MultiplicationTask(Task):
     name = "multiplication"
 
     def __init__(self, min_digits: int = 1, max_digits: int = 2):
-        _check_range("digits", min_digits, max_digits, 1)
+        _check_range("min_digits", min_digits, "max_digits", max_digits, 1)
         self.min_digits, self.max_digits = min_digits, max_digits
 
     def sample(self, rng):
@@ -103,7 +108,7 @@ class _StringTask(Task):
     prefix = ""
 
     def __init__(self, min_len: int = 3, max_len: int = 8, alphabet: str = "0123456789abcdefghijklmnopqrstuvwxyz"):
-        _check_range("length", min_len, max_len, 1)
+        _check_range("min_len", min_len, "max_len", max_len, 1)
         if not alphabet or not set(alphabet) <= set("0123456789abcdefghijklmnopqrstuvwxyz"):
             raise ValueError(f"Invalid alphabet: {alphabet!r}; expected digits and lowercase letters")
         self.min_len, self.max_len, self.alphabet = min_len, max_len, alphabet
@@ -154,7 +159,7 @@ class WordProblemTask(Task):
     NAMES = ("tom", "ann", "bob", "sue", "max", "eva", "sam", "kim")
 
     def __init__(self, max_value: int = 20):
-        _check_range("max_value", max_value, max_value, 2)
+        _check_int("max_value", max_value, 2)
         self.max_value = max_value
 
     def sample(self, rng):

@@ -166,3 +166,28 @@ def test_trivial_baseline():
     assert result["accuracy"] == pytest.approx(2 / 5) and result["strategy"] == "copy_prompt"
     with pytest.raises(ValueError):
         trivial_baseline([], evals)
+
+
+class NoisyLookup(LookupModel):
+    """LookupModel plus noise that is a fixed function of the prefix: right on some examples,
+    wrong at various positions on others, so exact-match is non-trivial."""
+
+    def forward(self, tokens):
+        out = super().forward(tokens)
+        for b, row in enumerate(tokens.tolist()):
+            for t in range(len(row)):
+                g = torch.Generator().manual_seed(hash(tuple(row[: t + 1])) % 2**31)
+                out[b, t] += 12.0 * torch.rand(self.tok.vocab_size, generator=g)
+        return out
+
+
+def test_accuracy_equals_explicit_greedy_decoding(tok, examples):
+    model = NoisyLookup(examples, tok, scale=10.0)
+    decoded = greedy_answers(model, examples, tok, MAX_LEN)
+    right = [ids == tok.encode(e.answer) for e, ids in zip(examples, decoded)]
+    assert 0.2 < sum(right) / len(right) < 0.8    # the check below means something
+    result = evaluate(model, examples, tok, MAX_LEN, batch_size=32)
+    assert result["accuracy"] == pytest.approx(sum(right) / len(right))
+    for name in TASKS:
+        subset = [r for e, r in zip(examples, right) if e.task == name]
+        assert result["per_task_accuracy"][name] == pytest.approx(sum(subset) / len(subset))

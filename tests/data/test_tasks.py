@@ -115,5 +115,9 @@ def test_too_small_prompt_space_is_reported():
     missing = next(s for s in ("train", "val", "test") if s not in splits)
     with pytest.raises(ValueError, match="prompt space is too small"):
         make_examples({"modular": 1}, 1, missing, seed=0, tasks=tiny)
-    with pytest.raises(ValueError, match="Invalid modulus"):
+    with pytest.raises(ValueError, match="Invalid modulus: 1"):
         ModularTask(modulus=1)
+    with pytest.raises(ValueError, match="Invalid min_digits/max_digits: 3 > 2"):
+        AdditionTask(min_digits=3, max_digits=2)
+    with pytest.raises(ValueError, match="Invalid max_len: 0"):
+        SortingTask(min_len=1, max_len=0)
