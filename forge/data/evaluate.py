@@ -1,0 +1,161 @@
+"""Held-out evaluation: exact-match accuracy of greedy answers, answer-token loss and perplexity.
+
+`model` is any callable mapping a LongTensor [B, T] of token ids to logits [B, T, V] (V at least
+the tokenizer's vocabulary); an nn.Module is put in eval mode for the call and restored after.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from forge.data.batching import IGNORE_INDEX, encode_batch, prompt_ids
+from forge.data.tasks import Example
+from forge.data.tokenizer import CharTokenizer
+from forge.ops._validate import check_positive_int
+
+
+def _model_device(model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        param = next(iter(model.parameters()), None)
+        if param is not None:
+            return param.device
+    return torch.device("cpu")
+
+
+def _logits(model: Callable, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    out = model(tokens)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model must return a logits tensor [B, T, V], got {type(out).__name__}")
+    if out.dim() != 3 or out.shape[:2] != tokens.shape or out.shape[2] < vocab_size:
+        raise ValueError(f"model returned logits of shape {tuple(out.shape)}; expected "
+                         f"({tokens.shape[0]}, {tokens.shape[1]}, >= {vocab_size})")
+    return out
+
+
+def _score_batch(model, examples, tokenizer, max_len, device) -> tuple[float, int, list[bool]]:
+    """One teacher-forced pass: summed answer-token cross-entropy, its token count, and per
+    example whether greedy decoding reproduces the answer and then <eos> exactly.
+
+    Greedy decoding matches the answer iff the argmax at every answer position (and at the last
+    one, <eos>) equals the target under teacher forcing: while the decoded prefix equals the
+    answer's prefix, the model sees exactly the teacher-forced input. So one forward pass gives
+    the exact-match result of full greedy decoding (`greedy_answers`, which the tests compare).
+    """
+    batch = encode_batch(examples, tokenizer, max_len).to(device)
+    logits = _logits(model, batch.tokens, tokenizer.vocab_size)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    answer = batch.targets != IGNORE_INDEX
+    exact = ((logits.argmax(-1) == batch.targets) | ~answer).all(dim=1)
+    return loss.item(), int(answer.sum()), exact.tolist()
+
+
+def greedy_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int,
+                   device=None) -> list[list[int]]:
+    """Greedy continuation of `<bos> prompt <sep>` for each example, as ids up to (without) <eos>.
+
+    Each row decodes at most len(answer) + 1 tokens (enough to tell an exact match, which needs
+    <eos> right after the answer) and never past max_len. Rows are right-padded; the logits at a
+    row's last real position do not see the padding because the model is causal. The whole
+    batch is re-run for every new token (no cache). `evaluate` gets the same exact-match result
+    from one pass; this function shows what the model actually says.
+    """
+    device = _model_device(model) if device is None else device
+    seqs = [prompt_ids(ex, tokenizer) for ex in examples]
+    starts = [len(s) for s in seqs]
+    budgets = [min(len(tokenizer.encode(ex.answer)) + 1, max_len - len(s)) for ex, s in zip(examples, seqs)]
+    done = [b <= 0 for b in budgets]
+    while not all(done):
+        width = max(len(s) for s in seqs)
+        tokens = torch.full((len(seqs), width), tokenizer.pad_id, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            tokens[b, : len(s)] = torch.tensor(s)
+        logits = _logits(model, tokens.to(device), tokenizer.vocab_size)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
+        next_ids = logits[torch.arange(len(seqs), device=logits.device), last].argmax(-1).tolist()
+        for b, tok in enumerate(next_ids):
+            if done[b]:
+                continue
+            seqs[b].append(tok)
+            done[b] = tok == tokenizer.eos_id or len(seqs[b]) - starts[b] >= budgets[b]
+    return [_until_eos(s[start:], tokenizer.eos_id) for s, start in zip(seqs, starts)]
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+    """ids before the first <eos>; without one, all ids plus a marker so they never match."""
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids + [-1]
+
+
+def evaluate(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int,
+             batch_size: int = 256) -> dict:
+    """{"accuracy", "loss", "perplexity", "per_task_accuracy", "n"} over `examples`.
+
+    accuracy: greedy-decoded answer ids equal the answer's ids and are followed by <eos>
+    (computed from one teacher-forced pass, which is exact; see `_score_batch`).
+    loss: mean cross-entropy per answer token (+ <eos>) under teacher forcing; perplexity = exp(loss).
+    """
+    check_positive_int("batch_size", batch_size)
+    if len(examples) == 0:
+        raise ValueError("examples is empty; expected at least one Example")
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad():
+            return _evaluate(model, examples, tokenizer, max_len, batch_size)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _evaluate(model, examples, tokenizer, max_len, batch_size) -> dict:
+    device = _model_device(model)
+    loss_sum, count = 0.0, 0
+    right, seen = Counter(), Counter()
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo : lo + batch_size]
+        s, c, exact = _score_batch(model, chunk, tokenizer, max_len, device)
+        loss_sum, count = loss_sum + s, count + c
+        for ex, ok in zip(chunk, exact):
+            seen[ex.task] += 1
+            right[ex.task] += ok
+    loss = loss_sum / count
+    return {
+        "accuracy": sum(right.values()) / len(examples),
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,
+        "per_task_accuracy": {t: right[t] / seen[t] for t in sorted(seen)},
+        "n": len(examples),
+    }
+
+
+def _payload(prompt: str) -> str:
+    return prompt.rsplit(":", 1)[-1]
+
+
+def trivial_baseline(train_examples: Sequence[Example], eval_examples: Sequence[Example]) -> dict:
+    """Accuracy of answers that need no model, to measure a trained model's margin against.
+
+    Strategies: "most_frequent_answer" (per task, the commonest training answer; catches a model
+    collapsed to one output) and "copy_prompt" (echo the prompt's text after its last ':', or the
+    whole prompt; catches a model that only copies). "accuracy" is the better of the two.
+    """
+    if len(train_examples) == 0 or len(eval_examples) == 0:
+        raise ValueError("train_examples and eval_examples must both be non-empty")
+    answers = defaultdict(Counter)
+    for ex in train_examples:
+        answers[ex.task][ex.answer] += 1
+    commonest = {task: counts.most_common(1)[0][0] for task, counts in answers.items()}
+    scores = {
+        "most_frequent_answer": sum(commonest.get(ex.task) == ex.answer for ex in eval_examples),
+        "copy_prompt": sum(_payload(ex.prompt) == ex.answer for ex in eval_examples),
+    }
+    scores = {k: v / len(eval_examples) for k, v in scores.items()}
+    best = max(scores, key=scores.get)
+    return {"accuracy": scores[best], "strategy": best, **scores}

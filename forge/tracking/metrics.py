@@ -1,0 +1,165 @@
+"""The metric catalogue (one place for every phase's metric names and directions) and a tracker
+that flags metrics getting worse from one phase to the next.
+
+The seed's continuity tracker flagged any drop of more than 10 % as a degradation, which is the
+wrong way round for perplexity, size and latency; here every metric carries its direction.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple
+
+log = logging.getLogger(__name__)
+
+PHASE_NAMES = {1: "cognate", 2: "evomerge", 3: "quietstar", 4: "bitnet", 5: "curriculum",
+               6: "baking", 7: "experts", 8: "compression"}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    higher_is_better: bool
+    description: str
+
+
+def _specs(*rows: tuple[str, bool, str]) -> dict[str, MetricSpec]:
+    return {name: MetricSpec(name, higher, text) for name, higher, text in rows}
+
+
+_HIGHER, _LOWER = True, False
+# shared by several phases, so continuity can compare them across the pipeline
+_QUALITY = (
+    ("val_loss", _LOWER, "mean answer-token cross-entropy on held-out data"),
+    ("val_accuracy", _HIGHER, "exact-match accuracy of greedy answers on held-out data"),
+    ("val_perplexity", _LOWER, "exp(val_loss)"),
+)
+_SIZE = (
+    ("model_size_mb", _LOWER, "size of the saved model file in MiB"),
+    ("latency_ms", _LOWER, "time to answer one batch of evaluation prompts, milliseconds"),
+)
+
+METRIC_CATALOGUE: dict[int, dict[str, MetricSpec]] = {
+    1: _specs(*_QUALITY, ("train_loss", _LOWER, "training loss (answer tokens) at the logged step"),
+              ("baseline_accuracy", _HIGHER, "accuracy of the trivial baseline on the same data"),
+              ("margin_over_baseline", _HIGHER, "val_accuracy minus baseline_accuracy"),
+              ("diversity", _HIGHER, "mean pairwise disagreement between the three models"),
+              ("grad_norm", _LOWER, "global gradient norm (spikes show instability)")),
+    2: _specs(*_QUALITY, *_SIZE, ("fitness", _HIGHER, "weighted fitness of a merged candidate"),
+              ("best_fitness", _HIGHER, "best fitness in the generation"),
+              ("mean_fitness", _HIGHER, "mean fitness of the generation"),
+              ("champion_fitness", _HIGHER, "fitness of the final champion"),
+              ("fitness_gain", _HIGHER, "champion fitness over the best input model's, relative"),
+              ("diversity", _HIGHER, "population diversity (mean pairwise parameter distance)"),
+              ("tokens_per_second", _HIGHER, "evaluation throughput"),
+              ("memory_mb", _LOWER, "peak memory of an evaluation, MiB")),
+    3: _specs(*_QUALITY, ("train_loss", _LOWER, "training loss of the thought-augmented model"),
+              ("thought_validity", _HIGHER, "fraction of generated thoughts that are well formed"),
+              ("accuracy_gain", _HIGHER, "accuracy with thoughts minus accuracy without"),
+              ("kl_divergence", _LOWER, "KL between the baked model and the student"),
+              ("reward", _HIGHER, "mean RL reward")),
+    4: _specs(*_QUALITY, *_SIZE, ("compression_ratio", _HIGHER, "original size / compressed size"),
+              ("accuracy_retention", _HIGHER, "accuracy after / accuracy before quantization"),
+              ("perplexity_degradation", _LOWER, "perplexity after / before, minus 1"),
+              ("sparsity_ratio", _HIGHER, "fraction of ternary weights that are zero")),
+    5: _specs(*_QUALITY, ("train_loss", _LOWER, "curriculum training loss"),
+              ("levels_completed", _HIGHER, "curriculum levels passed"),
+              ("level_accuracy", _HIGHER, "accuracy on the current level")),
+    6: _specs(*_QUALITY, ("baking_loss", _LOWER, "KL baking loss (prompted teacher vs student)"),
+              ("tool_success_rate", _HIGHER, "fraction of tool tasks solved"),
+              ("persona_consistency", _HIGHER, "agreement of answers with the baked persona")),
+    7: _specs(*_QUALITY, *_SIZE, ("num_experts", _HIGHER, "experts discovered"),
+              ("expert_accuracy", _HIGHER, "mean accuracy of the experts on their own tasks"),
+              ("routing_accuracy", _HIGHER, "fraction of prompts routed to the right expert")),
+    8: _specs(*_QUALITY, *_SIZE, ("compression_ratio", _HIGHER, "original size / final size"),
+              ("accuracy_retention", _HIGHER, "final accuracy / accuracy before compression")),
+}
+
+
+def lookup_metric(name: str, phase: int | None = None,
+                  catalogue: Mapping[int, Mapping[str, MetricSpec]] = METRIC_CATALOGUE) -> MetricSpec | None:
+    """The spec of `name`, or None when the catalogue does not know it.
+
+    A prefixed name ("cognate-a/val_loss", "train/loss") falls back to its last '/' part. The phase's
+    own entry wins; otherwise any phase's entry (the catalogue gives one direction per name).
+    """
+    candidates = [name] + ([name.rsplit("/", 1)[-1]] if "/" in name else [])
+    phases = ([phase] if phase in catalogue else []) + sorted(catalogue)
+    for key in candidates:
+        for p in phases:
+            if key in catalogue[p]:
+                return catalogue[p][key]
+    return None
+
+
+class Regression(NamedTuple):
+    metric: str
+    from_phase: int
+    to_phase: int
+    old: float
+    new: float
+
+
+def check_phase(phase) -> int:
+    if isinstance(phase, bool) or not isinstance(phase, int) or phase not in PHASE_NAMES:
+        raise ValueError(f"Invalid phase: {phase!r}; expected an integer in 1..8")
+    return phase
+
+
+def _is_worse(spec: MetricSpec, old: float, new: float, tolerance: float) -> bool:
+    """new is worse than old by more than tolerance * |old| in the metric's direction; a NaN after
+    a number counts as worse (a diverged phase), a NaN before is not compared."""
+    if math.isnan(old):
+        return False
+    if math.isnan(new):
+        return True
+    slack = tolerance * abs(old)
+    return new < old - slack if spec.higher_is_better else new > old + slack
+
+
+class MetricContinuityTracker:
+    """Keeps each phase's final metrics and reports those that got worse from phase to phase.
+
+    Each metric is compared between consecutive phases that recorded it. Names the catalogue does
+    not know are kept but flagged (`unknown`), and never reported as regressions: their direction
+    is unknown.
+    """
+
+    def __init__(self, catalogue: Mapping[int, Mapping[str, MetricSpec]] = METRIC_CATALOGUE):
+        self.catalogue = catalogue
+        self._values: dict[int, dict[str, float]] = {}
+        self.unknown: set[str] = set()
+
+    def record(self, phase: int, metrics: Mapping[str, float]) -> list[str]:
+        """Store `metrics` for `phase` (merging with earlier calls); returns the unknown names."""
+        check_phase(phase)
+        clean = {}
+        for name, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"metrics[{name!r}] must be a number, got {type(value).__name__}")
+            clean[str(name)] = float(value)
+        unknown = sorted(n for n in clean if lookup_metric(n, phase, self.catalogue) is None)
+        for name in set(unknown) - self.unknown:
+            log.warning("metric %r (phase %d) is not in the catalogue; its direction is unknown", name, phase)
+        self.unknown.update(unknown)
+        self._values.setdefault(phase, {}).update(clean)
+        return unknown
+
+    def trend(self, metric: str) -> list[tuple[int, float]]:
+        """(phase, value) for every phase that recorded `metric`, in phase order."""
+        return [(p, v[metric]) for p, v in sorted(self._values.items()) if metric in v]
+
+    def regressions(self, tolerance: float = 0.1) -> list[Regression]:
+        """Metrics that got worse by more than `tolerance` (relative to the earlier value)."""
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+            raise ValueError(f"Invalid tolerance: {tolerance!r}; expected a number >= 0")
+        names = sorted({n for values in self._values.values() for n in values} - self.unknown)
+        found = []
+        for name in names:
+            points = self.trend(name)
+            for (p_old, old), (p_new, new) in zip(points, points[1:]):
+                spec = lookup_metric(name, p_new, self.catalogue)
+                if _is_worse(spec, old, new, tolerance):
+                    found.append(Regression(name, p_old, p_new, old, new))
+        return found
