@@ -257,13 +257,19 @@ class Pipeline:
         phase_dir = self._phase_dir(session_id, phase)
         phase_dir.mkdir(parents=True, exist_ok=True)
         manifest = files.read_json(phase_dir / files.MANIFEST)
-        if manifest is None:
-            self.log(f"phase {phase} ({phase_name(phase)}): running")
-            result = self._execute(session_id, phase, controller_cls, inputs, tracker, phase_dir)
-            manifest = self._save_outputs(phase, phase_dir, result, inputs)
-        else:
-            self.log(f"phase {phase} ({phase_name(phase)}): finishing from its saved manifest")
-        ids = self._register_outputs(session_id, phase, phase_dir, manifest, tracker)
+        tracker.start_phase(phase, phase_name(phase), self.config.phase(phase).model_dump(mode="json"))
+        try:
+            if manifest is None:
+                self.log(f"phase {phase} ({phase_name(phase)}): running")
+                result = self._execute(session_id, phase, controller_cls, inputs, tracker, phase_dir)
+                manifest = self._save_outputs(phase, phase_dir, result, inputs)
+            else:
+                self.log(f"phase {phase} ({phase_name(phase)}): finishing from its saved manifest")
+            ids = self._register_outputs(session_id, phase, phase_dir, manifest, tracker)
+        except BaseException:
+            tracker.finish_phase(exit_code=1)
+            raise
+        tracker.finish_phase()
         self.registry.record_phase_result(session_id, phase, "completed", ids, manifest["metrics"],
                                           manifest["duration_s"])
         self.log(f"phase {phase} ({phase_name(phase)}): done in {manifest['duration_s']:.1f}s -> {', '.join(ids)}")
@@ -272,7 +278,6 @@ class Pipeline:
     def _execute(self, session_id, phase, controller_cls, inputs, tracker, phase_dir) -> PhaseResult:
         controller = controller_cls()
         phase_config = self.config.phase(phase)
-        tracker.start_phase(phase, phase_name(phase), phase_config.model_dump(mode="json"))
         started = time.perf_counter()
         with _ProgressBar(phase, self.progress_bars) as progress:
             ctx = PhaseContext(session_id, phase, self.config, phase_config, self.session_dir(session_id),
@@ -286,11 +291,9 @@ class Pipeline:
             except Exception as error:
                 self.registry.record_phase_result(session_id, phase, "failed", [], {"error": str(error)},
                                                   time.perf_counter() - started)
-                tracker.finish_phase()
                 raise
         result.duration_s = result.duration_s or time.perf_counter() - started
         tracker.log({f"phase{phase}/{k}": v for k, v in _flat(result.metrics).items()})
-        tracker.finish_phase()
         return result
 
     def _save_outputs(self, phase: int, phase_dir: Path, result: PhaseResult, inputs) -> dict:

@@ -4,10 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _standins  # noqa: E402
 from _pipeline_test_phases import TEST_PHASES  # noqa: E402
-
-_standins.install()
 
 from forge import cli  # noqa: E402
 from forge.pipeline.phases import PHASES  # noqa: E402

@@ -4,9 +4,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _standins  # noqa: E402
-
-_standins.install()
 
 
 @pytest.fixture
