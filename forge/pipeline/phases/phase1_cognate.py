@@ -111,7 +111,7 @@ class CognatePhase(PhaseController):
         vectors = [torch.cat([(m.state_dict()[k] - init_state[k]).flatten().float() for k in init_state])
                    for m in models]
         distances = [float((a - b).norm() / ((a.norm() + b.norm()) / 2)) for a, b in itertools.combinations(vectors, 2)]
-        return {"diversity_disagreement": sum(disagreement) / len(disagreement),
+        return {"diversity": sum(disagreement) / len(disagreement),
                 "diversity_min_distance": min(distances)}
 
     def validate_output(self, result: PhaseResult, ctx) -> None:
@@ -121,7 +121,7 @@ class CognatePhase(PhaseController):
             if margin < need:
                 raise HandoffError(f"{output.name}: accuracy {output.metrics['val_accuracy']:.3f} beats the trivial "
                                    f"baseline by {margin:.3f}, less than the required {need}")
-        if result.metrics["diversity_min_distance"] < 0.05 or result.metrics["diversity_disagreement"] <= 0.0:
+        if result.metrics["diversity_min_distance"] < 0.05 or result.metrics["diversity"] <= 0.0:
             raise HandoffError(f"phase 1 models are not diverse: {result.metrics}")
 
 

@@ -64,7 +64,7 @@ class EvoMergePhase(PhaseController):
         metrics = self._metrics(result, champion, [i.model for i in ctx.inputs], test, tokenizer, shape.max_len)
         ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)})
         for stats in result.history:
-            ctx.tracker.log({"generation_best": stats.best, "generation_mean": stats.mean}, step=stats.generation)
+            ctx.tracker.log({"best_fitness": stats.best, "mean_fitness": stats.mean}, step=stats.generation)
         output = ModelOutput(name="champion", model=champion, metrics=metrics, metadata={
             "model_config": champion_shape.to_dict(), "tokenizer": tokenizer.to_dict(),
             "parameter_count": champion.num_parameters(), "task_weights": {t: 1.0 for t in tasks},
