@@ -279,7 +279,7 @@ class Pipeline:
         controller = controller_cls()
         phase_config = self.config.phase(phase)
         started = time.perf_counter()
-        with _ProgressBar(phase, self.progress_bars) as progress:
+        with _ProgressBar(phase, self.progress_bars, self.log) as progress:
             ctx = PhaseContext(session_id, phase, self.config, phase_config, self.session_dir(session_id),
                                phase_dir, self.registry, tracker, inputs, progress, self.config.seed,
                                pick_device(self.config.hardware.device))
@@ -344,19 +344,26 @@ def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 class _ProgressBar:
-    """ctx.progress for one phase: a tqdm bar (shown on a terminal) with the phase's latest message."""
+    """ctx.progress for one phase: a tqdm bar (shown on a terminal) with the phase's latest message;
+    without a terminal (a log file, CI), one `log` line every 10% instead."""
 
-    def __init__(self, phase: int, enabled: bool | None):
+    def __init__(self, phase: int, enabled: bool | None, log: Callable[[str], None] = print):
         from tqdm import tqdm
 
         self.bar = tqdm(total=1000, desc=f"phase {phase} {phase_name(phase)}", unit="permille",
                         disable=None if enabled is None else not enabled, leave=False)
+        self.prefix, self.log, self.next_line = f"phase {phase} ({phase_name(phase)})", log, 0.1
 
     def __enter__(self) -> Callable[[float, str], None]:
         return self.update
 
     def update(self, fraction: float, message: str = "") -> None:
         fraction = min(max(float(fraction), 0.0), 1.0)
+        if self.bar.disable:
+            if fraction >= self.next_line:
+                self.log(f"{self.prefix}: {fraction:4.0%} {message}")
+                self.next_line = int(fraction * 10 + 1) / 10
+            return
         self.bar.update(int(fraction * 1000) - self.bar.n)
         if message:
             self.bar.set_postfix_str(message, refresh=False)
