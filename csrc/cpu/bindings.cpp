@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu/grokfast.h"
+#include "cpu/kl_div.h"
 #include "cpu/symmetric.h"
 
 namespace py = pybind11;
@@ -18,5 +19,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lamb"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def("symmetrize_from_lower_f32", &forge::symmetrize_from_lower_f32, py::arg("data"), py::arg("batch"),
         py::arg("m"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("kl_div_forward", &forge::kl_div_forward_cpu, py::arg("student"), py::arg("teacher"), py::arg("mask"),
+        py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("rows"), py::arg("vocab"), py::arg("s_stride"),
+        py::arg("t_stride"), py::arg("dtype"), py::arg("inv_t"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("kl_div_backward", &forge::kl_div_backward_cpu, py::arg("student"), py::arg("teacher"), py::arg("lse_s"),
+        py::arg("lse_t"), py::arg("row_scale"), py::arg("grad"), py::arg("rows"), py::arg("vocab"),
+        py::arg("s_stride"), py::arg("t_stride"), py::arg("g_stride"), py::arg("dtype"), py::arg("inv_t"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.attr("ABI_VERSION") = 1;
 }

@@ -10,6 +10,11 @@ void grokfast_ema_cuda(uintptr_t table, int n, int64_t chunks, int grad_dtype, i
                        float lamb, uintptr_t stream);
 void grokfast_ma_cuda(uintptr_t table, int n, int64_t chunks, int grad_dtype, int ring_dtype, int64_t slot,
                       float scale, float lamb, uintptr_t stream);
+void kl_div_forward_cuda(uintptr_t s, uintptr_t t, uintptr_t mask, uintptr_t loss, uintptr_t ls, uintptr_t lt,
+                         int64_t rows, int64_t vocab, int64_t ss, int64_t ts, int dtype, float inv_t, uintptr_t stream);
+void kl_div_backward_cuda(uintptr_t s, uintptr_t t, uintptr_t ls, uintptr_t lt, uintptr_t scale, uintptr_t g,
+                          int64_t rows, int64_t vocab, int64_t ss, int64_t ts, int64_t gs, int dtype, float inv_t,
+                          uintptr_t stream);
 }  // namespace forge
 
 namespace py = pybind11;
@@ -22,6 +27,14 @@ PYBIND11_MODULE(_cuda, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("grokfast_ma", &forge::grokfast_ma_cuda, py::arg("table"), py::arg("n"), py::arg("chunks"),
         py::arg("grad_dtype"), py::arg("ring_dtype"), py::arg("slot"), py::arg("scale"), py::arg("lamb"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("kl_div_forward", &forge::kl_div_forward_cuda, py::arg("student"), py::arg("teacher"), py::arg("mask"),
+        py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("rows"), py::arg("vocab"), py::arg("s_stride"),
+        py::arg("t_stride"), py::arg("dtype"), py::arg("inv_t"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("kl_div_backward", &forge::kl_div_backward_cuda, py::arg("student"), py::arg("teacher"), py::arg("lse_s"),
+        py::arg("lse_t"), py::arg("row_scale"), py::arg("grad"), py::arg("rows"), py::arg("vocab"),
+        py::arg("s_stride"), py::arg("t_stride"), py::arg("g_stride"), py::arg("dtype"), py::arg("inv_t"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.attr("ABI_VERSION") = 1;
 }
