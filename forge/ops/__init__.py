@@ -5,7 +5,9 @@ from forge.ops._dispatch import (
     backend_matrix_markdown,
     last_backend,
 )
+from forge.ops.fused_linear_kl import fused_linear_kl
 from forge.ops.grokfast import grokfast_ema_, grokfast_ema_reference, grokfast_ma_, grokfast_ma_reference
+from forge.ops.kl_div import kl_div_logits, kl_div_logits_reference
 from forge.ops.newton_schulz import newton_schulz, newton_schulz_reference
 
 __all__ = [
@@ -19,4 +21,7 @@ __all__ = [
     "grokfast_ema_reference",
     "grokfast_ma_",
     "grokfast_ma_reference",
+    "kl_div_logits",
+    "kl_div_logits_reference",
+    "fused_linear_kl",
 ]

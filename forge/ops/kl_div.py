@@ -54,12 +54,16 @@ def kl_div_logits_reference(student_logits: torch.Tensor, teacher_logits: torch.
     keep = None if mask is None else mask.reshape(-1, 1)
     if keep is not None:
         s, t = torch.where(keep, s, 0.0), torch.where(keep, t, 0.0)
-    log_q = F.log_softmax(s / temperature, dim=-1)
-    log_p = F.log_softmax(t / temperature, dim=-1)
-    rows = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    rows = pointwise_kl(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)).sum(-1)
     if keep is not None:
         rows = torch.where(keep[:, 0], rows, 0.0)
     return reduce_rows(rows, mask, reduction, vocab, student_logits.shape[:-1]).to(student_logits.dtype)
+
+
+def pointwise_kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """p (log p - log q) per element, as F.kl_div(log_target=True), except that p = 0 (a teacher logit of
+    -inf, e.g. a padded vocabulary) gives 0 where F.kl_div gives 0 * -inf = NaN. Other NaNs stay."""
+    return torch.where(log_p == float("-inf"), 0.0, F.kl_div(log_q, log_p, log_target=True, reduction="none"))
 
 
 def reduce_rows(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str, vocab: int, lead_shape) -> torch.Tensor:
@@ -159,7 +163,7 @@ def _row_outputs(s: torch.Tensor):
 def _forward_torch(s, t, inv_t, keep):
     xs, xt = s.float() * inv_t, t.float() * inv_t
     lse_s, lse_t = xs.logsumexp(-1), xt.logsumexp(-1)
-    loss = F.kl_div(xs - lse_s[:, None], xt - lse_t[:, None], log_target=True, reduction="none").sum(-1)
+    loss = pointwise_kl(xs - lse_s[:, None], xt - lse_t[:, None]).sum(-1)
     if keep is not None:
         loss, lse_s, lse_t = (torch.where(keep, v, 0.0) for v in (loss, lse_s, lse_t))
     return loss, lse_s, lse_t
