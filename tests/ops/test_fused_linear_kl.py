@@ -96,10 +96,11 @@ def test_all_rows_masked():
     assert out.item() == 0.0 and not h.grad.any() and not w.grad.any()
 
 
-def test_default_chunk_rows_is_liger_rule():
-    assert default_chunk_rows(4096, 1024, 32000) == 128
+def test_default_chunk_rows():
+    assert default_chunk_rows(4096, 1024, 32000) == 512  # rows / 8 (Liger's rule alone: 128)
+    assert default_chunk_rows(4096, 8192, 32000) == 1024  # Liger's rule: rows / ceil(vocab / hidden)
     assert default_chunk_rows(1, 16, 1000) == 1
-    assert default_chunk_rows(37, 16, 1000) == 1
+    assert default_chunk_rows(37, 16, 1000) == 8
 
 
 def test_peak_memory_is_a_fraction_of_unfused():
