@@ -92,11 +92,13 @@ PARAMS = [pytest.param(case, impl, id=f"{case.op}-{case.name}-{impl}") for case 
 @pytest.fixture(scope="module", autouse=True)
 def memory_report(request):
     yield
-    write = request.config.pluginmanager.get_plugin("terminalreporter").write_line
-    write("")
-    write(f"peak memory of one forward+backward, in logits tensors ({DEVICE}, {DTYPE}):")
-    for (case, impl), (peak, logits) in _memory.items():
-        write(f"  {case:<34} {impl:<26} {peak / logits:6.3f}  ({peak / 2**20:8.1f} MiB)")
+    plugins = request.config.pluginmanager
+    write = plugins.get_plugin("terminalreporter").write_line
+    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
+        write("")
+        write(f"peak memory of one forward+backward, in logits tensors ({DEVICE}, {DTYPE}):")
+        for (case, impl), (peak, logits) in _memory.items():
+            write(f"  {case:<34} {impl:<26} {peak / logits:8.4f}  ({peak / 2**20:8.1f} MiB)")
 
 
 @pytest.mark.parametrize("case, impl", PARAMS)

@@ -34,3 +34,7 @@ fi
 
 echo "== GPU benchmarks"
 timeout 300 python3 -m forge.bench --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
+
+echo "== KL baking loss benchmarks (bf16: kl_div_logits and fused_linear_kl, time and peak memory)"
+timeout 300 python3 -m pytest "$REPO/benchmarks/test_kl_div.py" --benchmark-only -q -p no:cacheprovider \
+  --rootdir="$REPO" -o addopts="" --benchmark-columns=median,rounds 2>&1 | tail -30 | tee "$OUT/bench_kl_gpu.txt"
