@@ -99,9 +99,9 @@ template <typename T>
 __global__ void kl_backward_kernel(const T* s, const T* t, T* g, const float* __restrict lse_s,
                                    const float* __restrict lse_t, const float* __restrict row_scale, int64_t vocab,
                                    int64_t ss, int64_t ts, int64_t gs, float inv_t) {
-  const int64_t row = blockIdx.y;
+  const int64_t row = blockIdx.x;  // rows on x (up to 2^31 - 1), tiles on y (up to 65535: vocab < 2.6e8)
   const float scale = row_scale[row], ls = lse_s[row], lt = lse_t[row];
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kBackwardThreads * kBackwardPerThread;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * kBackwardThreads * kBackwardPerThread;
   const int64_t end = min(vocab, begin + static_cast<int64_t>(kBackwardThreads) * kBackwardPerThread);
   for (int64_t i = begin + threadIdx.x; i < end; i += kBackwardThreads) {
     float x = static_cast<float>(s[row * ss + i]) * inv_t, y = static_cast<float>(t[row * ts + i]) * inv_t;
@@ -129,7 +129,7 @@ void backward_launch(uintptr_t s, uintptr_t t, uintptr_t g, uintptr_t ls, uintpt
                      int64_t rows, int64_t vocab, int64_t ss, int64_t ts, int64_t gs, float inv_t,
                      cudaStream_t stream) {
   const int64_t tile = static_cast<int64_t>(kBackwardThreads) * kBackwardPerThread;
-  dim3 grid(static_cast<unsigned>((vocab + tile - 1) / tile), static_cast<unsigned>(rows));
+  dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>((vocab + tile - 1) / tile));
   kl_backward_kernel<T><<<grid, kBackwardThreads, 0, stream>>>(
       reinterpret_cast<const T*>(s), reinterpret_cast<const T*>(t), reinterpret_cast<T*>(g),
       reinterpret_cast<const float*>(ls), reinterpret_cast<const float*>(lt), reinterpret_cast<const float*>(scale),
