@@ -38,3 +38,6 @@ timeout 300 python3 -m forge.bench --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT
 echo "== BitNet GPU benchmarks (bf16)"
 timeout 300 python3 -m pytest "$REPO/benchmarks/test_bitnet.py" --benchmark-only -q -p no:cacheprovider \
   --rootdir="$REPO" -o addopts="" 2>&1 | tail -30 | tee "$OUT/bench_bitnet.txt"
+echo "== KL baking loss benchmarks (bf16: kl_div_logits and fused_linear_kl, time and peak memory)"
+timeout 300 python3 -m pytest "$REPO/benchmarks/test_kl_div.py" --benchmark-only -q -p no:cacheprovider \
+  --rootdir="$REPO" -o addopts="" --benchmark-columns=median,rounds 2>&1 | tail -30 | tee "$OUT/bench_kl_gpu.txt"

@@ -5,6 +5,7 @@
 
 #include "cpu/bitnet.h"
 #include "cpu/grokfast.h"
+#include "cpu/kl_div.h"
 #include "cpu/symmetric.h"
 
 namespace py = pybind11;
@@ -31,6 +32,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def("ternary_linear", &forge::ternary_linear_cpu, py::arg("x"), py::arg("dtype"), py::arg("m"), py::arg("k"),
         py::arg("packed"), py::arg("n"), py::arg("scale"), py::arg("scale_stride"), py::arg("eps"), py::arg("y"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("kl_div_forward", &forge::kl_div_forward_cpu, py::arg("student"), py::arg("teacher"), py::arg("mask"),
+        py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("rows"), py::arg("vocab"), py::arg("s_stride"),
+        py::arg("t_stride"), py::arg("dtype"), py::arg("inv_t"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("kl_div_backward", &forge::kl_div_backward_cpu, py::arg("student"), py::arg("teacher"), py::arg("lse_s"),
+        py::arg("lse_t"), py::arg("row_scale"), py::arg("grad"), py::arg("rows"), py::arg("vocab"),
+        py::arg("s_stride"), py::arg("t_stride"), py::arg("g_stride"), py::arg("dtype"), py::arg("inv_t"),
         py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.attr("ABI_VERSION") = 1;
 }

@@ -17,6 +17,11 @@ void act_quant_cuda(uintptr_t x, int dtype, int64_t rows, int64_t cols, float ep
                     int64_t out_stride, bool dequantize, uintptr_t stream);
 void ternary_linear_cuda(uintptr_t xq, uintptr_t xs, int64_t m, int64_t kb, uintptr_t packed, int64_t n,
                          uintptr_t scale, int64_t scale_stride, int dtype, uintptr_t y, uintptr_t stream);
+void kl_div_forward_cuda(uintptr_t s, uintptr_t t, uintptr_t mask, uintptr_t loss, uintptr_t ls, uintptr_t lt,
+                         int64_t rows, int64_t vocab, int64_t ss, int64_t ts, int dtype, float inv_t, uintptr_t stream);
+void kl_div_backward_cuda(uintptr_t s, uintptr_t t, uintptr_t ls, uintptr_t lt, uintptr_t scale, uintptr_t g,
+                          int64_t rows, int64_t vocab, int64_t ss, int64_t ts, int64_t gs, int dtype, float inv_t,
+                          uintptr_t stream);
 }  // namespace forge
 
 namespace py = pybind11;
@@ -39,6 +44,14 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("ternary_linear", &forge::ternary_linear_cuda, py::arg("xq"), py::arg("xs"), py::arg("m"), py::arg("kb"),
         py::arg("packed"), py::arg("n"), py::arg("scale"), py::arg("scale_stride"), py::arg("dtype"), py::arg("y"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("kl_div_forward", &forge::kl_div_forward_cuda, py::arg("student"), py::arg("teacher"), py::arg("mask"),
+        py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("rows"), py::arg("vocab"), py::arg("s_stride"),
+        py::arg("t_stride"), py::arg("dtype"), py::arg("inv_t"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("kl_div_backward", &forge::kl_div_backward_cuda, py::arg("student"), py::arg("teacher"), py::arg("lse_s"),
+        py::arg("lse_t"), py::arg("row_scale"), py::arg("grad"), py::arg("rows"), py::arg("vocab"),
+        py::arg("s_stride"), py::arg("t_stride"), py::arg("g_stride"), py::arg("dtype"), py::arg("inv_t"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.attr("ABI_VERSION") = 1;
 }

@@ -14,7 +14,9 @@ from forge.ops.bitnet import (
     ternary_quant,
     unpack_ternary,
 )
+from forge.ops.fused_linear_kl import fused_linear_kl
 from forge.ops.grokfast import grokfast_ema_, grokfast_ema_reference, grokfast_ma_, grokfast_ma_reference
+from forge.ops.kl_div import kl_div_logits, kl_div_logits_reference
 from forge.ops.newton_schulz import newton_schulz, newton_schulz_reference
 
 __all__ = [
@@ -35,4 +37,7 @@ __all__ = [
     "ternary_linear",
     "ternary_quant",
     "unpack_ternary",
+    "kl_div_logits",
+    "kl_div_logits_reference",
+    "fused_linear_kl",
 ]

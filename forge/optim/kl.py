@@ -2,22 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from forge.ops.kl_div import kl_div_logits, kl_div_logits_reference
 
-def kl_div_logits_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
-    """KL(teacher || student) over the last dim from raw logits, averaged over rows (batchmean), in float32."""
-    s = F.log_softmax(student_logits.float().reshape(-1, student_logits.shape[-1]) / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float().reshape(-1, teacher_logits.shape[-1]) / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
-
-
-def _kl_op():
-    """forge.ops.kl_div_logits where it exists (the fused kernel), else the torch reference."""
-    import forge.ops
-
-    return getattr(forge.ops, "kl_div_logits", kl_div_logits_reference)
+__all__ = ["KLRegularizer", "kl_div_logits_reference"]
 
 
 class KLRegularizer:
@@ -51,4 +40,4 @@ class KLRegularizer:
         if reference_logits.shape != model_logits.shape:
             raise ValueError(f"reference logits {tuple(reference_logits.shape)} and model logits "
                              f"{tuple(model_logits.shape)} differ in shape")
-        return self.coefficient * _kl_op()(model_logits, reference_logits, temperature=self.temperature)
+        return self.coefficient * kl_div_logits(model_logits, reference_logits, temperature=self.temperature)

@@ -1,0 +1,20 @@
+#pragma once
+#include <cstdint>
+
+namespace forge {
+
+// KL(softmax(t/T) || softmax(s/T)) per row of raw logits (Hinton et al. 2015), one read of each row
+// with a blockwise online softmax (Milakov & Gimelshein 2018). Rows where mask[r] == 0 give 0 (mask may
+// be 0: keep all). Writes loss[r], lse_s[r] = logsumexp(s_r/T), lse_t[r] (float32). Rows are threaded.
+void kl_div_forward_cpu(uintptr_t student, uintptr_t teacher, uintptr_t mask, uintptr_t loss, uintptr_t lse_s,
+                        uintptr_t lse_t, int64_t rows, int64_t vocab, int64_t s_stride, int64_t t_stride, int dtype,
+                        float inv_t, int num_threads);
+
+// grad[r, i] = (exp(s/T - lse_s) - exp(t/T - lse_t)) * row_scale[r], in the logits' dtype; one read of
+// each row. grad may be the student itself (each block is read before it is written); rows with
+// row_scale 0 get zeros.
+void kl_div_backward_cpu(uintptr_t student, uintptr_t teacher, uintptr_t lse_s, uintptr_t lse_t, uintptr_t row_scale,
+                         uintptr_t grad, int64_t rows, int64_t vocab, int64_t s_stride, int64_t t_stride,
+                         int64_t g_stride, int dtype, float inv_t, int num_threads);
+
+}  // namespace forge
