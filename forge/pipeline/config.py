@@ -90,18 +90,20 @@ class CognateModel(Section):
 
 
 def _default_cognate_models() -> list[CognateModel]:
-    mixes = [{"addition": 2, "modular": 1, "reversal": 1, "copy": 1, "sorting": 1},
-             {"modular": 2, "addition": 1, "sorting": 1, "copy": 1, "reversal": 1},
-             {"reversal": 2, "sorting": 2, "copy": 1, "addition": 1, "modular": 1}]
+    mixes = [{"addition": 4, "modular": 4, "reversal": 1, "copy": 1, "sorting": 1},
+             {"reversal": 4, "copy": 4, "addition": 1, "modular": 1, "sorting": 1},
+             {"sorting": 4, "addition": 2, "copy": 1, "reversal": 1, "modular": 1}]
     return [CognateModel(name=f"cognate-{c}", seed=i + 1, task_weights={k: float(v) for k, v in mix.items()})
             for i, (c, mix) in enumerate(zip("abc", mixes))]
 
 
 class Phase1Config(Section):
-    steps: int = Field(800, ge=1)
+    shared_steps: int = Field(600, ge=0)
+    steps: int = Field(300, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.002, gt=0)
-    eval_every: int = Field(200, ge=1)
+    branch_lr: float = Field(0.00025, gt=0)
+    eval_every: int = Field(100, ge=1)
     eval_examples: int = Field(512, ge=1)
     train_examples: int = Field(20000, ge=1)
     model: ModelShape = Field(default_factory=ModelShape)
@@ -127,14 +129,14 @@ class FitnessWeights(Section):
 
 
 class Phase2Config(Section):
-    generations: int = Field(6, ge=1)
+    generations: int = Field(10, ge=1)
     population_size: int = Field(8, ge=2)
     elite_count: int = Field(2, ge=1)
     mutation_strength: float = Field(0.05, ge=0)
     operators: list[Literal["linear", "slerp", "ties", "dare", "frankenmerge", "dfs"]] = Field(
         default_factory=lambda: list(MERGE_OPERATORS), min_length=1)
     fitness_weights: FitnessWeights = Field(default_factory=FitnessWeights)
-    eval_examples: int = Field(256, ge=1)
+    eval_examples: int = Field(512, ge=1)
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")

@@ -70,7 +70,8 @@ def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] 
     out = {}
     if 1 in phases:
         evals = p1.steps // p1.eval_every + 1
-        out[1] = len(p1.models) * (p1.steps * costs["train_step_s"] + evals * evaluation(p1.eval_examples))
+        branches = len(p1.models) * (p1.steps * costs["train_step_s"] + evals * evaluation(p1.eval_examples))
+        out[1] = p1.shared_steps * costs["train_step_s"] + branches
     if 2 in phases:
         out[2] = (p2.generations + 1) * p2.population_size * evaluation(p2.eval_examples)
     return out

@@ -1,7 +1,7 @@
 """Phase 2, EvoMerge: evolve merges of Phase 1's models and hand on the champion.
 
 `forge.merge.evolve` searches merge recipes (linear, SLERP, TIES, DARE, FrankenMerge, DFS) over the three
-Phase 1 models, with their shared initialization as the base of the task-vector methods (TIES, DARE).
+Phase 1 models, with their shared trunk as the base of the task-vector methods (TIES, DARE).
 Fitness (higher is better, `forge.merge.evolution.score`): validation accuracy, exp(-answer loss), and
 speed and memory relative to the inputs. Speed is a deterministic cost model (forward FLOPs of one token,
 2 x the parameters a token passes through), not a stopwatch, so a resumed or repeated run picks the same
@@ -19,6 +19,7 @@ import torch
 
 from forge.data import CharTokenizer, evaluate, make_examples
 from forge.merge import evolve
+from forge.merge.evolution import EvolutionConfig
 from forge.nn import TransformerConfig, build_model
 from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult
 from forge.pipeline.phases.phase1_cognate import as_dict
@@ -42,7 +43,7 @@ class EvoMergePhase(PhaseController):
         if len(configs) != 1:
             raise HandoffError("phase 2 needs models of one architecture; the inputs' model_config differ")
         for item in ctx.inputs:
-            for key in ("init_checkpoint", "init_sha256", "tokenizer", "task_weights"):
+            for key in ("base_checkpoint", "base_sha256", "tokenizer", "task_weights"):
                 if key not in item.metadata:
                     raise HandoffError(f"input model {item.record['name']} lacks metadata {key!r}")
 
@@ -51,13 +52,13 @@ class EvoMergePhase(PhaseController):
         meta = ctx.inputs[0].metadata
         shape = TransformerConfig.from_dict(meta["model_config"])
         tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
-        base, _ = load_checkpoint(Path(meta["init_checkpoint"]), expected_sha256=meta["init_sha256"])
+        base, _ = load_checkpoint(Path(meta["base_checkpoint"]), expected_sha256=meta["base_sha256"])
         tasks = sorted({t for item in ctx.inputs for t in item.metadata["task_weights"]})
         val = make_examples({t: 1.0 for t in tasks}, cfg.eval_examples, "val", ctx.seed)
         test = make_examples({t: 1.0 for t in tasks}, cfg.eval_examples, "test", ctx.seed)
         states = [{k: v.detach().clone() for k, v in item.model.state_dict().items()} for item in ctx.inputs]
         fitness = _fitness_fn(shape, tokenizer, val)
-        result = evolve(states, base, fitness, cfg, progress=ctx.progress)
+        result = evolve(states, base, fitness, _evolution_config(cfg), progress=ctx.progress)
         champion_shape = TransformerConfig.from_dict({**shape.to_dict(), "n_layers": result.champion.n_layers})
         champion = build_model(champion_shape)
         champion.load_state_dict(result.champion_state)
@@ -89,6 +90,14 @@ class EvoMergePhase(PhaseController):
         if gain <= 0:
             raise HandoffError(f"the champion's fitness {result.metrics['champion_fitness']:.4f} does not beat the "
                                f"best input's {result.metrics['best_input_fitness']:.4f}")
+
+
+def _evolution_config(cfg) -> EvolutionConfig:
+    """The phase-2 config section as the plain values `forge.merge.evolve` reads."""
+    return EvolutionConfig(generations=cfg.generations, population_size=cfg.population_size,
+                           elite_count=cfg.elite_count, mutation_strength=cfg.mutation_strength,
+                           operators=list(cfg.operators), fitness_weights=as_dict(cfg.fitness_weights),
+                           seed=cfg.seed)
 
 
 def _fitness_fn(shape: TransformerConfig, tokenizer, val):
