@@ -85,7 +85,7 @@ def _dry_run(config, plan: list[int]) -> int:
         print(f"  phase {phase} {phase_name(phase):<12} {note}")
     if runnable != plan:
         print(f"a run would stop after phase {runnable[-1]}" if runnable else "no phase of this plan can run yet")
-    print(f"estimated total ~{sum(seconds.values()):.0f} s (measured step costs; a lower bound); nothing was written")
+    print(f"estimated total ~{sum(seconds.values()):.0f} s (from step costs measured now, on this machine); nothing was written")
     return 0
 
 

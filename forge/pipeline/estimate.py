@@ -1,9 +1,10 @@
 """Rough run-time estimate for a dry run: the config's step and evaluation counts times the measured
 cost of one training step and one evaluation forward pass of the configured model on this machine.
 
-It measures (a couple of steps on random tokens, nothing saved) instead of assuming a FLOP rate,
-because the shared 2-core CPUs this runs on vary several-fold. Phase 1 trains with MuonGrokfast,
-whose Newton-Schulz step costs more than the AdamW step timed here, so read it as a lower bound.
+It measures (a couple of real MuonGrokfast steps of the configured model on random tokens as wide as
+the built-in tasks' sequences, nothing saved) instead of assuming a FLOP rate, because the shared
+2-core CPUs this runs on vary several-fold, and a busy machine (other jobs on the same cores) makes
+both the measurement and the run slower alike.
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import torch
 from forge.pipeline.config import PipelineConfig
 
 VOCAB_ESTIMATE = 100        # the character vocabulary of forge.data is under 100 tokens
-EVAL_BATCH = 256            # forge.data.evaluate's default batch
-DECODE_FACTOR = 2.0         # greedy decoding with a KV cache ~ two full forward passes of compute
+EVAL_BATCH = 256            # forge.data.evaluate's default batch (one teacher-forced pass per batch)
 
 
 def _model(config: PipelineConfig):
@@ -39,10 +39,13 @@ def _best_of(fn, repeats: int = 2) -> float:
 
 def measure(config: PipelineConfig) -> dict[str, float]:
     """Seconds per training step (batch_size x max_len) and per evaluation batch (256 sequences)."""
+    from forge.optim import create_optimizer_from_phase
+
     model = _model(config)
     p1 = config.phases.phase1
-    tokens = torch.randint(0, VOCAB_ESTIMATE, (p1.batch_size, p1.model.max_len))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    width = min(_typical_width(config), p1.model.max_len)
+    tokens = torch.randint(0, VOCAB_ESTIMATE, (p1.batch_size, width))
+    optimizer = create_optimizer_from_phase(model, 1, lr=p1.lr, adamw_lr=p1.lr)
 
     def train_step():
         loss = model(tokens).float().logsumexp(-1).mean()
@@ -50,12 +53,22 @@ def measure(config: PipelineConfig) -> dict[str, float]:
         loss.backward()
         optimizer.step()
 
-    eval_tokens = torch.randint(0, VOCAB_ESTIMATE, (EVAL_BATCH, p1.model.max_len))
+    eval_tokens = torch.randint(0, VOCAB_ESTIMATE, (EVAL_BATCH, width))
 
     def eval_batch():
         with torch.no_grad():
             model(eval_tokens)
-    return {"train_step_s": _best_of(train_step), "eval_batch_s": _best_of(eval_batch) * DECODE_FACTOR}
+    return {"train_step_s": _best_of(train_step), "eval_batch_s": _best_of(eval_batch)}
+
+
+def _typical_width(config: PipelineConfig) -> int:
+    """Tokens in a training batch: batches are trimmed to their longest row, so the longest of a batch-size
+    sample of phase 1's examples (<bos> prompt <sep> answer <eos>)."""
+    from forge.data import make_examples
+
+    p1 = config.phases.phase1
+    examples = make_examples(dict(p1.models[0].task_weights), p1.batch_size, "train", 0)
+    return max(len(e.prompt) + len(e.answer) + 3 for e in examples)
 
 
 def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] | None = None) -> dict[int, float]:
