@@ -168,12 +168,13 @@ class Phase3Config(Section):
 
 
 class Phase4Config(Section):
-    zero_threshold: float = Field(0.1, ge=0, lt=1)
-    preserve_layers: list[str] = Field(default_factory=lambda: ["embed", "norm", "head"])
+    preserve_layers: list[str] = Field(default_factory=lambda: ["embed", "norm", "head"], min_length=1)
     calibration_samples: int = Field(256, ge=1)
     fine_tune_steps: int = Field(200, ge=0)
-    fine_tune_lr: float = Field(1e-4, gt=0)
-    fine_tune_threshold: float = Field(0.05, ge=0, le=1)
+    fine_tune_lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(64, ge=1)
+    train_examples: int = Field(8000, ge=1)
+    eval_examples: int = Field(512, ge=1)
     max_accuracy_drop: float = Field(0.10, ge=0, le=1)
     min_compression: float = Field(4.0, ge=1)
 

@@ -14,7 +14,7 @@ PHASES: dict[int, tuple[str, str | None]] = {
     1: ("cognate", "forge.pipeline.phases.phase1_cognate:CognatePhase"),
     2: ("evomerge", "forge.pipeline.phases.phase2_evomerge:EvoMergePhase"),
     3: ("quietstar", None),
-    4: ("bitnet", None),
+    4: ("bitnet", "forge.pipeline.phases.phase4_bitnet:BitNetPhase"),
     5: ("curriculum", None),
     6: ("baking", None),
     7: ("experts", None),

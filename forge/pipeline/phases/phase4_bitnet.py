@@ -1,0 +1,240 @@
+"""Phase 4, BitNet 1.58-bit: ternary weights, STE fine-tuning, a packed 2-bit checkpoint.
+
+BitNet b1.58 (Ma et al. 2024, arXiv 2402.17764): every hidden Linear becomes a `forge.nn.BitLinear` with
+weights q * scale, q = clamp(round(W / absmean(W)), -1, 1) in {-1, 0, +1} (so |w| < absmean/2 -> 0),
+and per-token absmax int8 activations. Embeddings, norms and the output head stay fp32
+(`preserve_layers`). The phase:
+
+1. evaluates the float input model on held-out test examples of its tasks;
+2. converts a deep copy to BitLinear. BitLinear's own input RMSNorm is replaced by the identity: the
+   Transformer already normalizes the inputs of q/k/v and gate/up, and without it the quantized model is
+   exactly the float architecture with quantized weights and activations, so the dequantized float model
+   handed on computes the same function up to the int8 activation rounding;
+3. "calibrates": BitLinear has no calibrated state (weight scales come from the weights, activation
+   scales per token at run time), so calibration only *measures*, on `calibration_samples` training
+   examples, the relative error of each layer's int8 activations, ternary weights and outputs;
+4. fine-tunes the latent weights through the straight-through estimator with MuonGrokfast (ste_mode,
+   momentum 0.9, Grokfast lambda 1.5: the seed's phase-4 settings, which have no preset);
+5. freezes to packed 2-bit weights, saves them as `bitnet_packed.safetensors` and compares its size on
+   disk with the input's fp32 file;
+6. evaluates the packed model and the dequantized float model it hands on (weights q * scale, no
+   activation quantization); `accuracy_drop` is the larger of the two drops from the float model.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from forge.data import CharTokenizer, encode_batch, evaluate, make_examples
+from forge.nn import BitLinear, TransformerConfig, build_model, convert_to_bitlinear
+from forge.ops import ste_act_int8, ste_ternary, unpack_ternary
+from forge.optim import MuGrokConfig, MuonGrokfast
+from forge.optim.param_groups import muon_param_groups
+from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult
+from forge.pipeline.training import train_on_examples
+from forge.registry.checkpoint import save_checkpoint
+
+PACKED_FILE = "bitnet_packed.safetensors"
+STE_SETTINGS = dict(grokfast_lambda=1.5, muon_ste_mode=True, momentum=0.9)   # seed phase4_config.yaml
+
+
+def to_bitlinear(model: nn.Module, preserve=("embed", "norm", "head")) -> nn.Module:
+    """A deep copy of `model` with every Linear outside `preserve` as a BitLinear without its own norm."""
+    converted = convert_to_bitlinear(copy.deepcopy(model), skip=tuple(preserve))
+    for layer in bit_layers(converted).values():
+        layer.norm = nn.Identity()
+    return converted
+
+
+def bit_layers(model: nn.Module) -> dict[str, BitLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
+
+
+def freeze_all(model: nn.Module) -> nn.Module:
+    for layer in bit_layers(model).values():
+        layer.freeze()
+    return model.eval()
+
+
+def dequantize(frozen: nn.Module, config: TransformerConfig) -> nn.Module:
+    """The float `forge.nn.Transformer` whose converted Linear weights are the frozen q * scale."""
+    state = {k: v.clone() for k, v in frozen.state_dict().items()}
+    for name, layer in bit_layers(frozen).items():
+        if not layer.frozen:
+            raise ValueError(f"dequantize needs frozen BitLinear layers; {name} is not frozen")
+        q = unpack_ternary(layer.packed_weight, layer.in_features).float()
+        state[f"{name}.weight"] = q * layer.weight_scale.float()[:, None].expand(q.shape[0], 1)
+        del state[f"{name}.packed_weight"], state[f"{name}.weight_scale"]
+    model = build_model(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def sparsity(frozen: nn.Module) -> float:
+    """Fraction of the packed ternary weights that are zero."""
+    zeros = total = 0
+    for layer in bit_layers(frozen).values():
+        q = unpack_ternary(layer.packed_weight, layer.in_features)
+        zeros, total = zeros + int((q == 0).sum()), total + q.numel()
+    return zeros / max(total, 1)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, examples, tokenizer, max_len: int) -> dict:
+    """Run `examples` through the (unfrozen) BitLinear model and measure, per layer, the relative error of
+    int8 activations, ternary weights and the layer output against the float Linear on the same input.
+    Sets nothing: BitLinear's scales need no calibration (absmean of the weights, absmax per token)."""
+    errors = {"activation": [], "weight": [], "output": []}
+
+    def hook(layer, inputs, _output):
+        x, w = inputs[0], layer.weight
+        errors["activation"].append(_rel(ste_act_int8(x), x))
+        errors["weight"].append(_rel(ste_ternary(w), w))
+        exact = nn.functional.linear(x, w)
+        errors["output"].append(_rel(nn.functional.linear(ste_act_int8(x), ste_ternary(w)), exact))
+
+    handles = [m.register_forward_hook(hook) for m in bit_layers(model).values()]
+    try:
+        model.eval()
+        model(encode_batch(examples, tokenizer, max_len).tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {f"calibration_{k}_error": sum(v) / len(v) for k, v in errors.items()}
+    out["calibration_max_output_error"] = max(errors["output"])
+    return out
+
+
+def ste_optimizer(model: nn.Module, lr: float) -> MuonGrokfast:
+    """MuonGrokfast in STE mode over the latent weights (Muon) and everything else (AdamW), QK-clipped."""
+    settings = MuGrokConfig(muon_lr=lr, fallback_lr=lr, **STE_SETTINGS)
+    optimizer = MuonGrokfast(muon_param_groups(model), **settings.to_kwargs())
+    optimizer.register_attention(model)
+    return optimizer
+
+
+def file_size(record: dict) -> int:
+    """Bytes on disk of a registered model's checkpoint file."""
+    return Path(record["path"]).stat().st_size
+
+
+def _quality(result: dict) -> dict:
+    return {"accuracy": float(result["accuracy"]), "loss": float(result["loss"]),
+            "perplexity": float(result["perplexity"])}
+
+
+class BitNetPhase(PhaseController):
+    phase = 4
+    name = "bitnet"
+
+    def validate_input(self, ctx) -> None:
+        if len(ctx.inputs) != 1:
+            raise HandoffError(f"phase 4 quantizes exactly one model; got {len(ctx.inputs)}")
+        item = ctx.inputs[0]
+        for key in ("model_config", "tokenizer", "task_weights"):
+            if key not in item.metadata:
+                raise HandoffError(f"input model {item.record.get('name')!r} lacks metadata {key!r}")
+        path = item.record.get("path")
+        if not path or not Path(path).is_file():
+            raise HandoffError(f"input model {item.record.get('name')!r} has no checkpoint file to compare "
+                               f"sizes with (record path {path!r})")
+        if not bit_layers(to_bitlinear(item.model, ctx.phase_config.preserve_layers)):
+            raise HandoffError(f"preserve_layers {ctx.phase_config.preserve_layers} leave no Linear to quantize")
+
+    def execute(self, ctx) -> PhaseResult:
+        cfg, started, item = ctx.phase_config, time.perf_counter(), ctx.inputs[0]
+        shape = TransformerConfig.from_dict(item.metadata["model_config"])
+        tokenizer = CharTokenizer.from_dict(item.metadata["tokenizer"])
+        tasks = {t: 1.0 for t in sorted(item.metadata["task_weights"])}
+        train = make_examples(tasks, cfg.train_examples, "train", ctx.seed)
+        test = make_examples(tasks, cfg.eval_examples, "test", ctx.seed)
+        score = lambda m: _quality(evaluate(m, test, tokenizer, shape.max_len))   # noqa: E731
+        before = score(item.model)
+        model = to_bitlinear(item.model, cfg.preserve_layers)
+        calibration = calibrate(model, train[:cfg.calibration_samples], tokenizer, shape.max_len)
+        ctx.progress(0.05, "converted to BitLinear; calibration measured")
+        quantized_only = score(model)
+        log = self._fine_tune(ctx, model, train, tokenizer, shape.max_len)
+        packed = score(freeze_all(model))
+        info = save_checkpoint(model.state_dict(), ctx.phase_dir / PACKED_FILE, {
+            "model_config": shape.to_dict(), "tokenizer": tokenizer.to_dict(),
+            "format": "BitNet b1.58: BitLinear packed_weight (uint8, 4 ternary codes q+1 per byte, planar) "
+                      "and weight_scale; embeddings, norms and head fp32; BitLinear input norm = identity",
+            "bit_layers": sorted(bit_layers(model))})
+        handed = dequantize(model, shape)
+        metrics = self._metrics(before, quantized_only, packed, score(handed), calibration, log,
+                                file_size(item.record), info.size_bytes, sparsity(model))
+        ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)})
+        meta = {"model_config": shape.to_dict(), "tokenizer": tokenizer.to_dict(),
+                "task_weights": dict(item.metadata["task_weights"]), "parameter_count": handed.num_parameters(),
+                "compression_ratio": metrics["compression_ratio"],
+                "accuracy_retention": metrics["accuracy_retention"],
+                "packed_checkpoint": str(info.path), "packed_sha256": info.sha256,
+                "packed_size_bytes": info.size_bytes, "float_size_bytes": metrics["float_size_bytes"],
+                "quantization": "BitNet b1.58 absmean ternary, per tensor; dequantized weights q * scale"}
+        output = ModelOutput(name="bitnet", model=handed, metadata=meta, metrics=metrics, tags=("ternary",))
+        return PhaseResult(success=True, models=[output], metrics=metrics, duration_s=time.perf_counter() - started)
+
+    @staticmethod
+    def _fine_tune(ctx, model, train, tokenizer, max_len):
+        cfg = ctx.phase_config
+        if cfg.fine_tune_steps == 0:
+            return None
+
+        def on_step(step: int, loss: float) -> None:
+            if step % 10 == 0:
+                ctx.progress(0.05 + 0.9 * step / cfg.fine_tune_steps, f"STE step {step} loss {loss:.3f}")
+            if step % 50 == 0:
+                ctx.tracker.log({"train_loss": loss}, step=step)
+
+        return train_on_examples(model, ste_optimizer(model, cfg.fine_tune_lr), train, tokenizer,
+                                 steps=cfg.fine_tune_steps, batch_size=cfg.batch_size, max_len=max_len,
+                                 seed=ctx.seed, on_step=on_step)
+
+    @staticmethod
+    def _metrics(before, quantized_only, packed, handed, calibration, log, float_bytes, packed_bytes,
+                 zero_fraction) -> dict:
+        """Sizes, and quality of the float input, the ternary model before fine-tuning, the packed model
+        and the dequantized model handed on (all on the same held-out test examples)."""
+        base = before["accuracy"]
+        retention = (lambda acc: acc / base if base > 0 else float(acc >= base))   # noqa: E731
+        drop = max(base - packed["accuracy"], base - handed["accuracy"])
+        gap = quantized_only["loss"] - before["loss"]
+        metrics = {
+            "float_accuracy": before["accuracy"], "float_loss": before["loss"],
+            "float_perplexity": before["perplexity"],
+            "quantized_only_accuracy": quantized_only["accuracy"], "quantized_only_loss": quantized_only["loss"],
+            "packed_accuracy": packed["accuracy"], "packed_loss": packed["loss"],
+            "packed_perplexity": packed["perplexity"],
+            "accuracy": handed["accuracy"], "val_accuracy": handed["accuracy"], "val_loss": handed["loss"],
+            "val_perplexity": handed["perplexity"],
+            "accuracy_drop": drop, "accuracy_retention": retention(min(packed["accuracy"], handed["accuracy"])),
+            "packed_accuracy_retention": retention(packed["accuracy"]),
+            "perplexity_degradation": packed["perplexity"] / before["perplexity"] - 1.0,
+            "loss_recovery": (quantized_only["loss"] - packed["loss"]) / gap if gap > 0 else 1.0,
+            "float_size_bytes": int(float_bytes), "packed_size_bytes": int(packed_bytes),
+            "compression_ratio": float_bytes / packed_bytes, "model_size_mb": packed_bytes / 2**20,
+            "sparsity_ratio": zero_fraction, **calibration}
+        if log is not None:
+            metrics["final_train_loss"] = log.smoothed_loss()
+        return metrics
+
+    def validate_output(self, result: PhaseResult, ctx) -> None:
+        super().validate_output(result, ctx)
+        cfg, metrics = ctx.phase_config, result.metrics
+        if metrics["compression_ratio"] < cfg.min_compression:
+            raise HandoffError(f"compression ratio {metrics['compression_ratio']:.2f} (fp32 file "
+                               f"{metrics['float_size_bytes']} B / packed {metrics['packed_size_bytes']} B) is "
+                               f"below min_compression {cfg.min_compression}")
+        if metrics["accuracy_drop"] > cfg.max_accuracy_drop:
+            raise HandoffError(f"accuracy drop {metrics['accuracy_drop']:.3f} (float {metrics['float_accuracy']:.3f}, "
+                               f"packed {metrics['packed_accuracy']:.3f}, dequantized {metrics['accuracy']:.3f}) "
+                               f"exceeds max_accuracy_drop {cfg.max_accuracy_drop}")
