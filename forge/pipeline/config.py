@@ -151,7 +151,7 @@ class Phase2Config(Section):
 class Phase3Config(Section):
     thinking_tokens: int = Field(6, ge=2, le=12)     # <think>, </think> + strategy tokens
     baking_steps: int = Field(30, ge=1)
-    baking_lr: float = Field(1e-3, gt=0)
+    baking_lr: float = Field(1e-4, gt=0)
     baking_traj_len: int = Field(6, ge=1)
     rl_steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1)
