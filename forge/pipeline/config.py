@@ -147,26 +147,27 @@ class Phase2Config(Section):
         return self
 
 
-# -- phases 3..8: not implemented yet; the seed's settings scaled to a tiny model -------------------
-class AntiTheater(Section):
-    min_divergence: float = Field(0.3, ge=0, le=1)
-    min_ablation_drop: float = Field(0.02, ge=0, le=1)
-    min_correlation: float = Field(0.5, ge=-1, le=1)
-
-
+# -- phase 3: quietstar ---------------------------------------------------------------------------
 class Phase3Config(Section):
-    thinking_tokens: int = Field(12, ge=2)
-    baking_steps: int = Field(300, ge=1)
+    thinking_tokens: int = Field(6, ge=2, le=12)     # <think>, </think> + strategy tokens
+    baking_steps: int = Field(30, ge=1)
     baking_lr: float = Field(1e-4, gt=0)
-    convergence_threshold: float = Field(0.85, ge=0, le=1)
-    rl_episodes: int = Field(500, ge=1)
-    num_thoughts: int = Field(4, ge=1)
+    baking_traj_len: int = Field(6, ge=1)
+    rl_steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    num_thoughts: int = Field(4, ge=2)
     thought_length: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
     rl_lr: float = Field(5e-4, gt=0)
-    kl_coefficient: float = Field(0.1, ge=0)
-    anti_theater: AntiTheater = Field(default_factory=AntiTheater)
+    plain_answer_weight: float = Field(1.0, ge=0)
+    train_examples: int = Field(4000, ge=1)
+    eval_examples: int = Field(256, ge=2)
+    min_thought_gain: float = Field(0.0, ge=-1, le=1)
+    min_distinct_thoughts: float = Field(0.5, ge=0, le=1)
+    seed: int = Field(0, ge=0)
 
 
+# -- phases 4..8: not implemented yet; the seed's settings scaled to a tiny model -------------------
 class Phase4Config(Section):
     preserve_layers: list[str] = Field(default_factory=lambda: ["embed", "norm", "head"], min_length=1)
     calibration_samples: int = Field(256, ge=1)

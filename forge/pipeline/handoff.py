@@ -7,7 +7,8 @@ evomerge->quietstar 1 model with {fitness, merge_technique}; quietstar->bitnet a
 accuracy_retention}) and its constants (PHASE7_MIN_EXPERTS_DISCOVERED = 2, levels/cycles >= 1),
 scaled to our 0.1-5M parameter models. Thresholds that are settings read the config, so
 `--set phases.phase1.min_margin_over_baseline=0.3` tightens the rule too.
-Rules 3->4 onward guard phases that are not implemented yet; they are provisional.
+Rule 3->4 requires Phase 3's measured thought gain; rules 4->5 onward guard phases that are not
+implemented yet and are provisional.
 """
 from __future__ import annotations
 
@@ -56,8 +57,11 @@ _RULES = (
     HandoffRule(2, 3, 1, ("fitness", "merge_technique"),
                 (MetricBound("fitness_gain", low=0.0, strict=True),),
                 notes="one champion whose fitness beats the best input model's"),
-    HandoffRule(3, 4, 1, ("coherence_score", "validity_rate"), (MetricBound("accuracy", low=0.5),),
-                notes="provisional; seed: accuracy >= 0.80 at 25M params on real benchmarks"),
+    HandoffRule(3, 4, 1, ("thought_gain", "coherence_score", "validity_rate"),
+                (MetricBound("thought_gain", low="phases.phase3.min_thought_gain", strict=True),
+                 MetricBound("content_gain", low=0.0, strict=True)),
+                notes="thoughts must raise held-out accuracy over no thought, and beat another input's thought "
+                      "(seed: accuracy >= 0.80 at 25M params on real benchmarks)"),
     HandoffRule(4, 5, 1, ("compression_ratio", "accuracy_retention"),
                 (MetricBound("compression_ratio", low="phases.phase4.min_compression"),
                  MetricBound("accuracy_drop", high="phases.phase4.max_accuracy_drop")),

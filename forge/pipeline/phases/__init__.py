@@ -13,7 +13,7 @@ from forge.pipeline.controller import PhaseController, PipelineError
 PHASES: dict[int, tuple[str, str | None]] = {
     1: ("cognate", "forge.pipeline.phases.phase1_cognate:CognatePhase"),
     2: ("evomerge", "forge.pipeline.phases.phase2_evomerge:EvoMergePhase"),
-    3: ("quietstar", None),
+    3: ("quietstar", "forge.pipeline.phases.phase3_quietstar:QuietStarPhase"),
     4: ("bitnet", "forge.pipeline.phases.phase4_bitnet:BitNetPhase"),
     5: ("curriculum", None),
     6: ("baking", None),

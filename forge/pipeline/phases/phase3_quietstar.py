@@ -1,0 +1,137 @@
+"""Phase 3, Quiet-STaR (Zelikman et al. 2024, "Quiet-STaR", arXiv 2403.09629): teach the champion to think.
+
+1. Thought tokens: `<think>`, `</think>` and strategy tokens join the tokenizer; the model's embedding and
+   head grow by those rows (`resize_vocab`: old rows copied, new rows small).
+2. The phase-3 reasoning prompt ("think, then say:") is baked in with PromptBaker.
+3. RL (`forge.pipeline.rl_thoughts.ThoughtTrainer`): sampled thoughts after `<sep>`, reward = log p(answer |
+   thought) - log p(answer | no thought), REINFORCE with the mean reward of an input's thoughts as baseline,
+   the answer's NLL with and without a thought, and KL to the baked model (KLRegularizer, the phase-3 preset's
+   coefficient), optimized with the phase-3 MuonGrokfast preset.
+4. Anti-theater, on held-out (test split) inputs, every mode actually run: accuracy with the model's own greedy
+   thoughts against no thought, an empty thought, and another input's thought. The phase fails unless
+   thoughts raise accuracy (thought_gain > min_thought_gain), their content matters (content_gain > 0) and
+   they differ across inputs (distinct_thoughts >= min_distinct_thoughts).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from forge.data import CharTokenizer, evaluate, make_examples
+from forge.ops.kl_div import kl_div_logits
+from forge.optim import KLRegularizer, create_optimizer_from_phase
+from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult
+from forge.pipeline.rl_thoughts import ThoughtTrainer, bake_reasoning_prompt
+from forge.pipeline.thoughts import (ThoughtIds, ablation_eval, build_rows, example_ids, resize_vocab,
+                                     thought_token_names, thoughts_for)
+
+
+class QuietStarPhase(PhaseController):
+    phase = 3
+    name = "quietstar"
+
+    def validate_input(self, ctx) -> None:
+        if len(ctx.inputs) != 1:
+            raise HandoffError(f"phase 3 trains one model (Phase 2's champion); got {len(ctx.inputs)}")
+        for key in ("tokenizer", "task_weights", "model_config"):
+            if key not in ctx.inputs[0].metadata:
+                raise HandoffError(f"input model lacks metadata {key!r}")
+
+    def execute(self, ctx) -> PhaseResult:
+        cfg, started, source = ctx.phase_config, time.perf_counter(), ctx.inputs[0]
+        tokenizer = CharTokenizer.from_dict(source.metadata["tokenizer"])
+        tasks = dict(source.metadata["task_weights"])
+        train = make_examples(tasks, cfg.train_examples, "train", cfg.seed)
+        test = make_examples(tasks, cfg.eval_examples, "test", cfg.seed)
+        max_len = source.model.config.max_len
+        input_accuracy = evaluate(source.model, test, tokenizer, max_len)["accuracy"]
+        tokenizer.add_special_tokens(thought_token_names(cfg.thinking_tokens))
+        _check_fits(train + test, tokenizer, cfg.thought_length, max_len)
+        ids = ThoughtIds.from_tokenizer(tokenizer)
+        grown = resize_vocab(source.model, tokenizer.vocab_size, seed=cfg.seed)
+        ctx.progress(0.02, "baking the reasoning prompt")
+        bake = bake_reasoning_prompt(grown, train, tokenizer, cfg, cfg.seed)
+        baked = bake.model
+        model = copy.deepcopy(baked)
+        log = self._train(ctx, model, baked, train, tokenizer, ids)
+        ctx.progress(0.97, "ablation checks")
+        checks = ablation_eval(model, test, tokenizer, ids, cfg.thought_length)
+        baked_checks = ablation_eval(baked, test, tokenizer, ids, cfg.thought_length)
+        metrics = _metrics(checks, baked_checks, input_accuracy, bake, log, model, baked, test, tokenizer, ids, cfg)
+        ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)})
+        output = ModelOutput(name="quietstar", model=model, metrics=metrics, metadata={
+            "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(),
+            "parameter_count": model.num_parameters(), "task_weights": tasks,
+            "thought_tokens": thought_token_names(cfg.thinking_tokens), "thought_length": cfg.thought_length,
+            "thought_gain": metrics["thought_gain"], "coherence_score": metrics["coherence_score"],
+            "validity_rate": metrics["validity_rate"], "sample_thoughts": checks["samples"],
+            "reward_curve": log[:: max(1, len(log) // 50)]})
+        return PhaseResult(success=True, models=[output], metrics=metrics, duration_s=time.perf_counter() - started)
+
+    @staticmethod
+    def _train(ctx, model, baked, train, tokenizer, ids) -> list[float]:
+        """cfg.rl_steps RL steps; returns the mean reward of each step's sampled thoughts."""
+        cfg = ctx.phase_config
+        optimizer = create_optimizer_from_phase(model, 3, lr=cfg.rl_lr, adamw_lr=cfg.rl_lr)
+        kl = KLRegularizer(baked, optimizer.kl_coefficient)
+        trainer = ThoughtTrainer(model, optimizer, kl, train, tokenizer, ids, cfg, cfg.seed)
+        rewards = []
+        for step in range(1, cfg.rl_steps + 1):
+            stats = trainer.step()
+            rewards.append(stats["reward"])
+            if step % 10 == 0:
+                ctx.progress(0.05 + 0.9 * step / cfg.rl_steps, f"RL step {step} reward {stats['reward']:.3f}")
+            if step % 25 == 0:
+                ctx.tracker.log({f"rl/{k}": v for k, v in stats.items()}, step=step)
+        model.eval()
+        return rewards
+
+    def validate_output(self, result: PhaseResult, ctx) -> None:
+        super().validate_output(result, ctx)
+        check_thought_gain(result.metrics, ctx.phase_config)
+
+
+def check_thought_gain(m: dict, cfg) -> None:
+    """The anti-theater rules; raises HandoffError with the measured numbers."""
+    numbers = (f"accuracy with thoughts {m['accuracy']:.3f}, without {m['accuracy_no_thoughts']:.3f}, empty thought "
+               f"{m['accuracy_empty_thought']:.3f}, another input's thought {m['accuracy_shuffled_thoughts']:.3f}")
+    if not m["thought_gain"] > cfg.min_thought_gain:
+        raise HandoffError(f"thoughts do not help: thought_gain {m['thought_gain']:.3f} is not > "
+                           f"{cfg.min_thought_gain} ({numbers})")
+    if not m["content_gain"] > 0:
+        raise HandoffError(f"thought content does not matter: content_gain {m['content_gain']:.3f} ({numbers})")
+    if m["distinct_thoughts"] < cfg.min_distinct_thoughts:
+        raise HandoffError(f"thoughts barely differ across inputs: distinct_thoughts {m['distinct_thoughts']:.3f} "
+                           f"< {cfg.min_distinct_thoughts}")
+
+
+def _check_fits(examples, tokenizer, thought_length: int, max_len: int) -> None:
+    """prompt + <sep> + <think> thought </think> + answer + <eos> must fit the model's max_len."""
+    longest = max(len(tokenizer.encode(ex.prompt)) + len(tokenizer.encode(ex.answer)) + 3 for ex in examples)
+    if longest + thought_length + 2 > max_len:
+        raise ValueError(f"phases.phase3.thought_length: {thought_length} does not fit; the longest example needs "
+                         f"{longest} tokens + thought_length + 2 markers <= max_len {max_len}")
+
+
+def _metrics(checks, baked_checks, input_accuracy, bake, rewards, model, baked, test, tokenizer, ids, cfg) -> dict:
+    tail = rewards[-max(1, len(rewards) // 10):]
+    metrics = {k: v for k, v in checks.items() if k != "samples"}
+    metrics.update({"input_accuracy": float(input_accuracy), "baked_accuracy": baked_checks["accuracy_no_thoughts"],
+                    "baked_thought_gain": baked_checks["thought_gain"],
+                    "bake_kl_before": bake.kl_before, "bake_kl_after": bake.kl_after,
+                    "kl_to_baked": _kl_to_baked(model, baked, test, tokenizer, ids, cfg.thought_length),
+                    "train_reward_first": sum(rewards[:len(tail)]) / len(tail),
+                    "train_reward_last": sum(tail) / len(tail)})
+    return metrics
+
+
+@torch.no_grad()
+def _kl_to_baked(model, baked, test, tokenizer, ids, length) -> float:
+    """KL(baked || model) per position over held-out thought sequences (the model's greedy thoughts)."""
+    prefixes, answers = example_ids(test, tokenizer)
+    rows = build_rows(prefixes, answers, ids, thoughts_for(model, prefixes, ids, length)[0])
+    device = next(model.parameters()).device
+    tokens = rows.tokens.to(device)
+    return float(kl_div_logits(model(tokens), baked(tokens), mask=tokens != ids.pad))

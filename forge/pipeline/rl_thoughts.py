@@ -1,0 +1,97 @@
+"""Quiet-STaR's training step (Zelikman et al. 2024, arXiv 2403.09629) and the reasoning-prompt bake before it.
+
+One step: for each of `batch_size` inputs of one prompt length, sample `num_thoughts` thoughts with the
+key/value cache; then, in one teacher-forced pass per format,
+
+    loss = REINFORCE(thoughts; r - mean r)  +  NLL(answer | thought)  +  plain_weight * NLL(answer | no thought)
+           +  KL(baked || model) on the thought sequences   (forge.optim.KLRegularizer, the preset's coefficient)
+
+NLL(answer | no thought) trains the plain format as much as the thought format, so accuracy with thoughts
+can only beat accuracy without them through what the thoughts carry, not through extra training.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from forge.baking import PromptBaker, get_prompt
+from forge.data.batching import IGNORE_INDEX
+from forge.pipeline.thoughts import (ThoughtIds, build_rows, by_length, example_ids, reinforce_loss, sample_thoughts,
+                                     target_logprobs)
+
+
+def answer_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per answer token (+ <eos>)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class ThoughtTrainer:
+    """Runs RL steps on `examples`; batches are drawn from one prompt-length group at a time (seeded)."""
+
+    def __init__(self, model, optimizer, kl, examples, tokenizer, ids: ThoughtIds, cfg, seed: int):
+        self.model, self.optimizer, self.kl, self.ids, self.cfg = model, optimizer, kl, ids, cfg
+        self.prefixes, self.answers = example_ids(examples, tokenizer)
+        self.groups = list(by_length(self.prefixes).values())
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = next(model.parameters()).device
+
+    def _batch(self) -> list[int]:
+        group = self.rng.choices(self.groups, weights=[len(g) for g in self.groups])[0]
+        return [self.rng.choice(group) for _ in range(self.cfg.batch_size)]
+
+    def step(self) -> dict:
+        """One optimizer step; returns its losses and the mean reward of the sampled thoughts."""
+        k, rows = self.cfg.num_thoughts, self._batch()
+        prefixes = [self.prefixes[i] for i in rows for _ in range(k)]
+        answers = [self.answers[i] for i in rows for _ in range(k)]
+        self.model.eval()
+        batch = torch.tensor([p + [self.ids.think] for p in prefixes], dtype=torch.long, device=self.device)
+        thoughts, closed = sample_thoughts(self.model, batch, self.ids, self.cfg.thought_length,
+                                           self.cfg.temperature, self.generator)
+        self.model.train()
+        with_t = build_rows(prefixes, answers, self.ids, thoughts, closed)
+        plain = build_rows(prefixes[::k], answers[::k], self.ids)
+        logits_t = self.model(with_t.tokens.to(self.device))
+        logits_p = self.model(plain.tokens.to(self.device))
+        answer_t = with_t.answer_targets.to(self.device)
+        gain = target_logprobs(logits_t, answer_t) - target_logprobs(logits_p, plain.answer_targets.to(self.device)
+                                                                     ).repeat_interleave(k)
+        policy = reinforce_loss(target_logprobs(logits_t, with_t.thought_targets.to(self.device)), gain, k)
+        nll_t, nll_p = answer_nll(logits_t, answer_t), answer_nll(logits_p, plain.answer_targets.to(self.device))
+        kl = self.kl(with_t.tokens.to(self.device), logits_t)
+        loss = policy + nll_t + self.cfg.plain_answer_weight * nll_p + kl
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"phase 3 loss became {loss.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item(), "policy_loss": policy.item(), "answer_nll_thought": nll_t.item(),
+                "answer_nll_plain": nll_p.item(), "kl": kl.item(), "reward": gain.detach().mean().item(),
+                "closed": sum(closed) / len(closed)}
+
+
+def bake_reasoning_prompt(model, examples, tokenizer, cfg, seed: int):
+    """Bake the phase-3 reasoning prompt ("think, then say:") into `model` with PromptBaker (Bhargava et al.
+    2024, arXiv 2409.13697): the teacher reads prompt + `<bos> task <sep>`, the student only the task; the
+    trajectories are answers (stopped at <eos>). Inputs too long for prompt + input + trajectory are left out."""
+    prompt = get_prompt("phase3_reasoning").ids(tokenizer)
+    room = model.config.max_len - prompt.shape[1] - cfg.baking_traj_len
+    prefixes = [p for p in example_ids(examples, tokenizer)[0] if len(p) <= room]
+    if not prefixes:
+        raise ValueError(f"no input fits the baking prompt ({prompt.shape[1]} tokens) plus baking_traj_len "
+                         f"{cfg.baking_traj_len} in max_len {model.config.max_len}")
+    groups = [torch.tensor([prefixes[i] for i in g], dtype=torch.long) for g in by_length(prefixes).values()]
+    rng, device = random.Random(seed), next(model.parameters()).device
+
+    def sampler(batch_size: int) -> torch.Tensor:
+        pool = rng.choices(groups, weights=[len(g) for g in groups])[0]
+        return pool[[rng.randrange(len(pool)) for _ in range(batch_size)]].to(device)
+
+    held_out = max(groups, key=len)
+    baker = PromptBaker(model, rank=4, alpha=8.0, lr=cfg.baking_lr, steps=cfg.baking_steps, batch_size=16,
+                        traj_len=cfg.baking_traj_len, seed=seed, stop_token=tokenizer.eos_id,
+                        eval_every=cfg.baking_steps)
+    return baker.bake(prompt, sampler, eval_inputs=held_out[:64])

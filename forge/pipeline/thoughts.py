@@ -1,0 +1,221 @@
+"""Quiet-STaR's mechanics (Zelikman et al. 2024, "Quiet-STaR", arXiv 2403.09629) on forge's task format.
+
+A thought is a run of tokens the model samples itself between `<think>` and `</think>`, placed after the
+prompt's `<sep>`:  `<bos> prompt <sep> <think> t_1..t_k </think> answer <eos>`. Its reward is the paper's
+signal, the gain in the answer's log-probability with the thought over without it:
+
+    r = log p(answer | prompt, thought) - log p(answer | prompt)
+
+and REINFORCE with the mean reward of the thoughts sampled for the same input as the baseline raises the
+log-probability of the thoughts that helped more than their siblings (the paper's eq. 5 and 6).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from forge.data.batching import IGNORE_INDEX, prompt_ids
+from forge.nn import Transformer, TransformerConfig
+
+THINK, END_THINK = "<think>", "</think>"
+STRATEGY_TOKENS = ("<step>", "<carry>", "<check>", "<sort>", "<rev>", "<copy>", "<mod>", "<digit>", "<recall>",
+                   "<answer>")
+
+
+def thought_token_names(count: int) -> list[str]:
+    """`<think>`, `</think>` and the first count - 2 strategy tokens (count in 2..12)."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= 2 + len(STRATEGY_TOKENS):
+        raise ValueError(f"thinking_tokens must be an int in 2..{2 + len(STRATEGY_TOKENS)}, got {count!r}")
+    return [THINK, END_THINK, *STRATEGY_TOKENS[: count - 2]]
+
+
+def resize_vocab(model: Transformer, new_vocab: int, init_std: float = 0.02, seed: int = 0) -> Transformer:
+    """A copy of `model` with `new_vocab` embedding and head rows: the old rows copied, the new ones drawn
+    from N(0, init_std^2) (small, so the new tokens start unlikely). Logits of old tokens keep their values
+    on inputs of old tokens."""
+    old = model.config.vocab_size
+    if isinstance(new_vocab, bool) or not isinstance(new_vocab, int) or new_vocab < old:
+        raise ValueError(f"new_vocab must be an int >= the model's vocab_size {old}, got {new_vocab!r}")
+    grown = Transformer(TransformerConfig.from_dict({**model.config.to_dict(), "vocab_size": new_vocab}))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    for key in ("embed.weight", "head.weight"):
+        if key not in state:
+            continue
+        rows = torch.randn(new_vocab - old, state[key].shape[1], generator=generator) * init_std
+        state[key] = torch.cat([state[key], rows.to(state[key].dtype)], 0)
+    grown.load_state_dict(state)
+    return grown.to(next(model.parameters()).device)
+
+
+@dataclass
+class ThoughtIds:
+    """Token ids the thought machinery needs: the markers and the ids a thought may not contain."""
+    think: int
+    end: int
+    banned: tuple[int, ...]    # pad, bos, eos, sep, <think>: they would break the sequence format
+    pad: int
+    eos: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "ThoughtIds":
+        think, end = tokenizer.token_id(THINK), tokenizer.token_id(END_THINK)
+        banned = (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sep_id, think)
+        return cls(think, end, banned, tokenizer.pad_id, tokenizer.eos_id)
+
+
+@torch.no_grad()
+def sample_thoughts(model, prefixes: torch.Tensor, ids: ThoughtIds, length: int, temperature: float,
+                    generator: torch.Generator | None = None) -> tuple[list[list[int]], list[bool]]:
+    """Sample one thought per row of `prefixes` (B, P), rows of one length ending in `<think>`, with the
+    key/value cache: up to `length` tokens at `temperature` (0 = greedy), stopping a row at `</think>`.
+    Returns the thoughts (without the markers) and whether each closed itself with `</think>`."""
+    logits, cache = model(prefixes, use_cache=True)
+    steps = []
+    for step in range(length):
+        last = logits[:, -1].float()
+        last[:, list(ids.banned)] = float("-inf")
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator)
+        else:
+            nxt = last.argmax(-1, keepdim=True)
+        steps.append(nxt)
+        if step < length - 1:
+            logits, cache = model(nxt, past_key_values=cache, use_cache=True)
+    thoughts, closed = [], []
+    for row in torch.cat(steps, 1).tolist():
+        ended = ids.end in row
+        thoughts.append(row[: row.index(ids.end)] if ended else row)
+        closed.append(ended)
+    return thoughts, closed
+
+
+@dataclass
+class Rows:
+    """Teacher-forced sequences: tokens (N, T); answer_targets / thought_targets (N, T) hold the next token
+    at the answer (+ <eos>) positions and at the sampled thought positions, IGNORE_INDEX elsewhere."""
+    tokens: torch.Tensor
+    answer_targets: torch.Tensor
+    thought_targets: torch.Tensor
+
+
+def build_rows(prefixes: list[list[int]], answers: list[list[int]], ids: ThoughtIds,
+               thoughts: list[list[int] | None] | None = None, closed: list[bool] | None = None) -> Rows:
+    """`prefix [<think> thought </think>] answer <eos>` per row, right-padded. A row whose thought is None has
+    no thought block (the plain format). `</think>` is a thought target only where the model closed it."""
+    n = len(prefixes)
+    thoughts = thoughts if thoughts is not None else [None] * n
+    closed = closed if closed is not None else [False] * n
+    seqs, spans = [], []
+    for prefix, answer, thought, shut in zip(prefixes, answers, thoughts, closed):
+        mid = [] if thought is None else [ids.think, *thought, ids.end]
+        seqs.append(prefix + mid + answer + [ids.eos])
+        sampled = 0 if thought is None else len(thought) + int(shut)
+        spans.append((len(prefix), sampled, len(prefix) + len(mid)))
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((n, width), ids.pad, dtype=torch.long)
+    answer_t = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    thought_t = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    for b, (seq, (think_at, sampled, answer_at)) in enumerate(zip(seqs, spans)):
+        tokens[b, : len(seq)] = torch.tensor(seq)
+        answer_t[b, answer_at - 1: len(seq) - 1] = torch.tensor(seq[answer_at:])
+        if sampled:
+            thought_t[b, think_at: think_at + sampled] = torch.tensor(seq[think_at + 1: think_at + 1 + sampled])
+    return Rows(tokens, answer_t, thought_t)
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed log-probability of the target tokens (IGNORE_INDEX positions count 0)."""
+    keep = targets != IGNORE_INDEX
+    logp = F.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return torch.where(keep, logp, 0.0).sum(1)
+
+
+def exact_answers(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, whether greedy decoding after the fixed prefix reproduces the answer and <eos> exactly
+    (teacher forcing is exact for this; see forge.data.evaluate)."""
+    keep = targets != IGNORE_INDEX
+    return ((logits.argmax(-1) == targets) | ~keep).all(1)
+
+
+def thought_rewards(model, prefixes, answers, thoughts, ids: ThoughtIds) -> torch.Tensor:
+    """The paper's reward per thought: log p(answer | prompt, thought) - log p(answer | prompt)."""
+    with_thought = build_rows(prefixes, answers, ids, thoughts)
+    plain = build_rows(prefixes, answers, ids)
+    with torch.no_grad():
+        gain = target_logprobs(model(with_thought.tokens), with_thought.answer_targets)
+        base = target_logprobs(model(plain.tokens), plain.answer_targets)
+    return gain - base
+
+
+def reinforce_loss(thought_logp: torch.Tensor, rewards: torch.Tensor, num_thoughts: int) -> torch.Tensor:
+    """REINFORCE with a baseline: -(r - mean r over the num_thoughts thoughts of the same input) * log p(thought),
+    rows grouped as (input, thought) with the thoughts of one input adjacent."""
+    grouped = rewards.detach().view(-1, num_thoughts)
+    advantage = (grouped - grouped.mean(1, keepdim=True)).flatten()
+    return -(advantage * thought_logp).mean()
+
+
+def example_ids(examples, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """(`<bos> prompt <sep>` ids, answer ids) of each example."""
+    return ([prompt_ids(ex, tokenizer) for ex in examples], [tokenizer.encode(ex.answer) for ex in examples])
+
+
+def by_length(prefixes: list[list[int]]) -> dict[int, list[int]]:
+    """Row indices grouped by prefix length (a cached batch needs rows of one length)."""
+    groups: dict[int, list[int]] = {}
+    for i, prefix in enumerate(prefixes):
+        groups.setdefault(len(prefix), []).append(i)
+    return groups
+
+
+def thoughts_for(model, prefixes: list[list[int]], ids: ThoughtIds, length: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> tuple[list[list[int]], list[bool]]:
+    """A thought for every prefix (any lengths): sampled in groups of one prefix length, in input order."""
+    device = next(model.parameters()).device
+    thoughts: list = [None] * len(prefixes)
+    closed: list = [False] * len(prefixes)
+    for rows in by_length(prefixes).values():
+        batch = torch.tensor([prefixes[i] + [ids.think] for i in rows], dtype=torch.long, device=device)
+        got, shut = sample_thoughts(model, batch, ids, length, temperature, generator)
+        for i, thought, flag in zip(rows, got, shut):
+            thoughts[i], closed[i] = thought, flag
+    return thoughts, closed
+
+
+@torch.no_grad()
+def _score(model, prefixes, answers, ids, thoughts=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exact-match flags, answer log-probs, logits) of the rows with the given thoughts (None: plain)."""
+    rows = build_rows(prefixes, answers, ids, thoughts)
+    logits = model(rows.tokens.to(next(model.parameters()).device)).float().cpu()
+    return exact_answers(logits, rows.answer_targets), target_logprobs(logits, rows.answer_targets), rows
+
+
+def ablation_eval(model, examples, tokenizer, ids: ThoughtIds, length: int) -> dict:
+    """Accuracy with the model's own greedy thoughts against three ablations run on the same examples:
+    no thought block (the plain format), an empty `<think></think>`, and the thought generated for another
+    input (the next example's, cyclically). thought_gain = with - max(plain, empty); content_gain = with -
+    shuffled. Also: distinct thoughts / examples, the fraction closed by `</think>` (validity), the fraction
+    with a positive reward (coherence), the mean reward, and how often the answer text is in the thought."""
+    was_training = model.training
+    model.eval()
+    prefixes, answers = example_ids(examples, tokenizer)
+    thoughts, closed = thoughts_for(model, prefixes, ids, length)
+    own, own_logp, _ = _score(model, prefixes, answers, ids, thoughts)
+    plain, plain_logp, _ = _score(model, prefixes, answers, ids)
+    empty, _, _ = _score(model, prefixes, answers, ids, [[] for _ in thoughts])
+    shuffled, _, _ = _score(model, prefixes, answers, ids, thoughts[1:] + thoughts[:1])
+    model.train(was_training)
+    acc = {name: float(flags.float().mean()) for name, flags in
+           (("with", own), ("plain", plain), ("empty", empty), ("shuffled", shuffled))}
+    reward = own_logp - plain_logp
+    leaks = [ex.answer in tokenizer.decode(t) for ex, t in zip(examples, thoughts)]
+    return {"accuracy": acc["with"], "accuracy_no_thoughts": acc["plain"], "accuracy_empty_thought": acc["empty"],
+            "accuracy_shuffled_thoughts": acc["shuffled"], "thought_gain": acc["with"] - max(acc["plain"], acc["empty"]),
+            "content_gain": acc["with"] - acc["shuffled"],
+            "distinct_thoughts": len({tuple(t) for t in thoughts}) / len(thoughts),
+            "validity_rate": sum(closed) / len(closed), "coherence_score": float((reward > 0).float().mean()),
+            "mean_reward": float(reward.mean()), "answer_in_thought": sum(leaks) / len(leaks),
+            "samples": [tokenizer.decode(t, skip_special=False) for t in thoughts[:5]]}
