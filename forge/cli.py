@@ -58,21 +58,29 @@ def _pipeline(config, registry):
 
 
 def _phases(_args) -> int:
-    from forge.pipeline.phases import PHASES, is_implemented
+    from forge.pipeline.config import load_config
+    from forge.pipeline.phases import PHASES, is_implemented, why_not_runnable
 
+    config = load_config()
     for number, (name, _) in PHASES.items():
-        print(f"{number}  {name:<12} {'implemented' if is_implemented(number) else 'not implemented yet'}")
+        if not is_implemented(number):
+            state = "not implemented yet"
+        elif why_not_runnable(number, config):
+            state = f"implemented, experimental: off by default (--set phases.phase{number}.enabled=true)"
+        else:
+            state = "implemented"
+        print(f"{number}  {name:<12} {state}")
     return 0
 
 
 def _dry_run(config, plan: list[int]) -> int:
     from forge.pipeline.estimate import estimate
     from forge.pipeline.handoff import validate_table
-    from forge.pipeline.phases import is_implemented, phase_name
+    from forge.pipeline.phases import phase_name, why_not_runnable
 
     runnable = []
     for phase in plan:
-        if not is_implemented(phase):
+        if why_not_runnable(phase, config):
             break
         runnable.append(phase)
     print(f"config ok; plan: phases {plan[0]}..{plan[-1]}")
@@ -81,7 +89,7 @@ def _dry_run(config, plan: list[int]) -> int:
     seconds = estimate(config, runnable)
     for phase in plan:
         note = f"~{seconds[phase]:.0f} s" if phase in seconds else (
-            "implemented" if phase in runnable else "not implemented yet")
+            "implemented" if phase in runnable else why_not_runnable(phase, config) or "not reached")
         print(f"  phase {phase} {phase_name(phase):<12} {note}")
     if runnable != plan:
         print(f"a run would stop after phase {runnable[-1]}" if runnable else "no phase of this plan can run yet")

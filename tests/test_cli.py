@@ -34,14 +34,16 @@ def test_bench_quick_runs_and_reports_ratios(tmp_path):
             assert r["rel_err_vs_fp64"] < 1e-3
 
 
-def test_phases_lists_every_phase_and_4_to_8_as_not_implemented_yet():
+def test_phases_lists_every_phase_and_5_to_8_as_not_implemented_yet():
     result = forge("phases")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     names = ["cognate", "evomerge", "quietstar", "bitnet", "curriculum", "baking", "experts", "compression"]
     assert [line.split()[:2] for line in lines] == [[str(n), name] for n, name in enumerate(names, 1)]
-    assert not any(line.endswith("not implemented yet") for line in lines[:3])
-    assert all(line.endswith("not implemented yet") for line in lines[3:])
+    assert [line.split(None, 2)[2] for line in lines[:4]] == [
+        "implemented", "implemented",
+        "implemented, experimental: off by default (--set phases.phase3.enabled=true)", "implemented"]
+    assert all(line.endswith("not implemented yet") for line in lines[4:])
 
 
 def test_pipeline_errors_exit_nonzero_with_the_reason_and_write_nothing(tmp_path):
@@ -65,7 +67,9 @@ def test_dry_run_validates_and_writes_nothing(tmp_path):
     result = forge("run", "--dry-run", "--set", "phases.phase1.steps=10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "config ok" in result.stdout and "handoff 1->2: 3 model(s)" in result.stdout
-    assert "phase 4 bitnet       not implemented yet" in result.stdout and "nothing was written" in result.stdout
+    assert "phase 3 quietstar    is experimental and off (phases.phase3.enabled: false)" in result.stdout
+    assert "phase 4 bitnet       not reached" in result.stdout
+    assert "phase 5 curriculum   is not implemented yet" in result.stdout and "nothing was written" in result.stdout
     assert list(tmp_path.iterdir()) == []
 
 

@@ -149,6 +149,7 @@ class Phase2Config(Section):
 
 # -- phase 3: quietstar ---------------------------------------------------------------------------
 class Phase3Config(Section):
+    enabled: bool = False   # experimental: no positive thought gain measured yet (see the YAML)
     thinking_tokens: int = Field(6, ge=2, le=12)     # <think>, </think> + strategy tokens
     baking_steps: int = Field(30, ge=1)
     baking_lr: float = Field(1e-4, gt=0)

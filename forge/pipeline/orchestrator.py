@@ -23,7 +23,7 @@ from forge.pipeline.config import PipelineConfig
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext, PhaseResult, PipelineError
 from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
 from forge.pipeline.models import build_from_metadata
-from forge.pipeline.phases import load_controller_class, make_plan, phase_name
+from forge.pipeline.phases import load_controller_class, make_plan, phase_name, why_not_runnable
 from forge.registry.checkpoint import load_checkpoint, save_checkpoint
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -192,9 +192,10 @@ class Pipeline:
         for index, phase in enumerate(phases):
             if phase in completed:
                 continue
+            reason = why_not_runnable(phase, self.config)
+            if reason is not None:
+                return self._stopped(session_id, phases, phase, completed, reason)
             controller_cls = load_controller_class(phase)
-            if controller_cls is None:
-                return self._stopped(session_id, phases, phase, completed)
             inputs = self._inputs(session_id, phase, plan, completed)
             if phase > 1:
                 self._check_handoff(session_id, phase - 1, phase, inputs)
@@ -206,11 +207,11 @@ class Pipeline:
                          f"session {session_id}: completed phase{'s' if len(phases) > 1 else ''} "
                          f"{phases[0]}..{last}; final models {', '.join(completed[last]['model_ids'])}")
 
-    def _stopped(self, session_id: str, phases: list[int], phase: int, completed: dict) -> RunReport:
+    def _stopped(self, session_id: str, phases: list[int], phase: int, completed: dict, reason: str) -> RunReport:
         done = [p for p in phases if p in completed]
         final = completed[done[-1]]["model_ids"] if done else []
         after = f"after phase {done[-1]} ({phase_name(done[-1])})" if done else "before running any phase"
-        message = (f"session {session_id}: phase {phase} ({phase_name(phase)}) is not implemented yet; "
+        message = (f"session {session_id}: phase {phase} ({phase_name(phase)}) {reason}; "
                    f"stopped {after}" + (f"; final models {', '.join(final)}" if final else ""))
         return RunReport(session_id, "completed", done, final, message)
 

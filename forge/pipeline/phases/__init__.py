@@ -51,14 +51,18 @@ def is_implemented(phase: int) -> bool:
     return load_controller_class(phase) is not None
 
 
-def last_implemented(phases) -> int | None:
-    """The last phase of `phases` (in order) before the first one that is not implemented."""
-    last = None
-    for phase in phases:
-        if not is_implemented(phase):
-            break
-        last = phase
-    return last
+def is_enabled(phase: int, config) -> bool:
+    """False when the phase's config section says `enabled: false` (an experimental phase, off by default)."""
+    return bool(getattr(config.phase(phase), "enabled", True))
+
+
+def why_not_runnable(phase: int, config) -> str | None:
+    """None when `phase` can run under `config`, else the reason a run stops before it."""
+    if not is_implemented(phase):
+        return "is not implemented yet"
+    if not is_enabled(phase, config):
+        return f"is experimental and off (phases.phase{phase}.enabled: false)"
+    return None
 
 
 def make_plan(from_phase: int = 1, only: int | None = None) -> list[int]:
