@@ -100,6 +100,17 @@ class PhaseController(ABC):
         check_result(result, self.phase, self.name)
 
 
+def require_one_input(ctx: PhaseContext, what: str, keys=("model_config", "tokenizer", "task_weights")) -> LoadedModel:
+    """The single input model of a one-model phase, with the metadata `keys`; HandoffError otherwise."""
+    if len(ctx.inputs) != 1:
+        raise HandoffError(f"phase {ctx.phase} {what} exactly one model; got {len(ctx.inputs)}")
+    item = ctx.inputs[0]
+    missing = [key for key in keys if key not in item.metadata]
+    if missing:
+        raise HandoffError(f"input model {item.record.get('name')!r} lacks metadata {', '.join(missing)}")
+    return item
+
+
 def check_result(result: PhaseResult, phase: int, name: str) -> None:
     """The checks every phase result must pass (shared by PhaseController.validate_output)."""
     where = f"phase {phase} ({name})"

@@ -22,7 +22,7 @@ import torch
 from forge.data import CharTokenizer, evaluate, make_examples
 from forge.ops.kl_div import kl_div_logits
 from forge.optim import KLRegularizer, create_optimizer_from_phase
-from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult
+from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult, require_one_input
 from forge.pipeline.rl_thoughts import ThoughtTrainer, bake_reasoning_prompt
 from forge.pipeline.thoughts import (ThoughtIds, ablation_eval, build_rows, example_ids, resize_vocab,
                                      thought_token_names, thoughts_for)
@@ -33,11 +33,7 @@ class QuietStarPhase(PhaseController):
     name = "quietstar"
 
     def validate_input(self, ctx) -> None:
-        if len(ctx.inputs) != 1:
-            raise HandoffError(f"phase 3 trains one model (Phase 2's champion); got {len(ctx.inputs)}")
-        for key in ("tokenizer", "task_weights", "model_config"):
-            if key not in ctx.inputs[0].metadata:
-                raise HandoffError(f"input model lacks metadata {key!r}")
+        require_one_input(ctx, "trains")
 
     def execute(self, ctx) -> PhaseResult:
         cfg, started, source = ctx.phase_config, time.perf_counter(), ctx.inputs[0]

@@ -34,7 +34,7 @@ from forge.nn import BitLinear, TransformerConfig, build_model, convert_to_bitli
 from forge.ops import ste_act_int8, ste_ternary, unpack_ternary
 from forge.optim import MuGrokConfig, MuonGrokfast
 from forge.optim.param_groups import muon_param_groups
-from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult
+from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult, require_one_input
 from forge.pipeline.training import train_on_examples
 from forge.registry.checkpoint import save_checkpoint
 
@@ -136,12 +136,7 @@ class BitNetPhase(PhaseController):
     name = "bitnet"
 
     def validate_input(self, ctx) -> None:
-        if len(ctx.inputs) != 1:
-            raise HandoffError(f"phase 4 quantizes exactly one model; got {len(ctx.inputs)}")
-        item = ctx.inputs[0]
-        for key in ("model_config", "tokenizer", "task_weights"):
-            if key not in item.metadata:
-                raise HandoffError(f"input model {item.record.get('name')!r} lacks metadata {key!r}")
+        item = require_one_input(ctx, "quantizes")
         path = item.record.get("path")
         if not path or not Path(path).is_file():
             raise HandoffError(f"input model {item.record.get('name')!r} has no checkpoint file to compare "
