@@ -55,7 +55,7 @@ class CognatePhase(PhaseController):
         shape = TransformerConfig(vocab_size=tokenizer.vocab_size, **as_dict(cfg.model))
         tasks = {t: 1.0 for t in sorted({task for spec in cfg.models for task in as_dict(spec.task_weights)})}
         val = make_examples(tasks, cfg.eval_examples, "val", ctx.seed)
-        trunk, trunk_info = self._trunk(ctx, shape, tokenizer, tasks, val)
+        trunk, trunk_info = self._trunk(ctx, shape, tokenizer, tasks)
         base_state = {k: v.detach().clone() for k, v in trunk.state_dict().items()}
         outputs, trained = [], []
         for index, spec in enumerate(cfg.models):
@@ -80,7 +80,7 @@ class CognatePhase(PhaseController):
         return PhaseResult(success=True, models=outputs, metrics=phase_metrics,
                            duration_s=time.perf_counter() - started)
 
-    def _trunk(self, ctx, shape, tokenizer, tasks, val):
+    def _trunk(self, ctx, shape, tokenizer, tasks):
         """The shared trunk: `shared_steps` of training on every task, saved as the merge base."""
         cfg = ctx.phase_config
         torch.manual_seed(cfg.init_seed)
