@@ -21,24 +21,19 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-import forge.ops
 from forge.baking.lora import DEFAULT_TARGET_MODULES, lora_config, lora_parameters, merge_lora, wrap_lora
 from forge.baking.trajectory import (Trajectories, check_prompt_ids, prefix_cache, sample_trajectories,
                                      student_logits)
 from forge.nn.transformer import Transformer
 from forge.ops._validate import check_finite_number, check_positive_int
-from forge.optim.kl import kl_div_logits_reference
+from forge.ops import kl_div_logits
 
 InputSampler = Callable[[int], torch.Tensor] | torch.Tensor | Iterable[torch.Tensor]
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student), batchmean over rows: forge.ops.kl_div_logits (fused) where it exists."""
-    op = getattr(forge.ops, "kl_div_logits", None)
-    teacher_logits = teacher_logits.to(student_logits.dtype)
-    if op is None:
-        return kl_div_logits_reference(student_logits, teacher_logits, temperature)
-    return op(student_logits, teacher_logits, temperature=temperature)
+    """KL(teacher || student), batchmean over rows, through the fused forge.ops.kl_div_logits."""
+    return kl_div_logits(student_logits, teacher_logits.to(student_logits.dtype), temperature=temperature)
 
 
 def trajectory_kl(student: nn.Module, traj: Trajectories) -> torch.Tensor:

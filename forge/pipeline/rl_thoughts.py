@@ -14,17 +14,11 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.nn.functional as F
 
 from forge.baking import PromptBaker, get_prompt
-from forge.data.batching import IGNORE_INDEX
+from forge.pipeline.training import answer_nll
 from forge.pipeline.thoughts import (ThoughtIds, build_rows, by_length, example_ids, reinforce_loss, sample_thoughts,
                                      target_logprobs)
-
-
-def answer_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy per answer token (+ <eos>)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class ThoughtTrainer:

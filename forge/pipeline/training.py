@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forge.data import encode_batch
+from forge.data import IGNORE_INDEX, encode_batch
 
 
 @dataclass
@@ -29,10 +29,9 @@ class TrainingLog:
         return sum(tail) / len(tail) if tail else float("nan")
 
 
-def answer_loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the answer positions (targets != -100)."""
-    logits = model(tokens)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+def answer_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per answer token (+ <eos>): the positions whose target is not IGNORE_INDEX."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, examples, tokenizer, *, steps: int,
@@ -50,7 +49,7 @@ def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, exampl
     for step in range(1, steps + 1):
         idx = torch.randint(len(examples), (batch_size,), generator=generator)
         width = int(lengths[idx].max())
-        loss = answer_loss(model, batch.tokens[idx, :width], batch.targets[idx, :width])
+        loss = answer_nll(model(batch.tokens[idx, :width]), batch.targets[idx, :width])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ from forge.pipeline.controller import HandoffError, PhaseContext, PhaseResult
 from forge.pipeline.orchestrator import Pipeline
 from forge.pipeline.phases.phase2_evomerge import EvoMergePhase
 from forge.registry import ModelRegistry, load_checkpoint
-from forge.tracking import Tracker
+from forge.tracking import Tracker, read_metrics
 
 MODELS = ("[{name: rev, seed: 1, task_weights: {reversal: 3.0, sorting: 1.0}},"
           " {name: sort, seed: 2, task_weights: {sorting: 3.0, reversal: 1.0}},"
@@ -115,3 +115,12 @@ def test_reloaded_phase1_model_rebuilds_from_its_metadata(phase1):
     model = build_model(record["metadata"]["model_config"])
     model.load_state_dict(state)
     assert model.num_parameters() == record["parameter_count"]
+
+
+def test_phase1_metrics_reach_the_sessions_metrics_file_once(phase1):
+    pipeline, _, session_id, records = phase1
+    lines = [line for line in read_metrics(pipeline.session_dir(session_id)) if line["phase"] == 1]
+    names = [name for line in lines for name in line["metrics"]]
+    assert names.count("phase1/best_val_accuracy") == 1 and "best_val_accuracy" not in names
+    assert "trunk/train_loss" in names   # every 50 steps (the test branches run 40)
+    assert {f"{r['name']}/val_accuracy" for r in records} <= set(names)

@@ -76,7 +76,6 @@ class CognatePhase(PhaseController):
         phase_metrics = self._diversity(trained, base_state, val, tokenizer, shape.max_len)
         phase_metrics["best_val_accuracy"] = max(o.metrics["val_accuracy"] for o in outputs)
         phase_metrics["trunk_val_accuracy"] = float(evaluate(trunk, val, tokenizer, shape.max_len)["accuracy"])
-        ctx.tracker.log(phase_metrics)
         return PhaseResult(success=True, models=outputs, metrics=phase_metrics,
                            duration_s=time.perf_counter() - started)
 

@@ -63,7 +63,6 @@ class EvoMergePhase(PhaseController):
         champion = build_model(champion_shape)
         champion.load_state_dict(result.champion_state)
         metrics = self._metrics(result, champion, [i.model for i in ctx.inputs], test, tokenizer, shape.max_len)
-        ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)})
         for stats in result.history:
             ctx.tracker.log({"best_fitness": stats.best, "mean_fitness": stats.mean}, step=stats.generation)
         output = ModelOutput(name="champion", model=champion, metrics=metrics, metadata={

@@ -56,7 +56,6 @@ class QuietStarPhase(PhaseController):
         checks = ablation_eval(model, test, tokenizer, ids, cfg.thought_length)
         baked_checks = ablation_eval(baked, test, tokenizer, ids, cfg.thought_length)
         metrics = _metrics(checks, baked_checks, input_accuracy, bake, log, model, baked, test, tokenizer, ids, cfg)
-        ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)})
         output = ModelOutput(name="quietstar", model=model, metrics=metrics, metadata={
             "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(),
             "parameter_count": model.num_parameters(), "task_weights": tasks,

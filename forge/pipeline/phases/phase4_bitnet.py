@@ -167,7 +167,6 @@ class BitNetPhase(PhaseController):
         handed = dequantize(model, shape)
         metrics = self._metrics(before, quantized_only, packed, score(handed), calibration, log,
                                 file_size(item.record), info.size_bytes, sparsity(model))
-        ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)})
         meta = {"model_config": shape.to_dict(), "tokenizer": tokenizer.to_dict(),
                 "task_weights": dict(item.metadata["task_weights"]), "parameter_count": handed.num_parameters(),
                 "compression_ratio": metrics["compression_ratio"],
