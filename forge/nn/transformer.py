@@ -136,7 +136,7 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, past_key_values: KVCache | None = None, use_cache: bool = False):
         """The final-norm hidden states (batch, seq, dim) that the head maps to logits; with
         use_cache=True, (hidden, present_key_values) where the cache covers past + these tokens."""
-        past = self._check_tokens(tokens, past_key_values)
+        self._check_tokens(tokens, past_key_values)
         x = self.embed(tokens)
         present = []
         for i, block in enumerate(self.blocks):
@@ -169,7 +169,7 @@ class Transformer(nn.Module):
             logits, cache = self(nxt[:, None], past_key_values=cache, use_cache=True)
         return torch.cat(out, 1)
 
-    def _check_tokens(self, tokens, past_key_values) -> int:
+    def _check_tokens(self, tokens, past_key_values) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an int64 tensor of shape (batch, seq); got {got}")
@@ -179,7 +179,6 @@ class Transformer(nn.Module):
         past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if past + tokens.shape[1] > self.config.max_len:
             raise ValueError(f"{past + tokens.shape[1]} positions exceed max_len={self.config.max_len}")
-        return past
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from forge.pipeline.config import load_config
-from forge.pipeline.controller import HandoffError
 from forge.pipeline.controller import PipelineError
 from forge.pipeline.orchestrator import Pipeline
 from forge.registry import ModelRegistry

@@ -16,7 +16,7 @@ from forge.ops import ste_act_int8
 from forge.optim import create_optimizer_from_phase
 from forge.pipeline.config import load_config
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext
-from forge.pipeline.phases.phase4_bitnet import (BitNetPhase, bit_layers, dequantize, freeze_all, ste_optimizer,
+from forge.pipeline.phases.phase4_bitnet import (BitNetPhase, bit_layers, freeze_all, ste_optimizer,
                                                  to_bitlinear)
 from forge.pipeline.training import train_on_examples
 from forge.registry import ModelRegistry, load_checkpoint, new_session_id, save_checkpoint
