@@ -8,11 +8,11 @@ the start of training (Frankle et al. 2020, "Linear Mode Connectivity and the Lo
 Hypothesis", arXiv 1912.05576), which is why model soups and task arithmetic fine-tune from one
 pretrained model (Wortsman et al. 2022, arXiv 2203.05482; Ilharco et al. 2023, arXiv 2212.04089).
 Measured here at the default sizes: three models trained 800 steps each from one random initialization
-gave no merge better than half the best input's fitness (0.49 vs 0.99); branched from a 600-step trunk
-at the trunk's rate, linear and TIES merges still lost 5-45 accuracy points; at an 8x lower branch
-rate (the default) Phase 2's champion beats the best input by about 1% fitness. So the phase trains a
-trunk on all tasks for
-`shared_steps`, saves it as `trunk.safetensors` (the base of Phase 2's task vectors), and branches
+gave no merge near the best input (fitness 0.905 vs 0.964; 0.49 vs 0.99 with milder task mixes);
+branched from a 600-step trunk at the trunk's rate, linear and TIES merges still lost 5-47 accuracy
+points; at an 8x lower branch rate (the default) Phase 2's champion beats the best input by about 1%
+fitness (benchmarks/merge_setup.py, benchmarks/RESULTS.md). So the phase trains a trunk on all tasks
+for `shared_steps`, saves it as `trunk.safetensors` (the base of Phase 2's task vectors), and branches
 three specialists from it, each with its own data seed and task mix, at the lower `branch_lr`.
 
 Each model must beat a trivial baseline (most frequent answer per task, or copying the prompt) on held-out
