@@ -66,7 +66,7 @@ def _phases(_args) -> int:
         if not is_implemented(number):
             state = "not implemented yet"
         elif why_not_runnable(number, config):
-            state = f"implemented, experimental: off by default (--set phases.phase{number}.enabled=true)"
+            state = f"implemented, switched off (--set phases.phase{number}.enabled=true)"
         else:
             state = "implemented"
         print(f"{number}  {name:<12} {state}")

@@ -2,13 +2,13 @@
 from forge.data.batching import IGNORE_INDEX, Batch, encode_batch
 from forge.data.evaluate import evaluate, greedy_answers, trivial_baseline
 from forge.data.modular import modular_arithmetic_split
-from forge.data.tasks import SPLITS, TASKS, Example, Task, make_examples, split_of
+from forge.data.tasks import SPLITS, TASKS, Example, Task, make_examples, rationale, split_of
 from forge.data.tokenizer import DEFAULT_CHARS, CharTokenizer
 
 __all__ = [
     "modular_arithmetic_split",
     "CharTokenizer", "DEFAULT_CHARS",
-    "Example", "Task", "TASKS", "SPLITS", "make_examples", "split_of",
+    "Example", "Task", "TASKS", "SPLITS", "make_examples", "rationale", "split_of",
     "Batch", "encode_batch", "IGNORE_INDEX",
     "evaluate", "greedy_answers", "trivial_baseline",
 ]

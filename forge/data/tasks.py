@@ -55,6 +55,11 @@ class Task(ABC):
     def sample(self, rng: random.Random) -> Example:
         ...
 
+    def rationale(self, example: Example) -> str:
+        """A worked intermediate result that makes the answer easier to produce (STaR's rationale, used to
+        warm up Phase 3's thoughts), or "" where the task has none short enough to help."""
+        return ""
+
 
 class ModularTask(Task):
     """'(a+b)%p' -> (a + b) mod p, for a, b in [0, p); ops from '+', '-', '*' (Python's % semantics)."""
@@ -73,6 +78,16 @@ class ModularTask(Task):
         value = {"+": a + b, "-": a - b, "*": a * b}[op] % self.modulus
         return Example(self.name, f"({a}{op}{b})%{self.modulus}", str(value))
 
+    def rationale(self, example):
+        """The value before the reduction for '+' and '-' ('(45+67)%97' -> '112'); products have none (a
+        4-digit product is harder to compute than the table lookup it would replace)."""
+        inner = example.prompt[1: example.prompt.index(")")]
+        op = next((c for c in "+-" if c in inner[1:]), None)
+        if op is None:
+            return ""
+        a, b = inner.split(op, 1)
+        return str(int(a) + int(b) if op == "+" else int(a) - int(b))
+
 
 class AdditionTask(Task):
     """'123+45' -> '168', operands with min_digits..max_digits digits."""
@@ -86,6 +101,11 @@ class AdditionTask(Task):
     def sample(self, rng):
         a, b = (_number(rng, self.min_digits, self.max_digits) for _ in range(2))
         return Example(self.name, f"{a}+{b}", str(a + b))
+
+    def rationale(self, example):
+        """The sum with its least significant digit first ('123+45' -> '861'): each digit then depends only
+        on digits already written and one carry, and the answer is the thought reversed."""
+        return example.answer[::-1]
 
 
 class MultiplicationTask(Task):
@@ -179,6 +199,14 @@ class WordProblemTask(Task):
 TASKS: dict[str, Task] = {t.name: t for t in (
     ModularTask(), AdditionTask(), MultiplicationTask(), SortingTask(), CopyTask(), ReversalTask(),
     WordProblemTask())}
+
+
+def rationale(example: Example, tasks: Mapping[str, Task] | None = None) -> str:
+    """`example`'s worked intermediate result from its task (see Task.rationale); "" when it has none."""
+    tasks = TASKS if tasks is None else tasks
+    if example.task not in tasks:
+        raise ValueError(f"Unknown task {example.task!r}; allowed: {sorted(tasks)}")
+    return tasks[example.task].rationale(example)
 
 
 def split_of(prompt: str) -> str:

@@ -149,8 +149,11 @@ class Phase2Config(Section):
 
 # -- phase 3: quietstar ---------------------------------------------------------------------------
 class Phase3Config(Section):
-    enabled: bool = False   # experimental: no positive thought gain measured yet (see the YAML)
+    enabled: bool = True    # false skips phases 3 onward (a run stops after phase 2)
     thinking_tokens: int = Field(6, ge=2, le=12)     # <think>, </think> + strategy tokens
+    warmup_steps: int = Field(1200, ge=0)
+    warmup_lr: float = Field(2e-3, gt=0)
+    warmup_batch_size: int = Field(64, ge=1)
     baking_steps: int = Field(30, ge=1)
     baking_lr: float = Field(1e-4, gt=0)
     baking_traj_len: int = Field(6, ge=1)
@@ -158,12 +161,14 @@ class Phase3Config(Section):
     batch_size: int = Field(16, ge=1)
     num_thoughts: int = Field(4, ge=2)
     thought_length: int = Field(8, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    rl_lr: float = Field(5e-4, gt=0)
+    temperature: float = Field(0.7, gt=0)
+    rl_lr: float = Field(2e-4, gt=0)
+    policy_weight: float = Field(1.0, ge=0)
     plain_answer_weight: float = Field(1.0, ge=0)
-    train_examples: int = Field(4000, ge=1)
-    eval_examples: int = Field(256, ge=2)
+    train_examples: int = Field(8000, ge=1)
+    eval_examples: int = Field(512, ge=2)
     min_thought_gain: float = Field(0.0, ge=-1, le=1)
+    min_gain_over_input: float = Field(0.0, ge=-1, le=1)
     min_distinct_thoughts: float = Field(0.5, ge=0, le=1)
     seed: int = Field(0, ge=0)
 
@@ -172,7 +177,7 @@ class Phase3Config(Section):
 class Phase4Config(Section):
     preserve_layers: list[str] = Field(default_factory=lambda: ["embed", "norm", "head"], min_length=1)
     calibration_samples: int = Field(256, ge=1)
-    fine_tune_steps: int = Field(200, ge=0)
+    fine_tune_steps: int = Field(800, ge=0)
     fine_tune_lr: float = Field(5e-4, gt=0)
     batch_size: int = Field(64, ge=1)
     train_examples: int = Field(8000, ge=1)

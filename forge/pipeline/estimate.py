@@ -72,8 +72,8 @@ def _typical_width(config: PipelineConfig) -> int:
 
 
 def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] | None = None) -> dict[int, float]:
-    """Estimated seconds for each of `phases` that has a formula (phases 1 and 2)."""
-    if not {1, 2} & set(phases):
+    """Estimated seconds for each of `phases` that has a formula (phases 1 to 4)."""
+    if not {1, 2, 3, 4} & set(phases):
         return {}
     costs = costs or measure(config)
     p1, p2 = config.phases.phase1, config.phases.phase2
@@ -87,4 +87,20 @@ def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] 
         out[1] = p1.shared_steps * costs["train_step_s"] + branches
     if 2 in phases:
         out[2] = (p2.generations + 1) * p2.population_size * evaluation(p2.eval_examples)
+    out.update(_later_phases(config, phases, costs["train_step_s"], evaluation))
+    return out
+
+
+def _later_phases(config: PipelineConfig, phases: list[int], step_s: float, evaluation) -> dict[int, float]:
+    """Phases 3 and 4 in units of a phase-1 step: a warm-up step trains two formats, an RL step samples
+    thoughts token by token and trains two formats of batch_size * num_thoughts rows, an STE step pays for the
+    quantization on top of a float step (factors measured on the default config, about 1.5x either way)."""
+    p1, p3, p4 = config.phases.phase1, config.phases.phase3, config.phases.phase4
+    out = {}
+    if 3 in phases:
+        warmup = p3.warmup_steps * 2 * step_s * p3.warmup_batch_size / p1.batch_size
+        rl = p3.rl_steps * 3 * step_s * p3.batch_size * p3.num_thoughts / p1.batch_size
+        out[3] = warmup + rl + p3.baking_steps * step_s + 10 * evaluation(p3.eval_examples)
+    if 4 in phases:
+        out[4] = 3 * p4.fine_tune_steps * step_s * p4.batch_size / p1.batch_size + 6 * evaluation(p4.eval_examples)
     return out

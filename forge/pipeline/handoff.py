@@ -59,6 +59,7 @@ _RULES = (
                 notes="one champion whose fitness beats the best input model's"),
     HandoffRule(3, 4, 1, ("thought_gain", "coherence_score", "validity_rate"),
                 (MetricBound("thought_gain", low="phases.phase3.min_thought_gain", strict=True),
+                 MetricBound("gain_over_input", low="phases.phase3.min_gain_over_input", strict=True),
                  MetricBound("content_gain", low=0.0, strict=True)),
                 notes="thoughts must raise held-out accuracy over no thought, and beat another input's thought "
                       "(seed: accuracy >= 0.80 at 25M params on real benchmarks)"),

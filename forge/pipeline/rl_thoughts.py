@@ -3,8 +3,8 @@
 One step: for each of `batch_size` inputs of one prompt length, sample `num_thoughts` thoughts with the
 key/value cache; then, in one teacher-forced pass per format,
 
-    loss = REINFORCE(thoughts; r - mean r)  +  NLL(answer | thought)  +  plain_weight * NLL(answer | no thought)
-           +  KL(baked || model) on the thought sequences   (forge.optim.KLRegularizer, the preset's coefficient)
+    loss = policy_weight * REINFORCE(thoughts; r - mean r)  +  NLL(answer | thought)
+           +  plain_weight * NLL(answer | no thought)  +  KL(baked || model) on the thought sequences   (forge.optim.KLRegularizer, the preset's coefficient)
 
 NLL(answer | no thought) trains the plain format as much as the thought format, so accuracy with thoughts
 can only beat accuracy without them through what the thoughts carry, not through extra training.
@@ -56,7 +56,7 @@ class ThoughtTrainer:
         policy = reinforce_loss(target_logprobs(logits_t, with_t.thought_targets.to(self.device)), gain, k)
         nll_t, nll_p = answer_nll(logits_t, answer_t), answer_nll(logits_p, plain.answer_targets.to(self.device))
         kl = self.kl(with_t.tokens.to(self.device), logits_t)
-        loss = policy + nll_t + self.cfg.plain_answer_weight * nll_p + kl
+        loss = self.cfg.policy_weight * policy + nll_t + self.cfg.plain_answer_weight * nll_p + kl
         if not torch.isfinite(loss):
             raise FloatingPointError(f"phase 3 loss became {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)

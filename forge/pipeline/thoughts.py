@@ -193,12 +193,24 @@ def _score(model, prefixes, answers, ids, thoughts=None) -> tuple[torch.Tensor, 
     return exact_answers(logits, rows.answer_targets), target_logprobs(logits, rows.answer_targets), rows
 
 
+def accuracy_with_thoughts(model, examples, tokenizer, ids: ThoughtIds, length: int) -> float:
+    """Exact-match accuracy when the model first writes its own greedy thought (at most `length` tokens)."""
+    was_training = model.training
+    model.eval()
+    prefixes, answers = example_ids(examples, tokenizer)
+    flags = _score(model, prefixes, answers, ids, thoughts_for(model, prefixes, ids, length)[0])[0]
+    model.train(was_training)
+    return float(flags.float().mean())
+
+
 def ablation_eval(model, examples, tokenizer, ids: ThoughtIds, length: int) -> dict:
     """Accuracy with the model's own greedy thoughts against three ablations run on the same examples:
     no thought block (the plain format), an empty `<think></think>`, and the thought generated for another
     input (the next example's, cyclically). thought_gain = with - max(plain, empty); content_gain = with -
-    shuffled. Also: distinct thoughts / examples, the fraction closed by `</think>` (validity), the fraction
-    with a positive reward (coherence), the mean reward, and how often the answer text is in the thought."""
+    shuffled. Also: the fraction of inputs given a non-empty thought (thinking_rate), distinct non-empty
+    thoughts / non-empty thoughts (0 when none: a model that never thinks fails the distinctness check), the
+    fraction closed by `</think>` (validity), the fraction with a positive reward (coherence), the mean reward,
+    and how often the answer text is in the thought."""
     was_training = model.training
     model.eval()
     prefixes, answers = example_ids(examples, tokenizer)
@@ -212,10 +224,12 @@ def ablation_eval(model, examples, tokenizer, ids: ThoughtIds, length: int) -> d
            (("with", own), ("plain", plain), ("empty", empty), ("shuffled", shuffled))}
     reward = own_logp - plain_logp
     leaks = [ex.answer in tokenizer.decode(t) for ex, t in zip(examples, thoughts)]
+    thinking = [tuple(t) for t in thoughts if t]
     return {"accuracy": acc["with"], "accuracy_no_thoughts": acc["plain"], "accuracy_empty_thought": acc["empty"],
             "accuracy_shuffled_thoughts": acc["shuffled"], "thought_gain": acc["with"] - max(acc["plain"], acc["empty"]),
             "content_gain": acc["with"] - acc["shuffled"],
-            "distinct_thoughts": len({tuple(t) for t in thoughts}) / len(thoughts),
+            "distinct_thoughts": len(set(thinking)) / len(thinking) if thinking else 0.0,
+            "thinking_rate": len(thinking) / len(thoughts),
             "validity_rate": sum(closed) / len(closed), "coherence_score": float((reward > 0).float().mean()),
             "mean_reward": float(reward.mean()), "answer_in_thought": sum(leaks) / len(leaks),
             "samples": [tokenizer.decode(t, skip_special=False) for t in thoughts[:5]]}

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from forge.data import TASKS, CharTokenizer, Example, make_examples, split_of
+from forge.data import TASKS, CharTokenizer, Example, make_examples, rationale, split_of
 from forge.data.tasks import AdditionTask, ModularTask, MultiplicationTask, SortingTask, WordProblemTask
 
 ALL = {name: 1.0 for name in TASKS}
@@ -121,3 +121,26 @@ def test_too_small_prompt_space_is_reported():
         AdditionTask(min_digits=3, max_digits=2)
     with pytest.raises(ValueError, match="Invalid max_len: 0"):
         SortingTask(min_len=1, max_len=0)
+
+
+def test_rationales_are_exact_intermediate_results():
+    """Addition's rationale is the sum written backwards, modular + and -'s the value before the reduction;
+    products and the string tasks have none. Checked by recomputing from the prompt, on every task's examples."""
+    examples = make_examples({name: 1.0 for name in TASKS}, 700, "train", 3)
+    seen = Counter()
+    for ex in examples:
+        thought = rationale(ex)
+        if ex.task == "addition":
+            a, b = map(int, ex.prompt.split("+"))
+            assert thought == str(a + b)[::-1] and thought[::-1] == ex.answer
+        elif ex.task == "modular" and "*" not in ex.prompt:
+            a, op, b = re.fullmatch(r"\((\d+)([+-])(\d+)\)%97", ex.prompt).groups()
+            assert int(thought) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert int(thought) % 97 == int(ex.answer)
+        else:
+            assert thought == ""
+        seen[(ex.task, bool(thought))] += 1
+    assert seen[("modular", True)] and seen[("modular", False)] and seen[("addition", True)] == 100
+    assert len(CharTokenizer().encode("".join(rationale(ex) for ex in examples))) > 0   # every character encodes
+    with pytest.raises(ValueError, match="Unknown task 'nope'"):
+        rationale(Example("nope", "x", "y"))

@@ -112,13 +112,15 @@ def test_sampled_thoughts_differ_across_inputs(trained):
 
 def _metrics(**changes) -> dict:
     base = {"accuracy": 0.6, "accuracy_no_thoughts": 0.5, "accuracy_empty_thought": 0.4,
-            "accuracy_shuffled_thoughts": 0.3, "thought_gain": 0.1, "content_gain": 0.3, "distinct_thoughts": 0.9}
+            "accuracy_shuffled_thoughts": 0.3, "thought_gain": 0.1, "content_gain": 0.3, "distinct_thoughts": 0.9,
+            "thinking_rate": 0.5, "input_accuracy": 0.55, "gain_over_input": 0.05}
     return {**base, **changes}
 
 
 @pytest.mark.parametrize("changes, reason", [
     ({"accuracy": 0.5, "thought_gain": 0.0}, "thoughts do not help"),
     ({"thought_gain": -0.1}, "thoughts do not help"),
+    ({"input_accuracy": 0.6, "gain_over_input": 0.0}, "no better than the model that came in"),
     ({"content_gain": 0.0}, "content does not matter"),
     ({"distinct_thoughts": 0.1}, "barely differ")])
 def test_validate_output_refuses_thoughts_that_do_not_help(changes, reason):

@@ -52,7 +52,7 @@ def is_implemented(phase: int) -> bool:
 
 
 def is_enabled(phase: int, config) -> bool:
-    """False when the phase's config section says `enabled: false` (an experimental phase, off by default)."""
+    """False when the phase's config section says `enabled: false` (the user switched it off)."""
     return bool(getattr(config.phase(phase), "enabled", True))
 
 
@@ -61,7 +61,7 @@ def why_not_runnable(phase: int, config) -> str | None:
     if not is_implemented(phase):
         return "is not implemented yet"
     if not is_enabled(phase, config):
-        return f"is experimental and off (phases.phase{phase}.enabled: false)"
+        return f"is switched off (phases.phase{phase}.enabled: false)"
     return None
 
 

@@ -2,15 +2,18 @@
 
 1. Thought tokens: `<think>`, `</think>` and strategy tokens join the tokenizer; the model's embedding and
    head grow by those rows (`resize_vocab`: old rows copied, new rows small).
-2. The phase-3 reasoning prompt ("think, then say:") is baked in with PromptBaker.
-3. RL (`forge.pipeline.rl_thoughts.ThoughtTrainer`): sampled thoughts after `<sep>`, reward = log p(answer |
+2. Warm-up (`forge.pipeline.thought_warmup`): supervised steps on each task's worked thought
+   (`forge.data.rationale`), both formats trained alike, so the model samples thoughts worth refining.
+3. The phase-3 reasoning prompt ("think, then say:") is baked in with PromptBaker.
+4. RL (`forge.pipeline.rl_thoughts.ThoughtTrainer`): sampled thoughts after `<sep>`, reward = log p(answer |
    thought) - log p(answer | no thought), REINFORCE with the mean reward of an input's thoughts as baseline,
    the answer's NLL with and without a thought, and KL to the baked model (KLRegularizer, the phase-3 preset's
    coefficient), optimized with the phase-3 MuonGrokfast preset.
-4. Anti-theater, on held-out (test split) inputs, every mode actually run: accuracy with the model's own greedy
+5. Anti-theater, on held-out (test split) inputs, every mode actually run: accuracy with the model's own greedy
    thoughts against no thought, an empty thought, and another input's thought. The phase fails unless
-   thoughts raise accuracy (thought_gain > min_thought_gain), their content matters (content_gain > 0) and
-   they differ across inputs (distinct_thoughts >= min_distinct_thoughts).
+   thoughts raise accuracy (thought_gain > min_thought_gain), the model with thoughts beats the model that
+   came in (gain_over_input > min_gain_over_input), their content matters (content_gain > 0) and they differ
+   across inputs (distinct_thoughts >= min_distinct_thoughts).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from forge.ops.kl_div import kl_div_logits
 from forge.optim import KLRegularizer, create_optimizer_from_phase
 from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult, require_one_input
 from forge.pipeline.rl_thoughts import ThoughtTrainer, bake_reasoning_prompt
+from forge.pipeline.thought_warmup import warm_up_thoughts
 from forge.pipeline.thoughts import (ThoughtIds, ablation_eval, build_rows, example_ids, resize_vocab,
                                      thought_token_names, thoughts_for)
 
@@ -47,7 +51,8 @@ class QuietStarPhase(PhaseController):
         _check_fits(train + test, tokenizer, cfg.thought_length, max_len)
         ids = ThoughtIds.from_tokenizer(tokenizer)
         grown = resize_vocab(source.model, tokenizer.vocab_size, seed=cfg.seed)
-        ctx.progress(0.02, "baking the reasoning prompt")
+        warmup = self._warm_up(ctx, grown, train, tokenizer, ids)
+        ctx.progress(0.55, "baking the reasoning prompt")
         bake = bake_reasoning_prompt(grown, train, tokenizer, cfg, cfg.seed)
         baked = bake.model
         model = copy.deepcopy(baked)
@@ -56,6 +61,7 @@ class QuietStarPhase(PhaseController):
         checks = ablation_eval(model, test, tokenizer, ids, cfg.thought_length)
         baked_checks = ablation_eval(baked, test, tokenizer, ids, cfg.thought_length)
         metrics = _metrics(checks, baked_checks, input_accuracy, bake, log, model, baked, test, tokenizer, ids, cfg)
+        metrics.update(_tenths("warmup_loss", warmup))
         output = ModelOutput(name="quietstar", model=model, metrics=metrics, metadata={
             "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(),
             "parameter_count": model.num_parameters(), "task_weights": tasks,
@@ -64,6 +70,24 @@ class QuietStarPhase(PhaseController):
             "validity_rate": metrics["validity_rate"], "sample_thoughts": checks["samples"],
             "reward_curve": log[:: max(1, len(log) // 50)]})
         return PhaseResult(success=True, models=[output], metrics=metrics, duration_s=time.perf_counter() - started)
+
+    @staticmethod
+    def _warm_up(ctx, model, train, tokenizer, ids) -> list[float]:
+        """cfg.warmup_steps supervised steps on the tasks' worked thoughts (in place); returns the losses."""
+        cfg = ctx.phase_config
+        if cfg.warmup_steps == 0:
+            return []
+        optimizer = create_optimizer_from_phase(model, 3, lr=cfg.warmup_lr, adamw_lr=cfg.warmup_lr)
+
+        def on_step(step: int, loss: float) -> None:
+            if step % 20 == 0:
+                ctx.progress(0.02 + 0.5 * step / cfg.warmup_steps, f"warm-up step {step} loss {loss:.3f}")
+            if step % 100 == 0:
+                ctx.tracker.log({"warmup/loss": loss}, step=step)
+
+        return warm_up_thoughts(model, optimizer, train, tokenizer, ids, steps=cfg.warmup_steps,
+                                batch_size=cfg.warmup_batch_size, plain_weight=cfg.plain_answer_weight,
+                                seed=cfg.seed, on_step=on_step)
 
     @staticmethod
     def _train(ctx, model, baked, train, tokenizer, ids) -> list[float]:
@@ -77,9 +101,9 @@ class QuietStarPhase(PhaseController):
             stats = trainer.step()
             rewards.append(stats["reward"])
             if step % 10 == 0:
-                ctx.progress(0.05 + 0.9 * step / cfg.rl_steps, f"RL step {step} reward {stats['reward']:.3f}")
+                ctx.progress(0.6 + 0.35 * step / cfg.rl_steps, f"RL step {step} reward {stats['reward']:.3f}")
             if step % 25 == 0:
-                ctx.tracker.log({f"rl/{k}": v for k, v in stats.items()}, step=step)
+                ctx.tracker.log({f"rl/{k}": v for k, v in stats.items()}, step=cfg.warmup_steps + step)
         model.eval()
         return rewards
 
@@ -95,11 +119,16 @@ def check_thought_gain(m: dict, cfg) -> None:
     if not m["thought_gain"] > cfg.min_thought_gain:
         raise HandoffError(f"thoughts do not help: thought_gain {m['thought_gain']:.3f} is not > "
                            f"{cfg.min_thought_gain} ({numbers})")
+    if not m["gain_over_input"] > cfg.min_gain_over_input:
+        raise HandoffError(f"the model with thoughts is no better than the model that came in: gain_over_input "
+                           f"{m['gain_over_input']:.3f} is not > {cfg.min_gain_over_input} (input accuracy "
+                           f"{m['input_accuracy']:.3f}; {numbers})")
     if not m["content_gain"] > 0:
         raise HandoffError(f"thought content does not matter: content_gain {m['content_gain']:.3f} ({numbers})")
     if m["distinct_thoughts"] < cfg.min_distinct_thoughts:
         raise HandoffError(f"thoughts barely differ across inputs: distinct_thoughts {m['distinct_thoughts']:.3f} "
-                           f"< {cfg.min_distinct_thoughts}")
+                           f"< {cfg.min_distinct_thoughts} (over the {m['thinking_rate']:.0%} of inputs with a "
+                           f"non-empty thought)")
 
 
 def _check_fits(examples, tokenizer, thought_length: int, max_len: int) -> None:
@@ -110,15 +139,22 @@ def _check_fits(examples, tokenizer, thought_length: int, max_len: int) -> None:
                          f"{longest} tokens + thought_length + 2 markers <= max_len {max_len}")
 
 
+def _tenths(name: str, values: list[float]) -> dict:
+    """{name_first, name_last}: the means of the first and last tenth of `values` (nothing when empty)."""
+    if not values:
+        return {}
+    tail = max(1, len(values) // 10)
+    return {f"{name}_first": sum(values[:tail]) / tail, f"{name}_last": sum(values[-tail:]) / tail}
+
+
 def _metrics(checks, baked_checks, input_accuracy, bake, rewards, model, baked, test, tokenizer, ids, cfg) -> dict:
-    tail = rewards[-max(1, len(rewards) // 10):]
     metrics = {k: v for k, v in checks.items() if k != "samples"}
-    metrics.update({"input_accuracy": float(input_accuracy), "baked_accuracy": baked_checks["accuracy_no_thoughts"],
+    metrics.update({"input_accuracy": float(input_accuracy), "gain_over_input": checks["accuracy"] - input_accuracy,
+                    "baked_accuracy": baked_checks["accuracy"],
                     "baked_thought_gain": baked_checks["thought_gain"],
                     "bake_kl_before": bake.kl_before, "bake_kl_after": bake.kl_after,
-                    "kl_to_baked": _kl_to_baked(model, baked, test, tokenizer, ids, cfg.thought_length),
-                    "train_reward_first": sum(rewards[:len(tail)]) / len(tail),
-                    "train_reward_last": sum(tail) / len(tail)})
+                    "kl_to_baked": _kl_to_baked(model, baked, test, tokenizer, ids, cfg.thought_length)})
+    metrics.update(_tenths("train_reward", rewards))
     return metrics
 
 

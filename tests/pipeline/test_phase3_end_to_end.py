@@ -1,0 +1,115 @@
+"""Phase 3 end to end on a small model trained on addition and reversal: the warm-up teaches the worked
+thought (the sum written backwards), and the phase's own ablations, really run on held-out inputs, find that
+the model answers better with its thoughts than without them and better than the model that came in."""
+import copy
+
+import pytest
+import torch
+
+from forge.data import CharTokenizer, make_examples, rationale
+from forge.nn import TransformerConfig, build_model
+from forge.optim import create_optimizer_from_phase
+from forge.pipeline.config import load_config
+from forge.pipeline.controller import LoadedModel, PhaseContext
+from forge.pipeline.phases.phase3_quietstar import QuietStarPhase
+from forge.pipeline.phases.phase4_bitnet import BitNetPhase
+from forge.pipeline.thought_warmup import warm_up_thoughts
+from forge.pipeline.thoughts import ThoughtIds, example_ids, resize_vocab, thought_token_names, thoughts_for
+from forge.pipeline.training import train_on_examples
+from forge.registry import save_checkpoint
+from forge.tracking import Tracker
+
+TASKS = {"addition": 1.0, "reversal": 1.0}
+SMALL = ("wandb.mode=disabled", "phases.phase3.warmup_steps=400", "phases.phase3.warmup_batch_size=32",
+         "phases.phase3.rl_steps=10", "phases.phase3.batch_size=8", "phases.phase3.num_thoughts=2",
+         "phases.phase3.baking_steps=2", "phases.phase3.train_examples=2000", "phases.phase3.eval_examples=256",
+         "phases.phase3.thought_length=5")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A dim-64 two-layer model trained briefly on the plain format: reversal learned, addition mostly not."""
+    tokenizer = CharTokenizer()
+    shape = TransformerConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, max_len=32)
+    torch.manual_seed(0)
+    model = build_model(shape)
+    optimizer = create_optimizer_from_phase(model, 1, lr=0.004, adamw_lr=0.004)
+    train_on_examples(model, optimizer, make_examples(TASKS, 2000, "train", 0), tokenizer, steps=200,
+                      batch_size=32, max_len=32, seed=0)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def phase_run(tmp_path_factory, trained):
+    root = tmp_path_factory.mktemp("phase3")
+    model, tokenizer = copy.deepcopy(trained)
+    meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(), "task_weights": TASKS}
+    config = load_config(overrides=(f"run_root={root}", *SMALL))
+    tracker = Tracker(root, "s", mode="disabled")
+    tracker.start_phase(3, "quietstar", {})
+    ctx = PhaseContext("s", 3, config, config.phase(3), root, root, None, tracker,
+                       [LoadedModel(model, {"name": "champion"}, meta)], lambda *_: None, 0, torch.device("cpu"))
+    phase = QuietStarPhase()
+    phase.validate_input(ctx)
+    result = phase.execute(ctx)
+    return ctx, phase, result
+
+
+def test_phase3_thoughts_raise_accuracy_and_pass_its_own_checks(phase_run):
+    ctx, phase, result = phase_run
+    m = result.metrics
+    phase.validate_output(result, ctx)      # raises HandoffError when any anti-theater check fails
+    assert m["thought_gain"] > 0.02 and m["gain_over_input"] > 0.02, m
+    assert m["content_gain"] > 0.1 and 0.3 < m["thinking_rate"] < 0.7, m   # addition thinks, reversal does not
+    assert m["warmup_loss_last"] < 0.5 * m["warmup_loss_first"]
+    output = result.models[0]
+    assert output.model.config.vocab_size == CharTokenizer().vocab_size + 6
+    assert output.metadata["thought_tokens"][:2] == ["<think>", "</think>"]
+
+
+def test_warm_up_teaches_the_thought_format_and_when_not_to_think(trained):
+    model, tokenizer = copy.deepcopy(trained)
+    tokenizer.add_special_tokens(thought_token_names(2))
+    ids = ThoughtIds.from_tokenizer(tokenizer)
+    model = resize_vocab(model, tokenizer.vocab_size)
+    test = make_examples(TASKS, 128, "test", 0)
+    before, _ = thoughts_for(model, example_ids(test, tokenizer)[0], ids, 5)
+    optimizer = create_optimizer_from_phase(model, 3, lr=0.002, adamw_lr=0.002)
+    losses = warm_up_thoughts(model, optimizer, make_examples(TASKS, 2000, "train", 0), tokenizer, ids, steps=300,
+                              batch_size=32, plain_weight=1.0, seed=0)
+    after, _ = thoughts_for(model, example_ids(test, tokenizer)[0], ids, 5)
+
+    def stats(thoughts):
+        added = [(tokenizer.decode(t), rationale(ex)) for t, ex in zip(thoughts, test) if ex.task == "addition"]
+        reversed_ = [t for t, ex in zip(thoughts, test) if ex.task == "reversal"]
+        return (sum(a.isdigit() and len(a) == len(b) for a, b in added) / len(added),
+                sum(t == [] for t in reversed_) / len(reversed_))
+    # 300 steps teach this small model the format (a digit string as long as the sum for addition, no thought
+    # for reversal), not yet the arithmetic; Phase 3's test above measures the arithmetic's effect
+    assert stats(before) == (0.0, 0.0) and losses[-1] < losses[0] / 3
+    shaped, silent = stats(after)
+    assert shaped > 0.6 and silent == 1.0
+
+
+def test_phase4_keeps_the_thinking_of_a_phase3_model(phase_run, tmp_path):
+    """Phase 3's output through Phase 4: the float model's accuracy with thoughts is the one Phase 3 measured
+    (same held-out examples), and fine-tuning on its own thoughts keeps the dequantized model thinking."""
+    _, _, result = phase_run
+    output = result.models[0]
+    path = tmp_path / "quietstar.safetensors"
+    save_checkpoint(output.model.state_dict(), path, output.metadata)
+    config = load_config(overrides=(f"run_root={tmp_path}", "wandb.mode=disabled", "phases.phase4.eval_examples=256",
+                                    "phases.phase4.train_examples=2000", "phases.phase4.fine_tune_steps=150",
+                                    "phases.phase4.batch_size=32", "phases.phase4.fine_tune_lr=0.002"))
+    tracker = Tracker(tmp_path, "s", mode="disabled")
+    tracker.start_phase(4, "bitnet", {})
+    item = LoadedModel(output.model, {"name": "quietstar", "path": str(path)}, output.metadata)
+    ctx = PhaseContext("s", 4, config, config.phase(4), tmp_path, tmp_path, None, tracker, [item],
+                       lambda *_: None, 0, torch.device("cpu"))
+    phase = BitNetPhase()
+    phase.validate_input(ctx)
+    metrics = phase.execute(ctx).metrics
+    assert metrics["float_thought_accuracy"] == pytest.approx(result.metrics["accuracy"])
+    assert metrics["thought_accuracy"] > metrics["accuracy"], metrics      # the quantized model still gains
+    assert metrics["thought_accuracy_drop"] == pytest.approx(metrics["float_thought_accuracy"]
+                                                             - metrics["thought_accuracy"])
