@@ -193,6 +193,14 @@ def _score(model, prefixes, answers, ids, thoughts=None) -> tuple[torch.Tensor, 
     return exact_answers(logits, rows.answer_targets), target_logprobs(logits, rows.answer_targets), rows
 
 
+def _by_task(examples, flags: torch.Tensor) -> dict[str, float]:
+    """Accuracy per task of the exact-match `flags` (one per example)."""
+    seen: dict[str, list[int]] = {}
+    for ex, ok in zip(examples, flags.tolist()):
+        seen.setdefault(ex.task, []).append(int(ok))
+    return {task: sum(v) / len(v) for task, v in sorted(seen.items())}
+
+
 def accuracy_with_thoughts(model, examples, tokenizer, ids: ThoughtIds, length: int) -> float:
     """Exact-match accuracy when the model first writes its own greedy thought (at most `length` tokens)."""
     was_training = model.training
@@ -207,10 +215,10 @@ def ablation_eval(model, examples, tokenizer, ids: ThoughtIds, length: int) -> d
     """Accuracy with the model's own greedy thoughts against three ablations run on the same examples:
     no thought block (the plain format), an empty `<think></think>`, and the thought generated for another
     input (the next example's, cyclically). thought_gain = with - max(plain, empty); content_gain = with -
-    shuffled. Also: the fraction of inputs given a non-empty thought (thinking_rate), distinct non-empty
-    thoughts / non-empty thoughts (0 when none: a model that never thinks fails the distinctness check), the
-    fraction closed by `</think>` (validity), the fraction with a positive reward (coherence), the mean reward,
-    and how often the answer text is in the thought."""
+    shuffled. Also: accuracy with and without thoughts per task, the fraction of inputs given a non-empty
+    thought (thinking_rate), distinct non-empty thoughts / non-empty thoughts (0 when none: a model that never
+    thinks fails the distinctness check), the fraction closed by `</think>` (validity), the fraction with a
+    positive reward (coherence), the mean reward, and how often the answer text is in the thought."""
     was_training = model.training
     model.eval()
     prefixes, answers = example_ids(examples, tokenizer)
@@ -226,6 +234,7 @@ def ablation_eval(model, examples, tokenizer, ids: ThoughtIds, length: int) -> d
     leaks = [ex.answer in tokenizer.decode(t) for ex, t in zip(examples, thoughts)]
     thinking = [tuple(t) for t in thoughts if t]
     return {"accuracy": acc["with"], "accuracy_no_thoughts": acc["plain"], "accuracy_empty_thought": acc["empty"],
+            "per_task_accuracy": _by_task(examples, own), "per_task_accuracy_no_thoughts": _by_task(examples, plain),
             "accuracy_shuffled_thoughts": acc["shuffled"], "thought_gain": acc["with"] - max(acc["plain"], acc["empty"]),
             "content_gain": acc["with"] - acc["shuffled"],
             "distinct_thoughts": len(set(thinking)) / len(thinking) if thinking else 0.0,

@@ -16,8 +16,9 @@ from forge.pipeline.phases.phase4_bitnet import BitNetPhase
 from forge.pipeline.thought_warmup import warm_up_thoughts
 from forge.pipeline.thoughts import ThoughtIds, example_ids, resize_vocab, thought_token_names, thoughts_for
 from forge.pipeline.training import train_on_examples
-from forge.registry import save_checkpoint
-from forge.tracking import Tracker
+from forge.pipeline.orchestrator import Pipeline
+from forge.registry import ModelRegistry, new_session_id, save_checkpoint
+from forge.tracking import Tracker, read_metrics
 
 TASKS = {"addition": 1.0, "reversal": 1.0}
 SMALL = ("wandb.mode=disabled", "phases.phase3.warmup_steps=400", "phases.phase3.warmup_batch_size=32",
@@ -113,3 +114,39 @@ def test_phase4_keeps_the_thinking_of_a_phase3_model(phase_run, tmp_path):
     assert metrics["thought_accuracy"] > metrics["accuracy"], metrics      # the quantized model still gains
     assert metrics["thought_accuracy_drop"] == pytest.approx(metrics["float_thought_accuracy"]
                                                              - metrics["thought_accuracy"])
+
+
+def test_phases_3_and_4_through_the_pipeline_register_track_and_resume(trained, tmp_path):
+    """The orchestrator runs the real Phases 3 and 4 on a registered champion: both register checkpoints that
+    load back, their metrics reach metrics.jsonl, and after a rollback to Phase 3 a resume redoes Phase 4 on
+    the reloaded weights with the same result."""
+    model, tokenizer = trained
+    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, "phases.phase4.eval_examples=128",
+                                    "phases.phase4.train_examples=1000", "phases.phase4.fine_tune_steps=40",
+                                    "phases.phase4.batch_size=32", "phases.phase4.max_accuracy_drop=1.0"))
+    registry = ModelRegistry(config.registry_path())
+    source = registry.create_session(new_session_id("src"), {})
+    meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(), "task_weights": TASKS,
+            "fitness": 0.5, "merge_technique": "linear"}
+    path = save_checkpoint(model.state_dict(), tmp_path / "champion.safetensors", meta).path
+    champion = registry.register_model(source, "evomerge", "champion", path, meta, phase=2,
+                                       metrics={"fitness_gain": 0.1})
+    registry.record_phase_result(source, 2, "completed", [champion], {"fitness_gain": 0.1}, 1.0)
+    pipeline = Pipeline(config, registry, log=lambda _msg: None, progress_bars=False)
+    report = pipeline.run(from_phase=3, source_session=source)
+    assert report.status == "completed" and report.completed == [3, 4], report.message
+    sid = report.session_id
+    (p3,), (p4,) = registry.list_models(session_id=sid, phase=3), registry.list_models(session_id=sid, phase=4)
+    assert p3["parent_ids"] == [champion] and p4["parent_ids"] == [p3["id"]]
+    (loaded,) = pipeline.load_models([p4["id"]])
+    assert loaded.metadata["thought_tokens"][:2] == ["<think>", "</think>"]
+    names = [name for line in read_metrics(pipeline.session_dir(sid)) for name in line["metrics"]]
+    assert names.count("phase3/thought_gain") == 1 and names.count("phase4/thought_accuracy") == 1
+    first = pipeline.completed(sid)[4]["metrics"]
+    pipeline.rollback(sid, 3)
+    assert sorted(pipeline.completed(sid)) == [3]
+    pipeline.resume(sid)
+    again = pipeline.completed(sid)[4]["metrics"]
+    assert len(registry.list_models(session_id=sid, phase=4)) == 2
+    assert again["thought_accuracy"] == first["thought_accuracy"] and again["accuracy"] == first["accuracy"]
+    registry.close()
