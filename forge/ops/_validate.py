@@ -1,10 +1,14 @@
 """Input checks shared by the ops: every error names the argument and what was expected."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
+
+from forge._checks import check_finite_number, check_positive_int
+
+__all__ = ["FLOAT_DTYPES", "check_finite_number", "check_positive_int", "check_float_tensor", "check_tensor_list",
+           "check_paired_lists"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -15,24 +19,6 @@ def check_float_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> None:
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
-
-
-def check_finite_number(name: str, value, low=-math.inf, high=math.inf, low_open=False, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if not math.isfinite(value) or too_low or too_high:
-        left, right = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ValueError(f"Invalid {name}: {value}; expected a finite value in {left}{low}, {high}{right}")
-    return value
-
-
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1")
-    return value
 
 
 def check_tensor_list(name: str, tensors) -> list[torch.Tensor]:

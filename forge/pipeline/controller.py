@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from torch import nn
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # torch loads only where a phase runs: `forge status` and friends stay fast
     import torch
+    from torch import nn
     from pydantic import BaseModel
 
     from forge.pipeline.config import PipelineConfig
@@ -123,6 +122,8 @@ def check_result(result: PhaseResult, phase: int, name: str) -> None:
     names = [m.name for m in result.models]
     if len(set(names)) != len(names):
         raise HandoffError(f"{where}: model names must be unique, got {names}")
+    from torch import nn
+
     for output in result.models:
         if not isinstance(output.model, nn.Module):
             raise HandoffError(f"{where}: model {output.name!r} is a {type(output.model).__name__}, "

@@ -91,11 +91,20 @@ def _prepare_tensors(state_dict: Any) -> tuple[dict, int]:
     return tensors, count
 
 
+def _umask_mode() -> int:
+    """The mode a plain new file gets under the process umask (0o644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_atomically(path: Path, write) -> None:
-    """write(tmp_path) then fsync and os.replace into path; the temp file never outlives a failure."""
+    """write(tmp_path) then fsync and os.replace into path; the temp file never outlives a failure. The file
+    gets the umask's mode (safetensors writes 0600 files, which other users of a shared run folder can't read)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, _umask_mode())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from forge.ops._validate import check_finite_number
+from forge._checks import check_finite_number
 from forge.registry import schema
 from forge.registry.checkpoint import metadata_path_for
 

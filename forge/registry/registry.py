@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from forge.ops._validate import check_finite_number, check_positive_int
+from forge._checks import check_finite_number, check_positive_int
 from forge.registry import schema
 from forge.registry.checkpoint import ChecksumError, file_sha256, load_checkpoint, read_sidecar
 from forge.registry.cleanup import CleanupPolicy, delete_files, delete_planned, plan_cleanup

@@ -132,3 +132,17 @@ def test_readers_never_see_a_partial_file_while_it_is_overwritten(tmp_path):
     seen = set(out.read_text().split())
     assert seen and seen <= hashes
     assert not list(tmp_path.glob(".*tmp"))                # no temporary files left behind
+
+
+def test_files_get_the_umask_mode_not_safetensors_0600(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        path = tmp_path / "model.safetensors"
+        save_checkpoint(_state(), path, {"model_config": {}})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert stat.S_IMODE(metadata_path_for(path).stat().st_mode) == 0o640
