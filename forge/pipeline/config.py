@@ -173,7 +173,7 @@ class Phase3Config(Section):
     seed: int = Field(0, ge=0)
 
 
-# -- phases 4..8: not implemented yet; the seed's settings scaled to a tiny model -------------------
+# -- phase 4: bitnet ------------------------------------------------------------------------------
 class Phase4Config(Section):
     preserve_layers: list[str] = Field(default_factory=lambda: ["embed", "norm", "head"], min_length=1)
     calibration_samples: int = Field(256, ge=1)
@@ -186,6 +186,7 @@ class Phase4Config(Section):
     min_compression: float = Field(4.0, ge=1)
 
 
+# -- phases 5..8: not implemented yet; the seed's settings scaled to a tiny model -------------------
 class Phase5Config(Section):
     num_levels: int = Field(10, ge=1)
     questions_per_level: int = Field(200, ge=1)
