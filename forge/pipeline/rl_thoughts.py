@@ -4,7 +4,8 @@ One step: for each of `batch_size` inputs of one prompt length, sample `num_thou
 key/value cache; then, in one teacher-forced pass per format,
 
     loss = policy_weight * REINFORCE(thoughts; r - mean r)  +  NLL(answer | thought)
-           +  plain_weight * NLL(answer | no thought)  +  KL(baked || model) on the thought sequences   (forge.optim.KLRegularizer, the preset's coefficient)
+           +  plain_weight * NLL(answer | no thought)
+           +  KL(baked || model) on the thought sequences   (forge.optim.KLRegularizer, the preset's coefficient)
 
 NLL(answer | no thought) trains the plain format as much as the thought format, so accuracy with thoughts
 can only beat accuracy without them through what the thoughts carry, not through extra training.
