@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from forge.data.batching import IGNORE_INDEX, prompt_ids
+from forge.data.tasks import TASKS, rationale
 from forge.nn import Transformer, TransformerConfig
 
 THINK, END_THINK = "<think>", "</think>"
@@ -217,8 +218,10 @@ def ablation_eval(model, examples, tokenizer, ids: ThoughtIds, length: int) -> d
     input (the next example's, cyclically). thought_gain = with - max(plain, empty); content_gain = with -
     shuffled. Also: accuracy with and without thoughts per task, the fraction of inputs given a non-empty
     thought (thinking_rate), distinct non-empty thoughts / non-empty thoughts (0 when none: a model that never
-    thinks fails the distinctness check), the fraction closed by `</think>` (validity), the fraction with a
-    positive reward (coherence), the mean reward, and how often the answer text is in the thought."""
+    thinks fails the distinctness check), on inputs whose built-in task has a rationale the fraction of
+    thoughts equal to it (rationale_match: are the thoughts right?), the fraction closed by `</think>`
+    (validity), the fraction with a positive reward (coherence), the mean reward, and how often the answer
+    text is in the thought."""
     was_training = model.training
     model.eval()
     prefixes, answers = example_ids(examples, tokenizer)
@@ -233,12 +236,15 @@ def ablation_eval(model, examples, tokenizer, ids: ThoughtIds, length: int) -> d
     reward = own_logp - plain_logp
     leaks = [ex.answer in tokenizer.decode(t) for ex, t in zip(examples, thoughts)]
     thinking = [tuple(t) for t in thoughts if t]
+    worked = [(tokenizer.decode(t), rationale(ex)) for ex, t in zip(examples, thoughts)
+              if ex.task in TASKS and rationale(ex)]
     return {"accuracy": acc["with"], "accuracy_no_thoughts": acc["plain"], "accuracy_empty_thought": acc["empty"],
             "per_task_accuracy": _by_task(examples, own), "per_task_accuracy_no_thoughts": _by_task(examples, plain),
             "accuracy_shuffled_thoughts": acc["shuffled"], "thought_gain": acc["with"] - max(acc["plain"], acc["empty"]),
             "content_gain": acc["with"] - acc["shuffled"],
             "distinct_thoughts": len(set(thinking)) / len(thinking) if thinking else 0.0,
             "thinking_rate": len(thinking) / len(thoughts),
+            "rationale_match": sum(a == b for a, b in worked) / len(worked) if worked else 0.0,
             "validity_rate": sum(closed) / len(closed), "coherence_score": float((reward > 0).float().mean()),
             "mean_reward": float(reward.mean()), "answer_in_thought": sum(leaks) / len(leaks),
             "samples": [tokenizer.decode(t, skip_special=False) for t in thoughts[:5]]}

@@ -79,6 +79,7 @@ METRIC_CATALOGUE: dict[int, dict[str, MetricSpec]] = {
               ("content_gain", _HIGHER, "accuracy with own thoughts minus with another input's"),
               ("distinct_thoughts", _HIGHER, "distinct non-empty held-out thoughts / non-empty thoughts"),
               ("thinking_rate", _HIGHER, "fraction of held-out inputs given a non-empty thought"),
+              ("rationale_match", _HIGHER, "thoughts equal to the task's rationale, where it has one"),
               ("gain_over_input", _HIGHER, "accuracy with thoughts minus the input model's accuracy"),
               ("validity_rate", _HIGHER, "fraction of thoughts closed by </think>"),
               ("coherence_score", _HIGHER, "fraction of thoughts that raise the answer's log-probability"),

@@ -14,7 +14,8 @@ from forge.pipeline.controller import LoadedModel, PhaseContext
 from forge.pipeline.phases.phase3_quietstar import QuietStarPhase
 from forge.pipeline.phases.phase4_bitnet import BitNetPhase
 from forge.pipeline.thought_warmup import warm_up_thoughts
-from forge.pipeline.thoughts import ThoughtIds, example_ids, resize_vocab, thought_token_names, thoughts_for
+from forge.pipeline.thoughts import (ThoughtIds, ablation_eval, example_ids, resize_vocab, thought_token_names,
+                                     thoughts_for)
 from forge.pipeline.training import train_on_examples
 from forge.pipeline.orchestrator import Pipeline
 from forge.registry import ModelRegistry, new_session_id, save_checkpoint
@@ -90,6 +91,8 @@ def test_warm_up_teaches_the_thought_format_and_when_not_to_think(trained):
     assert stats(before) == (0.0, 0.0) and losses[-1] < losses[0] / 3
     shaped, silent = stats(after)
     assert shaped > 0.6 and silent == 1.0
+    exact = [tokenizer.decode(t) == rationale(ex) for t, ex in zip(after, test) if ex.task == "addition"]
+    assert ablation_eval(model, test, tokenizer, ids, 5)["rationale_match"] == pytest.approx(sum(exact) / len(exact))
 
 
 def test_phase4_keeps_the_thinking_of_a_phase3_model(phase_run, tmp_path):
