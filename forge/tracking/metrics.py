@@ -89,6 +89,7 @@ METRIC_CATALOGUE: dict[int, dict[str, MetricSpec]] = {
               ("input_accuracy", _HIGHER, "Phase 2 champion's held-out accuracy"),
               ("baked_accuracy", _HIGHER, "accuracy with thoughts after the warm-up and the bake (before RL)"),
               ("baked_thought_gain", _HIGHER, "thought_gain of the baked model before RL"),
+              ("baked_rationale_match", _HIGHER, "rationale_match of the baked model before RL"),
               ("bake_kl_before", _LOWER, "held-out KL of the bake before training"),
               ("bake_kl_after", _LOWER, "held-out KL of the bake after training"),
               ("train_reward_first", _HIGHER, "mean reward of the first tenth of RL steps"),

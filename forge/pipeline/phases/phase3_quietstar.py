@@ -152,6 +152,7 @@ def _metrics(checks, baked_checks, input_accuracy, bake, rewards, model, baked, 
     metrics.update({"input_accuracy": float(input_accuracy), "gain_over_input": checks["accuracy"] - input_accuracy,
                     "baked_accuracy": baked_checks["accuracy"],
                     "baked_thought_gain": baked_checks["thought_gain"],
+                    "baked_rationale_match": baked_checks["rationale_match"],
                     "bake_kl_before": bake.kl_before, "bake_kl_after": bake.kl_after,
                     "kl_to_baked": _kl_to_baked(model, baked, test, tokenizer, ids, cfg.thought_length)})
     metrics.update(_tenths("train_reward", rewards))
