@@ -41,6 +41,7 @@ def main() -> None:
         ctx = PhaseContext("run_phase", args.phase, config, config.phase(args.phase), out, out, registry, tracker,
                            inputs, lambda fraction, message: None, config.seed, torch.device("cpu"))
         phase = load_controller_class(args.phase)()
+        torch.manual_seed(config.seed + args.phase)   # as the orchestrator seeds a phase: same numbers as forge run
         started = time.perf_counter()
         phase.validate_input(ctx)
         result = phase.execute(ctx)
