@@ -93,8 +93,9 @@ def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] 
 
 def _later_phases(config: PipelineConfig, phases: list[int], step_s: float, evaluation) -> dict[int, float]:
     """Phases 3 and 4 in units of a phase-1 step: a warm-up step trains two formats, an RL step samples
-    thoughts token by token and trains two formats of batch_size * num_thoughts rows, an STE step pays for the
-    quantization on top of a float step (factors measured on the default config, about 1.5x either way)."""
+    thoughts token by token and trains two formats of batch_size * num_thoughts rows, an STE step of a thinking
+    model trains two formats and pays for the quantization. The factors (2, 3, 3) were fitted to one default
+    run: estimated 171 s and 123 s, measured 160 s and 133 s (benchmarks/RESULTS.md, Pipeline)."""
     p1, p3, p4 = config.phases.phase1, config.phases.phase3, config.phases.phase4
     out = {}
     if 3 in phases:

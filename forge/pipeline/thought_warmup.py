@@ -21,7 +21,7 @@ import torch
 
 from forge.data import rationale
 from forge.pipeline.thoughts import ThoughtIds, build_rows, example_ids
-from forge.pipeline.training import answer_nll
+from forge.pipeline.training import answer_nll, optimize
 
 
 def warm_up_thoughts(model, optimizer, examples, tokenizer, ids: ThoughtIds, **kwargs) -> list[float]:
@@ -40,24 +40,16 @@ def train_with_thoughts(model, optimizer, examples, thoughts: list[list[int]], t
         raise ValueError(f"train_with_thoughts: {len(examples)} examples and {len(thoughts)} thoughts; expected "
                          "one thought per example and at least one example")
     prefixes, answers = example_ids(examples, tokenizer)
-    rng, device, losses = random.Random(seed), next(model.parameters()).device, []
-    model.train()
-    for step in range(1, steps + 1):
+    rng, device = random.Random(seed), next(model.parameters()).device
+
+    def loss_at(_step: int) -> torch.Tensor:
         rows = [rng.randrange(len(examples)) for _ in range(batch_size)]
         pick = lambda items: [items[i] for i in rows]   # noqa: E731
         with_t = build_rows(pick(prefixes), pick(answers), ids, pick(thoughts), [True] * batch_size)
         plain = build_rows(pick(prefixes), pick(answers), ids)
         logits_t = model(with_t.tokens.to(device))
-        loss = (answer_nll(logits_t, with_t.thought_targets.to(device))
+        return (answer_nll(logits_t, with_t.thought_targets.to(device))
                 + answer_nll(logits_t, with_t.answer_targets.to(device))
                 + plain_weight * answer_nll(model(plain.tokens.to(device)), plain.answer_targets.to(device)))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training with thoughts: the loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
-    model.eval()
-    return losses
+
+    return optimize(model, optimizer, steps, loss_at, what="training with thoughts", on_step=on_step)

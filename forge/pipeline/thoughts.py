@@ -236,8 +236,8 @@ def ablation_eval(model, examples, tokenizer, ids: ThoughtIds, length: int) -> d
     reward = own_logp - plain_logp
     leaks = [ex.answer in tokenizer.decode(t) for ex, t in zip(examples, thoughts)]
     thinking = [tuple(t) for t in thoughts if t]
-    worked = [(tokenizer.decode(t), rationale(ex)) for ex, t in zip(examples, thoughts)
-              if ex.task in TASKS and rationale(ex)]
+    expected = [rationale(ex) if ex.task in TASKS else "" for ex in examples]
+    worked = [(tokenizer.decode(t), r) for t, r in zip(thoughts, expected) if r]
     return {"accuracy": acc["with"], "accuracy_no_thoughts": acc["plain"], "accuracy_empty_thought": acc["empty"],
             "per_task_accuracy": _by_task(examples, own), "per_task_accuracy_no_thoughts": _by_task(examples, plain),
             "accuracy_shuffled_thoughts": acc["shuffled"], "thought_gain": acc["with"] - max(acc["plain"], acc["empty"]),

@@ -34,6 +34,26 @@ def answer_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def optimize(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, loss_at: Callable[[int], torch.Tensor],
+             *, what: str = "training", on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """`steps` optimizer steps on `loss_at(step)` (model in train mode, eval mode after); returns the losses. A
+    non-finite loss stops the run with an error naming `what` and the step. The loop every trainer shares."""
+    losses: list[float] = []
+    model.train()
+    for step in range(1, steps + 1):
+        loss = loss_at(step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{what} loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
 def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, examples, tokenizer, *, steps: int,
                       batch_size: int, max_len: int, seed: int,
                       evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 0,
@@ -45,21 +65,18 @@ def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, exampl
     lengths = (batch.tokens != tokenizer.pad_id).sum(1)
     generator = torch.Generator().manual_seed(seed)
     log = TrainingLog()
-    model.train()
-    for step in range(1, steps + 1):
+
+    def loss_at(_step: int) -> torch.Tensor:
         idx = torch.randint(len(examples), (batch_size,), generator=generator)
         width = int(lengths[idx].max())
-        loss = answer_nll(model(batch.tokens[idx, :width]), batch.targets[idx, :width])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        log.losses.append(loss.item())
+        return answer_nll(model(batch.tokens[idx, :width]), batch.targets[idx, :width])
+
+    def after(step: int, loss: float) -> None:
         if on_step is not None:
-            on_step(step, log.losses[-1])
+            on_step(step, loss)
         if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps):
             log.evals.append((step, evaluate(model)))
             model.train()
-    model.eval()
+
+    log.losses = optimize(model, optimizer, steps, loss_at, on_step=after)
     return log

@@ -7,19 +7,19 @@ import pytest
 import torch
 
 from forge.data import CharTokenizer, make_examples, rationale
-from forge.nn import TransformerConfig, build_model
 from forge.optim import create_optimizer_from_phase
 from forge.pipeline.config import load_config
-from forge.pipeline.controller import LoadedModel, PhaseContext
+from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext
 from forge.pipeline.phases.phase3_quietstar import QuietStarPhase
 from forge.pipeline.phases.phase4_bitnet import BitNetPhase
 from forge.pipeline.thought_warmup import warm_up_thoughts
 from forge.pipeline.thoughts import (ThoughtIds, ablation_eval, example_ids, resize_vocab, thought_token_names,
                                      thoughts_for)
-from forge.pipeline.training import train_on_examples
 from forge.pipeline.orchestrator import Pipeline
 from forge.registry import ModelRegistry, new_session_id, save_checkpoint
 from forge.tracking import Tracker, read_metrics
+
+from _small_model import small_trained_model
 
 TASKS = {"addition": 1.0, "reversal": 1.0}
 SMALL = ("wandb.mode=disabled", "phases.phase3.warmup_steps=400", "phases.phase3.warmup_batch_size=32",
@@ -31,14 +31,7 @@ SMALL = ("wandb.mode=disabled", "phases.phase3.warmup_steps=400", "phases.phase3
 @pytest.fixture(scope="module")
 def trained():
     """A dim-64 two-layer model trained briefly on the plain format: reversal learned, addition mostly not."""
-    tokenizer = CharTokenizer()
-    shape = TransformerConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, max_len=32)
-    torch.manual_seed(0)
-    model = build_model(shape)
-    optimizer = create_optimizer_from_phase(model, 1, lr=0.004, adamw_lr=0.004)
-    train_on_examples(model, optimizer, make_examples(TASKS, 2000, "train", 0), tokenizer, steps=200,
-                      batch_size=32, max_len=32, seed=0)
-    return model.eval(), tokenizer
+    return small_trained_model(TASKS, examples=2000, steps=200)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +85,11 @@ def test_warm_up_teaches_the_thought_format_and_when_not_to_think(trained):
     shaped, silent = stats(after)
     assert shaped > 0.6 and silent == 1.0
     exact = [tokenizer.decode(t) == rationale(ex) for t, ex in zip(after, test) if ex.task == "addition"]
-    assert ablation_eval(model, test, tokenizer, ids, 5)["rationale_match"] == pytest.approx(sum(exact) / len(exact))
+    checks = ablation_eval(model, test, tokenizer, ids, 5)
+    assert checks["rationale_match"] == pytest.approx(sum(exact) / len(exact))
+    thinking = [tuple(t) for t in after if t]    # reversal's empty thoughts count for neither
+    assert checks["thinking_rate"] == pytest.approx(len(thinking) / len(after)) and 0 < len(thinking) < len(after)
+    assert checks["distinct_thoughts"] == pytest.approx(len(set(thinking)) / len(thinking))
 
 
 def test_phase4_keeps_the_thinking_of_a_phase3_model(phase_run, tmp_path):
@@ -112,11 +109,15 @@ def test_phase4_keeps_the_thinking_of_a_phase3_model(phase_run, tmp_path):
                        lambda *_: None, 0, torch.device("cpu"))
     phase = BitNetPhase()
     phase.validate_input(ctx)
-    metrics = phase.execute(ctx).metrics
+    quantized = phase.execute(ctx)
+    metrics = quantized.metrics
     assert metrics["float_thought_accuracy"] == pytest.approx(result.metrics["accuracy"])
     assert metrics["thought_accuracy"] > metrics["accuracy"], metrics      # the quantized model still gains
     assert metrics["thought_accuracy_drop"] == pytest.approx(metrics["float_thought_accuracy"]
                                                              - metrics["thought_accuracy"])
+    metrics["thought_accuracy_drop"] = 0.3     # the handoff refuses a model whose thinking was lost
+    with pytest.raises(HandoffError, match="accuracy with thoughts dropped 0.300 .* beyond max_accuracy_drop 0.1"):
+        phase.validate_output(quantized, ctx)
 
 
 def test_phases_3_and_4_through_the_pipeline_register_track_and_resume(trained, tmp_path):

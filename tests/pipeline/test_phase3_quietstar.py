@@ -5,17 +5,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from forge.data import CharTokenizer, make_examples
+from forge.data import make_examples
 from forge.nn import Transformer, TransformerConfig
-from forge.optim import create_optimizer_from_phase
+from forge.optim import KLRegularizer, create_optimizer_from_phase
 from forge.pipeline.config import Phase3Config
 from forge.pipeline.controller import HandoffError, ModelOutput, PhaseResult
 from forge.pipeline.phases import is_implemented
 from forge.pipeline.phases.phase3_quietstar import QuietStarPhase, check_thought_gain
+from forge.pipeline.rl_thoughts import ThoughtTrainer
 from forge.pipeline.thoughts import (ThoughtIds, ablation_eval, build_rows, example_ids, reinforce_loss,
                                      resize_vocab, target_logprobs, thought_rewards, thought_token_names,
                                      thoughts_for)
-from forge.pipeline.training import train_on_examples
+
+from _small_model import small_trained_model
 
 TASKS = {"reversal": 1.0, "sorting": 1.0}
 
@@ -23,12 +25,7 @@ TASKS = {"reversal": 1.0, "sorting": 1.0}
 @pytest.fixture(scope="module")
 def trained():
     """(model with the grown vocabulary, tokenizer with the thought tokens, ids, held-out examples)."""
-    torch.manual_seed(0)
-    tokenizer = CharTokenizer()
-    model = Transformer(TransformerConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, max_len=40))
-    train = make_examples(TASKS, 1000, "train", 0)
-    optimizer = create_optimizer_from_phase(model, 1, lr=0.004, adamw_lr=0.004)
-    train_on_examples(model, optimizer, train, tokenizer, steps=150, batch_size=32, max_len=40, seed=0)
+    model, tokenizer = small_trained_model(TASKS, examples=1000, steps=150, max_len=40)
     tokenizer.add_special_tokens(thought_token_names(6))
     grown = resize_vocab(model, tokenizer.vocab_size)
     grown.eval()
@@ -136,3 +133,19 @@ def test_validate_output_refuses_thoughts_that_do_not_help(changes, reason):
 
 def test_phase3_is_listed_as_implemented():
     assert is_implemented(3)
+
+
+@pytest.mark.parametrize("policy_weight", [0.0, 1.0])
+def test_rl_step_loss_is_its_terms_with_the_policy_weight(trained, policy_weight):
+    """One ThoughtTrainer step: the loss it optimizes is policy_weight * REINFORCE + both answer NLLs + KL."""
+    grown, _, tokenizer, ids, test = trained
+    model = resize_vocab(grown, grown.config.vocab_size)   # a copy
+    cfg = SimpleNamespace(batch_size=4, num_thoughts=2, thought_length=4, temperature=1.0, plain_answer_weight=1.0,
+                          policy_weight=policy_weight)
+    optimizer = create_optimizer_from_phase(model, 3, lr=1e-4, adamw_lr=1e-4)
+    trainer = ThoughtTrainer(model, optimizer, KLRegularizer(grown, 0.1), make_examples(TASKS, 64, "train", 0),
+                             tokenizer, ids, cfg, seed=0)
+    s = trainer.step()
+    assert s["policy_loss"] != 0.0
+    expected = policy_weight * s["policy_loss"] + s["answer_nll_thought"] + s["answer_nll_plain"] + s["kl"]
+    assert s["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)

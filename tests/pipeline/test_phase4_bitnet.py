@@ -11,9 +11,8 @@ import torch
 
 from forge.cli import main as forge_main
 from forge.data import CharTokenizer, evaluate, make_examples
-from forge.nn import TransformerConfig, build_model
+from forge.nn import build_model
 from forge.ops import ste_act_int8
-from forge.optim import create_optimizer_from_phase
 from forge.pipeline.config import load_config
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext
 from forge.pipeline.phases.phase4_bitnet import (BitNetPhase, bit_layers, freeze_all, ste_optimizer,
@@ -21,6 +20,8 @@ from forge.pipeline.phases.phase4_bitnet import (BitNetPhase, bit_layers, freeze
 from forge.pipeline.training import train_on_examples
 from forge.registry import ModelRegistry, load_checkpoint, new_session_id, save_checkpoint
 from forge.tracking import Tracker
+
+from _small_model import small_trained_model
 
 TASKS = {"reversal": 1.0, "sorting": 1.0}
 SMALL = ("wandb.mode=disabled", "phases.phase4.train_examples=1000", "phases.phase4.eval_examples=96",
@@ -32,14 +33,8 @@ SMALL = ("wandb.mode=disabled", "phases.phase4.train_examples=1000", "phases.pha
 def trained(tmp_path_factory):
     """A dim-64 two-layer Transformer trained briefly on reversal/sorting, saved and registered."""
     root = tmp_path_factory.mktemp("phase4")
-    tokenizer = CharTokenizer()
-    shape = TransformerConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, max_len=32)
-    torch.manual_seed(0)
-    model = build_model(shape)
-    optimizer = create_optimizer_from_phase(model, 1, lr=0.004, adamw_lr=0.004)
-    train_on_examples(model, optimizer, make_examples(TASKS, 1000, "train", 0), tokenizer, steps=60,
-                      batch_size=32, max_len=32, seed=0)
-    meta = {"model_config": shape.to_dict(), "tokenizer": tokenizer.to_dict(), "task_weights": TASKS}
+    model, tokenizer = small_trained_model(TASKS, examples=1000, steps=60)
+    meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(), "task_weights": TASKS}
     registry = ModelRegistry(root / "registry.db")
     session = registry.create_session(new_session_id("p4"), {})
     path = root / "input.safetensors"

@@ -123,12 +123,21 @@ def ste_optimizer(model: nn.Module, lr: float) -> MuonGrokfast:
     return optimizer
 
 
-def thought_metrics(item, handed: nn.Module, test, tokenizer) -> dict:
-    """For a model that thinks (Phase 3's output: `thought_tokens` in its metadata), its accuracy with its own
-    thoughts before quantization and after (the dequantized model handed on); {} for any other model."""
+def thinking(item, tokenizer) -> tuple[ThoughtIds, int] | None:
+    """(thought ids, thought length) of a model that thinks (Phase 3's output: `thought_tokens` in its
+    metadata); None for any other model."""
     if "thought_tokens" not in item.metadata:
+        return None
+    return ThoughtIds.from_tokenizer(tokenizer), int(item.metadata["thought_length"])
+
+
+def thought_metrics(item, handed: nn.Module, test, tokenizer) -> dict:
+    """For a model that thinks, its accuracy with its own thoughts before quantization and after (the
+    dequantized model handed on); {} for any other model."""
+    setup = thinking(item, tokenizer)
+    if setup is None:
         return {}
-    ids, length = ThoughtIds.from_tokenizer(tokenizer), int(item.metadata["thought_length"])
+    ids, length = setup
     before = accuracy_with_thoughts(item.model, test, tokenizer, ids, length)
     after = accuracy_with_thoughts(handed, test, tokenizer, ids, length)
     return {"float_thought_accuracy": before, "thought_accuracy": after, "thought_accuracy_drop": before - after}
@@ -209,11 +218,11 @@ class BitNetPhase(PhaseController):
 
         optimizer = ste_optimizer(model, cfg.fine_tune_lr)
         common = dict(steps=cfg.fine_tune_steps, batch_size=cfg.batch_size, seed=ctx.seed, on_step=on_step)
-        if "thought_tokens" not in item.metadata:
+        setup = thinking(item, tokenizer)
+        if setup is None:
             return train_on_examples(model, optimizer, train, tokenizer, max_len=max_len, **common)
-        ids = ThoughtIds.from_tokenizer(tokenizer)
-        own = thoughts_for(item.model.eval(), example_ids(train, tokenizer)[0], ids,
-                           int(item.metadata["thought_length"]))[0]
+        ids, length = setup
+        own = thoughts_for(item.model.eval(), example_ids(train, tokenizer)[0], ids, length)[0]
         return TrainingLog(losses=train_with_thoughts(model, optimizer, train, own, tokenizer, ids, plain_weight=1.0,
                                                       **common))
 
