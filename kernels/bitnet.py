@@ -1,7 +1,8 @@
 """Triton kernels for BitNet b1.58 (forge/ops/bitnet.py holds the formulas and the packed layout).
 
-- ternary: a partial |w| sum per block, the float64 group sums in torch (a few values), then one pass
-  writing int8 q or q * scale. Two passes over w are the minimum: the scale is a whole-group mean.
+- ternary: a partial |w| sum per block (`abs_partial_sums_triton`), the float64 group sums and the scale
+  in torch by the launcher (a few values), then one pass writing int8 q or q * scale
+  (`ternary_apply_triton`). Two passes over w are the minimum: the scale is a whole-group mean.
 - activations: one program per token row, absmax pass then quantize pass (the row stays in cache).
 - ternary_linear: one program per (block of output rows, token); packed bytes decoded with shifts and
   masks against the four contiguous int8 activation quarters, int32 accumulation.
@@ -15,8 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from forge.ops.bitnet import absmean_scale
 
 BLOCK = 1024
 
@@ -96,17 +95,24 @@ def ternary_linear_kernel(xq_ptr, xs_ptr, packed_ptr, ws_ptr, ws_stride, y_ptr, 
     tl.store(y_ptr + r * n + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
-def ternary_quant_triton(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool):
-    """(int8 q or q * scale, float32 scale per group) for a contiguous w."""
-    groups = w.shape[0] if per_channel else 1
+def abs_partial_sums_triton(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """float32 (groups, ceil(group_size / BLOCK)): sums of |w| over BLOCK-wide pieces of each group of a
+    contiguous w split into `groups` equal groups."""
     size = w.numel() // groups
     per_group = triton.cdiv(size, BLOCK)
     partial = torch.empty(groups * per_group, dtype=torch.float32, device=w.device)
     abs_partial_kernel[(groups * per_group,)](w, partial, size, per_group, BLOCK=BLOCK)
-    scale = absmean_scale(partial.view(groups, per_group).sum(dim=1, dtype=torch.float64), size, eps)
+    return partial.view(groups, per_group)
+
+
+def ternary_apply_triton(w: torch.Tensor, scale: torch.Tensor, groups: int, dequantize: bool) -> torch.Tensor:
+    """int8 q = clamp(round(w / scale), -1, 1), or q * scale in w's dtype, for a contiguous w split into
+    `groups` equal groups with one float32 scale each."""
+    size = w.numel() // groups
+    per_group = triton.cdiv(size, BLOCK)
     out = torch.empty_like(w) if dequantize else torch.empty(w.shape, dtype=torch.int8, device=w.device)
     ternary_apply_kernel[(groups * per_group,)](w, scale, out, size, per_group, DEQUANTIZE=dequantize, BLOCK=BLOCK)
-    return out, scale
+    return out
 
 
 def _act_into(x: torch.Tensor, eps: float, out: torch.Tensor, out_stride: int, dequantize: bool) -> torch.Tensor:

@@ -1,8 +1,12 @@
 """Triton kernels for the Grokfast filters over whole lists of tensors, one launch per dtype group.
 
-Each program takes one chunk of BLOCK elements. Device tables (built once per list of tensors and
-cached) say which tensor, by address, and which offset each chunk is; addresses are loaded as int64
-and cast to pointers, so no tensor is copied into a flat buffer.
+Each program takes one chunk of BLOCK elements. Two int64 device tables, which the launcher in
+forge/ops/grokfast.py builds once per list of tensors and caches, say which tensor, by address, and
+which offset each chunk is; addresses are loaded as int64 and cast to pointers, so no tensor is copied
+into a flat buffer.
+- ptrs (k + 1, n): row j holds the addresses of the j-th tensor list (grads, then state), the last row
+  the element counts.
+- chunks (2, n_chunks): from `chunk_table_builder`; row 0 the tensor slot, row 1 the first element.
 """
 from __future__ import annotations
 
@@ -11,8 +15,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-from forge.ops.grokfast import device_table, group_by_dtypes
 
 BLOCK = 1024
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -56,7 +58,9 @@ def grokfast_ma_kernel(ptrs, chunks, n_tensors, slot, scale, lamb,
 
 
 @functools.lru_cache(maxsize=None)
-def _chunk_builder(device: str):
+def chunk_table_builder(device: str):
+    """`build(rows)` -> the chunks table on `device`, from the element counts in rows[-1] (one object per
+    device, so a table cache can key on it)."""
     def build(rows):
         numels = torch.tensor(rows[-1], dtype=torch.int64)
         counts = (numels + BLOCK - 1) // BLOCK
@@ -68,21 +72,15 @@ def _chunk_builder(device: str):
     return build
 
 
-def _launch(kernel, tensor_lists, dtype_lists, *scalars):
-    """One launch per dtype group; ptrs rows: each list's addresses, then the numels."""
-    first = tensor_lists[0]
-    device = first[0].device
-    for idx in group_by_dtypes(*dtype_lists).values():
-        rows = [[lst[i].data_ptr() for i in idx] for lst in tensor_lists] + [[first[i].numel() for i in idx]]
-        ptrs = device_table(rows, device)
-        chunks = device_table([rows[-1]], device, build=_chunk_builder(str(device)))
-        dtypes = [_TL_DTYPES[lst[idx[0]].dtype] for lst in dtype_lists]
-        kernel[(chunks.shape[1],)](ptrs, chunks, len(idx), *scalars, *dtypes, BLOCK=BLOCK)
+def _launch(kernel, ptrs, chunks, n_tensors: int, dtypes, *scalars) -> None:
+    kernel[(chunks.shape[1],)](ptrs, chunks, n_tensors, *scalars, *(_TL_DTYPES[d] for d in dtypes), BLOCK=BLOCK)
 
 
-def grokfast_ema_triton(grads, emas, alpha: float, lamb: float) -> None:
-    _launch(grokfast_ema_kernel, [grads, emas], [grads, emas], float(alpha), float(lamb))
+def grokfast_ema_triton(ptrs, chunks, n_tensors: int, dtypes, alpha: float, lamb: float) -> None:
+    """One dtype group: ptrs rows (grads, emas, numels); dtypes (grad dtype, ema dtype)."""
+    _launch(grokfast_ema_kernel, ptrs, chunks, n_tensors, dtypes, float(alpha), float(lamb))
 
 
-def grokfast_ma_triton(grads, rings, sums, slot: int, scale: float, lamb: float) -> None:
-    _launch(grokfast_ma_kernel, [grads, rings, sums], [grads, rings], int(slot), float(scale), float(lamb))
+def grokfast_ma_triton(ptrs, chunks, n_tensors: int, dtypes, slot: int, scale: float, lamb: float) -> None:
+    """One dtype group: ptrs rows (grads, rings, sums, numels); dtypes (grad dtype, ring dtype)."""
+    _launch(grokfast_ma_kernel, ptrs, chunks, n_tensors, dtypes, int(slot), float(scale), float(lamb))

@@ -3,7 +3,8 @@
 Only the tiles on and below the diagonal are computed; each off-diagonal tile is stored twice
 (itself and its transpose), so X X^T and the other symmetric products cost about half a GEMM
 (the flash-muon / Dion `ns_line_1` idea). Batched over the leading dimension with 64-bit offsets.
-Plain pointer arithmetic (no block pointers: they are gone in Triton 3.9).
+Plain pointer arithmetic (no block pointers: they are gone in Triton 3.9). Where too few tiles would
+fill the GPU (`use_dense`), the launcher in forge/ops/newton_schulz.py runs one dense GEMM instead.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import triton
 import triton.language as tl
 
 from forge.kernels import interpreted
-from forge.ops.newton_schulz import sym_mm_dense
 
 
 @triton.jit
@@ -64,10 +64,10 @@ def sym_mm_kernel(a_ptr, b_ptr, d_ptr, c_ptr, M, K,
 def _config(dtype: torch.dtype) -> dict:
     """Tile sizes. The interpreter gets small tiles (it runs every program serially on the CPU).
 
-    GPU (benchmarks/gpu/sweep_ns.py, H100 80GB HBM3, bf16, 2026-11-27): 128 x 128 x 64 tiles, 8 warps,
-    3 stages were the fastest of five configs at 1x4096x4096 (X X^T 0.169 ms; cuBLAS dense 0.218 ms)
-    and 24x768x3072 (0.139 ms; dense 0.150 ms); 64-row tiles reached only 530 dense-equivalent TFLOP/s
-    and 256-row tiles ran out of shared memory. float32 takes BLOCK_K 32 to keep 3 stages in it.
+    GPU: 128 x 128 x 64 tiles, 8 warps, 3 stages, chosen by benchmarks/gpu/sweep_ns.py (H100, bf16 X X^T):
+    the fastest of five configs at 1x4096x4096 and 24x768x3072; 64-row tiles peaked lower and 256-row
+    tiles ran out of shared memory (timings in benchmarks/RESULTS.md, "Measurements behind kernel
+    constants"). float32 takes BLOCK_K 32 to keep 3 stages in shared memory.
     """
     if interpreted():
         return dict(BLOCK_M=16, BLOCK_K=16, num_warps=1, num_stages=1)
@@ -79,13 +79,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def use_dense(batch: int, M: int, block_m: int, device: torch.device) -> bool:
-    """Too few lower-triangle tiles to fill the GPU, so cuBLAS's dense product is faster: in the sweep
-    above, 1x2048x8192 (136 tiles on 132 SMs) took 0.118 ms dense against 0.161 ms, while 528 tiles
-    (4096) or 504 (24x768) won. Triton gets the work from 3 tiles per SM up."""
+def use_dense(batch: int, M: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """True where the default tiles leave the GPU underfilled, so cuBLAS's dense product is faster:
+    fewer than 3 lower-triangle tiles per SM (the same sweep: 1x2048x8192, 136 tiles on 132 SMs, lost
+    to dense; 1x4096x4096 and 24x768x3072, over 500 tiles, won). Never on the CPU interpreter."""
     if device.type != "cuda":
         return False
-    tiles = triton.cdiv(M, block_m)
+    tiles = triton.cdiv(M, _config(dtype)["BLOCK_M"])
     return batch * tiles * (tiles + 1) // 2 < 3 * _sm_count(device.index or 0)
 
 
@@ -93,12 +93,11 @@ def sym_mm_triton(A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0, beta: fl
                   D: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """alpha * A @ B^T + beta * D for batches A, B (b, M, K) whose result is symmetric (b, M, M).
 
-    `config` overrides the tile sizes (BLOCK_M, BLOCK_K, num_warps, num_stages), for sweeps.
+    Always runs the kernel (the caller checks `use_dense` first). `config` overrides the tile sizes
+    (BLOCK_M, BLOCK_K, num_warps, num_stages), for sweeps.
     """
     batch, M, K = A.shape
     cfg = config or _config(A.dtype)
-    if config is None and use_dense(batch, M, cfg["BLOCK_M"], A.device):
-        return sym_mm_dense(A, B, alpha, beta, D)
     C = torch.empty(batch, M, M, dtype=A.dtype, device=A.device)
     tiles = triton.cdiv(M, cfg["BLOCK_M"])
     grid = (tiles * (tiles + 1) // 2, batch)

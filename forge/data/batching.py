@@ -17,7 +17,7 @@ import torch
 
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
-from forge.ops._validate import check_positive_int
+from forge._checks import check_positive_int
 
 IGNORE_INDEX = -100
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from forge.data.batching import IGNORE_INDEX, encode_batch, prompt_ids
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
-from forge.ops._validate import check_positive_int
+from forge._checks import check_positive_int
 
 
 def _model_device(model) -> torch.device:

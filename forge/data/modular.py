@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from forge.ops._validate import check_finite_number
+from forge._checks import check_finite_number
 
 OPS = ("mul", "add")
 

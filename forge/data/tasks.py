@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Mapping
 
-from forge.ops._validate import check_positive_int
+from forge._checks import check_positive_int
 
 SPLITS = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}   # percent buckets of the prompt hash
 _MAX_TRIES = 10_000

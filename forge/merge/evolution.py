@@ -24,7 +24,7 @@ from forge.merge.operators import (
     OPERATORS, LayerKeyFn, RenameFn, Recipe, StateDict, apply_recipe, block_index, check_states, count_layers,
     rename_block,
 )
-from forge.ops._validate import check_finite_number, check_positive_int
+from forge._checks import check_finite_number, check_positive_int
 
 FITNESS_KEYS = ("accuracy", "loss", "speed", "memory")
 _METRIC_FOR = {"accuracy": "accuracy", "loss": "loss", "speed": "seconds", "memory": "bytes"}

@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from forge.ops._validate import check_finite_number
+from forge._checks import check_finite_number
 
 StateDict = dict[str, torch.Tensor]
 LayerKeyFn = Callable[[str], "int | None"]

@@ -9,6 +9,7 @@ Backends:
 `auto` takes the first available backend in the device's preference order; `FORGE_BACKEND`
 replaces `auto`. A backend asked for by name that cannot run raises `BackendUnavailableError`
 naming the ones that can. The choice is made at every call, never by swapping modules at import.
+`call_op` is the one place that tells eager calls from calls that torch.compile traces.
 """
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ import functools
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from forge import _native
+from forge.kernels import interpreted as triton_interpreted  # the package's __init__ imports no Triton
 
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
+
+T = TypeVar("T")
 
 # Fastest first, per device type. The interpreted Triton backend is never chosen on the CPU by `auto`.
 PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
@@ -58,10 +62,6 @@ def register(op: str, backend: str, needs_native: bool = True):
 def _triton_installed() -> bool:
     """Looked up once: `find_spec` searches sys.path, too slow for every dispatch."""
     return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _backend_reason(backend: str, impl: Implementation) -> str | None:
@@ -129,6 +129,18 @@ def resolve(op: str, device: torch.device, backend: str = "auto") -> Callable:
         raise BackendUnavailableError(f"{op}: {source}={requested!r} is not available ({why}); available here: {usable}")
     _last[op] = requested
     return impls[requested].fn
+
+
+def call_op(op: Callable[..., T], eager: Callable[..., T], *args: Any) -> T:
+    """`op(*args)` while torch.compile traces the caller, else `eager(*args)`.
+
+    `op` is the torch.library op (an opaque node with a fake implementation for the compiler), or a
+    traceable torch function; `eager` runs the same implementation directly, without the custom-op
+    wrapper's per-call overhead. Both take the same arguments and compute the same result.
+    """
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return eager(*args)
 
 
 def backend_matrix_markdown() -> str:

@@ -235,9 +235,13 @@ def _linear_cuda(x, packed, scale, eps):
 
 @_register(TERNARY_OPS, "triton")
 def _ternary_triton(w, per_channel, eps, dequantize):
-    from forge.kernels.bitnet import ternary_quant_triton
+    from forge.kernels.bitnet import abs_partial_sums_triton, ternary_apply_triton
 
-    return ternary_quant_triton(w.contiguous(), per_channel, eps, dequantize)
+    w = w.contiguous()
+    groups = w.shape[0] if per_channel else 1
+    partial = abs_partial_sums_triton(w, groups)
+    scale = absmean_scale(partial.sum(dim=1, dtype=torch.float64), w.numel() // groups, eps)
+    return ternary_apply_triton(w, scale, groups, dequantize), scale
 
 
 @_register(ACT_OPS, "triton")
@@ -310,13 +314,13 @@ def _check_linear(x, packed, scale, out_features, eps) -> float:
 # torch.library ops (what torch.compile sees); eager calls skip the wrapper and run the same code
 # ---------------------------------------------------------------------------------------------
 
-def _run_ternary(w, per_channel, eps, dequantize, backend):
+def _run_ternary(w, per_channel, eps, backend, dequantize=False):
     op = "ste_ternary" if dequantize else "ternary_quant"
     out, scale = _dispatch.resolve(op, w.device, backend)(w, per_channel, eps, dequantize)
     return out, scale
 
 
-def _run_act(x, eps, dequantize, backend):
+def _run_act(x, eps, backend, dequantize=False):
     op = "ste_act_int8" if dequantize else "act_quant_int8"
     out, scale = _dispatch.resolve(op, x.device, backend)(x.reshape(-1, x.shape[-1]), eps, dequantize)
     return out.reshape(x.shape), (None if scale is None else scale.reshape(x.shape[:-1]))
@@ -324,7 +328,7 @@ def _run_act(x, eps, dequantize, backend):
 
 @torch.library.custom_op("forge::ternary_quant", mutates_args=())
 def _ternary_quant_op(w: torch.Tensor, per_channel: bool, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    q, scale = _run_ternary(w, per_channel, eps, False, backend)
+    q, scale = _run_ternary(w, per_channel, eps, backend)
     return q.contiguous(), scale.reshape(-1).clone()
 
 
@@ -335,7 +339,7 @@ def _(w, per_channel, eps, backend):
 
 @torch.library.custom_op("forge::act_quant_int8", mutates_args=())
 def _act_quant_op(x: torch.Tensor, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    q, scale = _run_act(x, eps, False, backend)
+    q, scale = _run_act(x, eps, backend)
     return q.contiguous(), scale.contiguous()
 
 
@@ -346,12 +350,12 @@ def _(x, eps, backend):
 
 @torch.library.custom_op("forge::ste_ternary", mutates_args=())
 def _ste_ternary_op(w: torch.Tensor, per_channel: bool, eps: float, backend: str) -> torch.Tensor:
-    return _run_ternary(w, per_channel, eps, True, backend)[0].contiguous()
+    return _run_ternary(w, per_channel, eps, backend, dequantize=True)[0].contiguous()
 
 
 @torch.library.custom_op("forge::ste_act_int8", mutates_args=())
 def _ste_act_op(x: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
-    return _run_act(x, eps, True, backend)[0].contiguous()
+    return _run_act(x, eps, backend, dequantize=True)[0].contiguous()
 
 
 @_ste_ternary_op.register_fake
@@ -408,6 +412,34 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+# Eager implementations, with the signatures of the torch.library ops (for _dispatch.call_op).
+
+def _ste_ternary_eager(w, per_channel, eps, backend):
+    return _StraightThrough.apply(w, lambda t: _run_ternary(t, per_channel, eps, backend, dequantize=True)[0])
+
+
+def _ste_act_eager(x, eps, backend):
+    return _StraightThrough.apply(x, lambda t: _run_act(t, eps, backend, dequantize=True)[0])
+
+
+def _pack_eager(q, backend):
+    return _dispatch.resolve("pack_ternary", q.device, backend)(q)
+
+
+def _unpack_eager(packed, in_features, backend):
+    return _dispatch.resolve("unpack_ternary", packed.device, backend)(packed, in_features)
+
+
+# pack and unpack are not torch.library ops: under torch.compile the reference is traced instead.
+
+def _pack_traced(q, backend):
+    return pack_ternary_reference(q)
+
+
+def _unpack_traced(packed, in_features, backend):
+    return unpack_ternary_reference(packed, in_features)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
@@ -420,10 +452,7 @@ def ternary_quant(w: torch.Tensor, per_channel: bool = False, eps: float = EPS, 
     NaN anywhere in a group makes its scale NaN (q is then meaningless), so the NaN reaches q * scale.
     """
     eps = _check_weight(w, per_channel, eps)
-    if torch.compiler.is_compiling():
-        q, scale = _ternary_quant_op(w, per_channel, eps, backend)
-    else:
-        q, scale = _run_ternary(w, per_channel, eps, False, backend)
+    q, scale = _dispatch.call_op(_ternary_quant_op, _run_ternary, w, per_channel, eps, backend)
     return q.reshape(w.shape), (scale.reshape(-1) if per_channel else scale.reshape(()))
 
 
@@ -433,25 +462,19 @@ def act_quant_int8(x: torch.Tensor, eps: float = EPS, backend: str = "auto"):
     scale = max(max|x|, eps) / 127, q = clamp(round(x / scale), -127, 127); x ~ q * scale.
     """
     eps = _check_activation(x, eps)
-    if torch.compiler.is_compiling():
-        return _act_quant_op(x, eps, backend)
-    return _run_act(x, eps, False, backend)
+    return _dispatch.call_op(_act_quant_op, _run_act, x, eps, backend)
 
 
 def ste_ternary(w: torch.Tensor, per_channel: bool = False, eps: float = EPS, backend: str = "auto") -> torch.Tensor:
     """q * scale of `ternary_quant` in w's dtype, with the identity gradient (straight-through) to w."""
     eps = _check_weight(w, per_channel, eps)
-    if torch.compiler.is_compiling():
-        return _ste_ternary_op(w, per_channel, eps, backend)
-    return _StraightThrough.apply(w, lambda t: _run_ternary(t, per_channel, eps, True, backend)[0])
+    return _dispatch.call_op(_ste_ternary_op, _ste_ternary_eager, w, per_channel, eps, backend)
 
 
 def ste_act_int8(x: torch.Tensor, eps: float = EPS, backend: str = "auto") -> torch.Tensor:
     """q * scale of `act_quant_int8` in x's dtype, with the identity gradient (straight-through) to x."""
     eps = _check_activation(x, eps)
-    if torch.compiler.is_compiling():
-        return _ste_act_op(x, eps, backend)
-    return _StraightThrough.apply(x, lambda t: _run_act(t, eps, True, backend)[0])
+    return _dispatch.call_op(_ste_act_op, _ste_act_eager, x, eps, backend)
 
 
 def pack_ternary(q: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -462,18 +485,14 @@ def pack_ternary(q: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         raise ValueError(f"q must be 2-dim (out_features, in_features) and non-empty; got shape {tuple(q.shape)}")
     if bool((q.abs() > 1).any()):
         raise ValueError("q must hold only -1, 0 and 1")
-    if torch.compiler.is_compiling():
-        return pack_ternary_reference(q)
-    return _dispatch.resolve("pack_ternary", q.device, backend)(q)
+    return _dispatch.call_op(_pack_traced, _pack_eager, q, backend)
 
 
 def unpack_ternary(packed: torch.Tensor, in_features: int, backend: str = "auto") -> torch.Tensor:
     """The exact inverse of `pack_ternary`: uint8 (rows, ceil(in_features / 4)) -> int8 (rows, in_features)."""
     check_positive_int("in_features", in_features)
     _check_packed(packed, in_features)
-    if torch.compiler.is_compiling():
-        return unpack_ternary_reference(packed, in_features)
-    return _dispatch.resolve("unpack_ternary", packed.device, backend)(packed, in_features)
+    return _dispatch.call_op(_unpack_traced, _unpack_eager, packed, in_features, backend)
 
 
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int, eps: float = EPS,
@@ -484,6 +503,4 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, o
     Inference only (no gradient); y has x's dtype.
     """
     eps = _check_linear(x, packed, scale, out_features, eps)
-    if torch.compiler.is_compiling():
-        return _ternary_linear_op(x, packed, scale, out_features, eps, backend)
-    return _linear_dispatch(x, packed, scale, out_features, eps, backend)
+    return _dispatch.call_op(_ternary_linear_op, _linear_dispatch, x, packed, scale, out_features, eps, backend)

@@ -38,7 +38,7 @@ def default_chunk_rows(rows: int, hidden: int, vocab: int) -> int:
     """Rows per chunk, to a power of two: the larger of Liger-Kernel's rule (rows / ceil(vocab / hidden):
     a chunk of logits about the size of the hidden states) and rows / 8 (at most about 8 chunks, since
     each chunk reads and writes the whole vocab x hidden weight gradient, and small chunks make slow
-    matmuls: on the CPU, rows 512 / hidden 256 / vocab 32000 ran 4x slower at 8-row chunks than at 128)."""
+    matmuls; timings in benchmarks/RESULTS.md, "Measurements behind kernel constants")."""
     liger = -(-rows // max(1, -(-vocab // hidden)))
     target = max(liger, -(-rows // 8), 1)
     return 1 << (target - 1).bit_length()

@@ -197,11 +197,27 @@ def _grokfast_ma_cuda(grads, rings, sums, step, lamb, warmup):
     _with_contiguous(list(grads) + list(rings) + list(sums), run)
 
 
+def _launch_triton(launch, tensor_lists, dtype_lists, *scalars) -> None:
+    """One Triton launch per dtype group, with the device tables the kernels read (kernels/grokfast.py):
+    ptrs rows are each list's addresses, then the numels; chunks come from the kernel's own builder."""
+    from forge.kernels.grokfast import chunk_table_builder
+
+    first = tensor_lists[0]
+    device = first[0].device
+    for idx in group_by_dtypes(*dtype_lists).values():
+        rows = [[lst[i].data_ptr() for i in idx] for lst in tensor_lists] + [[first[i].numel() for i in idx]]
+        ptrs = device_table(rows, device)
+        chunks = device_table([rows[-1]], device, build=chunk_table_builder(str(device)))
+        launch(ptrs, chunks, len(idx), [lst[idx[0]].dtype for lst in dtype_lists], *scalars)
+
+
 @_dispatch.register("grokfast_ema", "triton")
 def _grokfast_ema_triton(grads, emas, alpha, lamb):
     from forge.kernels.grokfast import grokfast_ema_triton
 
-    _with_contiguous(list(grads) + list(emas), lambda w: grokfast_ema_triton(w[:len(grads)], w[len(grads):], alpha, lamb))
+    n = len(grads)
+    _with_contiguous(list(grads) + list(emas),
+                     lambda w: _launch_triton(grokfast_ema_triton, [w[:n], w[n:]], [w[:n], w[n:]], alpha, lamb))
 
 
 @_dispatch.register("grokfast_ma", "triton")
@@ -211,23 +227,27 @@ def _grokfast_ma_triton(grads, rings, sums, step, lamb, warmup):
     slot, scale = ma_slot_and_scale(step, rings[0].shape[0], warmup)
     n = len(grads)
     _with_contiguous(list(grads) + list(rings) + list(sums),
-                     lambda w: grokfast_ma_triton(w[:n], w[n:2 * n], w[2 * n:], slot, scale, lamb))
+                     lambda w: _launch_triton(grokfast_ma_triton, [w[:n], w[n:2 * n], w[2 * n:]], [w[:n], w[n:2 * n]],
+                                              slot, scale, lamb))
 
 
 # ---------------------------------------------------------------------------------------------
 # Public ops
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("forge::grokfast_ema_", mutates_args=("grads", "emas"))
-def _grokfast_ema_op(grads: list[torch.Tensor], emas: list[torch.Tensor], alpha: float, lamb: float,
-                     backend: str) -> None:
+def _grokfast_ema_eager(grads: list[torch.Tensor], emas: list[torch.Tensor], alpha: float, lamb: float,
+                        backend: str) -> None:
     _dispatch.resolve("grokfast_ema", grads[0].device, backend)(grads, emas, alpha, lamb)
 
 
-@torch.library.custom_op("forge::grokfast_ma_", mutates_args=("grads", "rings", "sums"))
-def _grokfast_ma_op(grads: list[torch.Tensor], rings: list[torch.Tensor], sums: list[torch.Tensor], step: int,
-                    lamb: float, warmup: bool, backend: str) -> None:
+def _grokfast_ma_eager(grads: list[torch.Tensor], rings: list[torch.Tensor], sums: list[torch.Tensor], step: int,
+                       lamb: float, warmup: bool, backend: str) -> None:
     _dispatch.resolve("grokfast_ma", grads[0].device, backend)(grads, rings, sums, step, lamb, warmup)
+
+
+_grokfast_ema_op = torch.library.custom_op("forge::grokfast_ema_", _grokfast_ema_eager, mutates_args=("grads", "emas"))
+_grokfast_ma_op = torch.library.custom_op("forge::grokfast_ma_", _grokfast_ma_eager,
+                                          mutates_args=("grads", "rings", "sums"))
 
 
 def grokfast_ema_(grads, emas, alpha: float = 0.98, lamb: float = 2.0, backend: str = "auto") -> None:
@@ -244,9 +264,7 @@ def grokfast_ema_(grads, emas, alpha: float = 0.98, lamb: float = 2.0, backend: 
     check_paired_lists("grads", grads, "emas", emas)
     alpha = check_finite_number("alpha", alpha, low=0.0, high=1.0, high_open=True)
     lamb = check_finite_number("lamb", lamb)
-    if torch.compiler.is_compiling():
-        return _grokfast_ema_op(grads, emas, alpha, lamb, backend)
-    return _dispatch.resolve("grokfast_ema", grads[0].device, backend)(grads, emas, alpha, lamb)
+    _dispatch.call_op(_grokfast_ema_op, _grokfast_ema_eager, grads, emas, alpha, lamb, backend)
 
 
 def grokfast_ma_(grads, rings, sums, step: int, lamb: float = 5.0, warmup: bool = True,
@@ -271,6 +289,4 @@ def grokfast_ma_(grads, rings, sums, step: int, lamb: float = 5.0, warmup: bool 
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"Invalid step: {step!r}; expected an integer >= 0")
     lamb = check_finite_number("lamb", lamb)
-    if torch.compiler.is_compiling():
-        return _grokfast_ma_op(grads, rings, sums, step, lamb, bool(warmup), backend)
-    return _dispatch.resolve("grokfast_ma", grads[0].device, backend)(grads, rings, sums, step, lamb, bool(warmup))
+    _dispatch.call_op(_grokfast_ma_op, _grokfast_ma_eager, grads, rings, sums, step, lamb, bool(warmup), backend)

@@ -162,14 +162,15 @@ GRAM_MIN_ASPECT = 1.5
 
 @functools.lru_cache(maxsize=None)
 def _cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 / AMX CPUs run oneDNN's bf16 GEMMs about 2x faster than fp32 (1024^3: 5.2 against
-    11.5 ms on the CI machine, benchmarks/cpu_ns_tuning.py)."""
+    """AVX-512 BF16 / AMX CPUs run oneDNN's bf16 GEMMs about 2x faster than fp32 (benchmarks/cpu_ns_tuning.py;
+    timings in benchmarks/RESULTS.md, "Measurements behind kernel constants")."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and torch.backends.mkldnn.is_available()
 
 
-# Gram NS on a GPU only pays once the m x m products are compute-bound: on an H100, 1x1024x4096 bf16
-# took 1.23 ms with Gram against 1.02 ms for the eager reference (a launch-bound chain of small
-# products), while 24x768x3072 (batch * m^3 = 1.1e10) ran 1.6x faster than the reference.
+# Gram NS on a GPU only pays once the m x m products are compute-bound: below this much work it is a
+# launch-bound chain of small products, slower than the eager reference (benchmarks/gpu/run.sh on an
+# H100: 1x1024x4096 lost, 24x768x3072 at 1.1e10 won; timings in benchmarks/RESULTS.md,
+# "Measurements behind kernel constants").
 GPU_GRAM_MIN_WORK = 8e9  # batch * m^3
 
 
@@ -177,7 +178,7 @@ def choose_method(batch: int, m: int, n: int, dtype: torch.dtype, device_type: s
     """'gram' or 'symmetric' for a (batch, m, n) stack, m <= n after transposition. Gram needs a clearly
     rectangular matrix, and more mantissa than bf16 has (it then computes in fp16 on a GPU), so:
     - CPU bf16 on a CPU with fast bf16 GEMMs stays bf16 and standard (2x faster GEMMs beat 1.5x fewer FLOPs);
-    - GPU fp16 stays standard (its Gram iteration was 3e-2 from float64 on an H100, against 1e-3);
+    - GPU fp16 stays standard (its Gram iteration landed over 10x further from float64 on an H100);
     - GPU stacks below GPU_GRAM_MIN_WORK stay standard (launch-bound)."""
     if m == 1 or n < GRAM_MIN_ASPECT * m:
         return "symmetric"
@@ -249,9 +250,9 @@ def sym_mm_blocked(A, B, alpha=1.0, beta=0.0, D=None, leaf: int = 128, dense_max
 
     Recursive halving: each level is one large GEMM for the off-diagonal quarter (large GEMMs keep
     MKL efficient), down to diagonal leaves of at most `leaf` rows; 1024 rows and leaf 128 execute
-    0.56 of the dense FLOPs. All products go through torch's own BLAS. Leaf 128 and DENSE_MAX_ROWS come
-    from benchmarks/cpu_ns_tuning.py on the 2-core CI machine (two runs: X X^T at m = 2048 about 1.5x
-    faster than dense with leaf 128, leaf 256-512 a little slower; at m <= 512 blocking gains nothing).
+    0.56 of the dense FLOPs. All products go through torch's own BLAS. Leaf 128 and DENSE_MAX_ROWS were
+    chosen by benchmarks/cpu_ns_tuning.py (leaf 128 the fastest; at m <= 512 blocking gains nothing;
+    timings in benchmarks/RESULTS.md, "Measurements behind kernel constants").
     """
     batch, m = A.shape[0], A.shape[1]
     if m <= dense_max_rows or A.dtype != torch.float32:  # oneDNN's bf16 GEMMs lose more to blocking than it saves
@@ -284,10 +285,17 @@ def _newton_schulz_cpu(G, triples, eps, check_finite):
     return ns_fast(G, triples, eps, sym_mm_blocked, torch.bfloat16 if keep_bf16 else torch.float32, check_finite)
 
 
+def sym_mm_triton_or_dense(A, B, alpha=1.0, beta=0.0, D=None):
+    """sym_mm on the Triton kernel, or one dense GEMM where its tiles would leave the GPU underfilled."""
+    from forge.kernels.newton_schulz import sym_mm_triton, use_dense
+
+    if use_dense(A.shape[0], A.shape[1], A.dtype, A.device):
+        return sym_mm_dense(A, B, alpha, beta, D)
+    return sym_mm_triton(A, B, alpha, beta, D)
+
+
 @_dispatch.register("newton_schulz", "triton")
 def _newton_schulz_triton(G, triples, eps, check_finite):
-    from forge.kernels.newton_schulz import sym_mm_triton
-
     def compute_dtype(method: str) -> torch.dtype:
         if not G.is_cuda:
             return torch.float32  # Triton's CPU interpreter cannot do bf16 arithmetic
@@ -295,7 +303,7 @@ def _newton_schulz_triton(G, triples, eps, check_finite):
             return torch.float16  # as Gram NS does: the Gram iteration needs more mantissa than bf16 has
         return G.dtype
 
-    return ns_fast(G, triples, eps, sym_mm_triton, compute_dtype, check_finite)
+    return ns_fast(G, triples, eps, sym_mm_triton_or_dense, compute_dtype, check_finite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,11 +318,17 @@ def _check_input(G) -> None:
         raise ValueError(f"G must not be empty; got shape {tuple(G.shape)}")
 
 
+def _newton_schulz_eager(G: torch.Tensor, coefficients: list[float], eps: float, backend: str,
+                         check_finite: bool) -> torch.Tensor:
+    """The op's implementation; `coefficients` flat (a, b, c, a, b, c, ...), as torch.library takes them."""
+    triples = [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)]
+    return _dispatch.resolve("newton_schulz", G.device, backend)(G, triples, eps, check_finite)
+
+
 @torch.library.custom_op("forge::newton_schulz", mutates_args=())
 def _newton_schulz_op(G: torch.Tensor, coefficients: list[float], eps: float, backend: str,
                       check_finite: bool) -> torch.Tensor:
-    triples = [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)]
-    return _dispatch.resolve("newton_schulz", G.device, backend)(G, triples, eps, check_finite).contiguous()
+    return _newton_schulz_eager(G, coefficients, eps, backend, check_finite).contiguous()
 
 
 @_newton_schulz_op.register_fake
@@ -340,7 +354,4 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="muon", eps: flo
     triples = resolve_coefficients(coefficients, steps)
     eps = check_finite_number("eps", eps, low=0.0)
     flat = [float(v) for t in triples for v in t]
-    if torch.compiler.is_compiling():
-        return _newton_schulz_op(G, flat, eps, backend, check_finite)
-    # Eager: skip the custom_op wrapper (~20-40 us a call) and run the same implementation directly.
-    return _dispatch.resolve("newton_schulz", G.device, backend)(G, triples, eps, check_finite)
+    return _dispatch.call_op(_newton_schulz_op, _newton_schulz_eager, G, flat, eps, backend, check_finite)

@@ -18,7 +18,7 @@ from forge.ops.bitnet import pack_ternary_reference
 
 SHAPES = [(1, 33), (29, 1), (37, 45), (64, 128), (3, 4, 5)]
 DTYPES = {"torch": [torch.float32, torch.float16, torch.bfloat16], "cpu": [torch.float32, torch.float16, torch.bfloat16],
-          "triton": [torch.float32, torch.float16]}  # the Triton interpreter gets bf16 wrong (DESIGN.md)
+          "triton": [torch.float32, torch.float16]}  # Triton's CPU interpreter computes bf16 arithmetic wrongly
 
 
 def ternary_float64(w, per_channel):
