@@ -4,7 +4,7 @@ Task and defaults are the Grokfast paper's (Lee et al. 2024, arXiv 2405.20233; g
 x * y mod 97, half of all pairs for training, a 2-layer width-128 4-head decoder, loss and accuracy on
 the answer token, minibatches of 512, lr 1e-3, betas (0.9, 0.98), weight decay 0.005, lr warm-up over
 10 steps, Grokfast-EMA alpha 0.98 lamb 2.0. The paper reports 39890 steps to 95% for Adam without the
-filter and 910 with it (43.8x). Variants (forge.optim.grokking): MuonGrokfast with and without the
+filter and 910 with it (43.8x). Variants (grokking_harness.py): MuonGrokfast with and without the
 filter, AdamW with and without it, and optionally the paper's own Adam with coupled L2 weight decay.
 
     python benchmarks/grokking.py [--p 97] [--max-steps N] [--out results.json]
@@ -24,7 +24,7 @@ import torch
 from forge.bench import machine_info
 from forge.data import modular_arithmetic_split
 from forge.nn.models import TinyDecoder
-from forge.optim.grokking import ALL_VARIANTS, VARIANTS, optimizer_factory, train_until
+from grokking_harness import ALL_VARIANTS, VARIANTS, optimizer_factory, train_until  # this folder's harness
 
 PAPER = dict(p=97, dim=128, layers=2, heads=4, batch_size=512, lr=1e-3, muon_lr=0.02, weight_decay=0.005,
              alpha=0.98, lamb=2.0, max_steps=10000, eval_every=10, target=0.95)

@@ -4,7 +4,7 @@
 
 The teacher is the ORIGINAL weights WITH the prompt (the peft model with its adapters disabled, under
 no_grad); the student is the LoRA-adapted model WITHOUT the prompt; the loss covers the sampled trajectory
-tokens y only. (The seed's baker fed the prompted sequence to one network on both sides, so its KL was ~0.)
+tokens y only. (The original system's baker fed the prompted sequence to one network on both sides, so its KL was ~0.)
 Stopping early gives a "half-baked" model (the paper's continuous prompt strength); baking the baked model
 again, with the prompt it already holds, is the paper's Prompt Pursuit.
 
@@ -24,21 +24,16 @@ from torch import nn
 from forge.baking.lora import DEFAULT_TARGET_MODULES, lora_config, lora_parameters, merge_lora, wrap_lora
 from forge.baking.trajectory import (Trajectories, check_prompt_ids, prefix_cache, sample_trajectories,
                                      student_logits)
+from forge.nn.losses import kl_to_teacher
 from forge.nn.transformer import Transformer
 from forge.ops._validate import check_finite_number, check_positive_int
-from forge.ops import kl_div_logits
 
 InputSampler = Callable[[int], torch.Tensor] | torch.Tensor | Iterable[torch.Tensor]
 
 
-def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student), batchmean over rows, through the fused forge.ops.kl_div_logits."""
-    return kl_div_logits(student_logits, teacher_logits.to(student_logits.dtype), temperature=temperature)
-
-
 def trajectory_kl(student: nn.Module, traj: Trajectories) -> torch.Tensor:
     """Mean KL over the kept trajectory positions; they are selected by indexing, so no mask is needed."""
-    return _kl(student_logits(student, traj)[traj.keep], traj.teacher_logits[traj.keep])
+    return kl_to_teacher(student_logits(student, traj)[traj.keep], traj.teacher_logits[traj.keep])
 
 
 @dataclass

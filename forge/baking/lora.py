@@ -3,7 +3,7 @@
 LoRA (Hu et al. 2021, arXiv 2106.09685) adds W + (alpha / r) * B A to each targeted Linear, with B = 0 at
 the start, so the wrapped model begins exactly at the original weights. The target names are the real
 module names of `forge.nn.Transformer` (blocks.<i>.attn.{q,k,v,o}_proj, blocks.<i>.mlp.{gate,up,down}_proj,
-and optionally `head`); the seed's baker targeted names its model did not have, so here a name that
+and optionally `head`); the original system's baker targeted names its model did not have, so here a name that
 matches no module is an error.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def wrap_lora(model: Transformer, rank: int = 8, alpha: float = 16.0, dropout: f
               target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> peft.PeftModel:
     """A LoRA-wrapped deep copy of `model`; only the adapters train and `model` itself is never touched.
 
-    peft injects adapters in place, which is how the seed ended up comparing a model with itself; the
+    peft injects adapters in place, which is how the original system ended up comparing a model with itself; the
     copy keeps the caller's model as an independent original. The adapters take the model's dtype/device.
     """
     if not isinstance(model, Transformer):
@@ -81,7 +81,7 @@ def merge_lora(wrapped: peft.PeftModel) -> Transformer:
 
 @torch.no_grad()
 def interpolate(original: nn.Module, baked: nn.Module, strength: float) -> nn.Module:
-    """Weight interpolation W = (1 - s) W_original + s W_baked (the seed's Phase-6 "half-baking" by
+    """Weight interpolation W = (1 - s) W_original + s W_baked (the original system's Phase-6 "half-baking" by
     strength): s = 0 gives the original, s = 1 the baked model, s > 1 extrapolates past the bake.
     Returns a new model; neither input changes. Integer buffers are taken from `original`."""
     s = check_finite_number("strength", strength)

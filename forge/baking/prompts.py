@@ -1,12 +1,13 @@
-"""The seed's 13 baking prompts (phase 3: 1, phase 5: 2, phase 6: 9 personas + the SWE-Bench workflow),
-rewritten for what a tiny character-level model on forge's built-in tasks (addition, modular arithmetic,
-multiplication, sorting, copy, reversal, word problems) can be asked to do.
+"""The original system's 13 baking prompts (phase 3: 1, phase 5: 2, phase 6: 9 personas + the SWE-Bench
+workflow), rewritten for what a tiny character-level model on forge's built-in tasks (addition, modular
+arithmetic, multiplication, sorting, copy, reversal, word problems) can be asked to do.
 
-The seed's prompts were paragraphs for a 25M-parameter LLM (a step-by-step reasoning assistant, four
-virtues, tool descriptions, nine personas, a GitHub-issue workflow). A char-level model with max_len ~48
-cannot read a paragraph, and a prompt must leave room for the task input, so each prompt here is a short
-instruction (<= MAX_PROMPT_CHARS characters, plain lowercase ASCII) naming a behaviour that can be checked
-on the tasks; `seed_intent` keeps what the original asked for, and `tasks` says where the effect shows.
+The original system's prompts were paragraphs for a 25M-parameter LLM (a step-by-step reasoning assistant,
+four virtues, tool descriptions, nine personas, a GitHub-issue workflow). A char-level model with max_len
+~48 cannot read a paragraph, and a prompt must leave room for the task input, so each prompt here is a
+short instruction (<= MAX_PROMPT_CHARS characters, plain lowercase ASCII) naming a behaviour that can be
+checked on the tasks; `seed_intent` keeps what the original system's prompt asked for, and `tasks` says
+where the effect shows.
 A prompt only changes behaviour the model has learned to tie to it; baking then moves that behaviour
 into the weights (Bhargava et al. 2024, arXiv 2409.13697).
 """
@@ -21,7 +22,8 @@ MAX_PROMPT_CHARS = 16
 
 @dataclass(frozen=True)
 class BakingPrompt:
-    """id, pipeline phase, the prompt text, the seed's original intent, and the tasks it is meant for."""
+    """id, pipeline phase, the prompt text, the original system's intent (`seed_intent`), and the tasks
+    it is meant for."""
 
     id: str
     phase: int
@@ -80,7 +82,7 @@ PROMPTS: tuple[BakingPrompt, ...] = (
 
 
 def prompts_for_phase(phase: int) -> list[BakingPrompt]:
-    """The prompts one phase bakes, in the seed's order; phases without prompts raise."""
+    """The prompts one phase bakes, in the original system's order; phases without prompts raise."""
     found = [p for p in PROMPTS if p.phase == phase]
     if not found:
         phases = sorted({p.phase for p in PROMPTS})

@@ -1,11 +1,13 @@
-"""forge.nn: model building blocks whose internals the optimizers need to see (e.g. QK-clip)."""
+"""forge.nn: model building blocks whose internals the optimizers need to see (e.g. QK-clip), and KL losses."""
 from forge.nn.attention import CausalSelfAttention, apply_rotary
 from forge.nn.bitlinear import BitLinear, convert_to_bitlinear
+from forge.nn.losses import KLRegularizer, kl_to_teacher
 from forge.nn.transformer import RMSNorm, SwiGLU, Transformer, TransformerConfig, build_model
 
 __all__ = [
     "BitLinear",
     "CausalSelfAttention",
+    "KLRegularizer",
     "RMSNorm",
     "SwiGLU",
     "Transformer",
@@ -13,4 +15,5 @@ __all__ = [
     "apply_rotary",
     "build_model",
     "convert_to_bitlinear",
+    "kl_to_teacher",
 ]

@@ -5,8 +5,9 @@
 QK-clip (MuonClip, Kimi K2 report, arXiv 2507.20534, section 2.1) rescales a head's query and key
 weights when its maximum logit S_max^h = max over batch, query i and key j <= i of S_ij exceeds a
 threshold tau. The forward pass already holds S, so the module keeps S_max per head in the
-`max_logits` buffer (one reduction of the scores, no extra pass over the data); `forge.optim.qk_clip`
-reads it. The attention is written out explicitly (not fused SDPA) precisely so S is available.
+`max_logits` buffer (one reduction of the scores, no extra pass over the data) and exposes each head's
+q/k rows through `qk_head_slices`: together they are `forge.optim.qk_clip.QKLogitRecorder`, which QK-clip
+reads. The attention is written out explicitly (not fused SDPA) precisely so S is available.
 
 Rotary position embeddings (RoPE, Su et al. 2021, "RoFormer", arXiv 2104.09864) are optional. The
 logit stays bilinear in (W_q x, W_k x) under RoPE, so QK-clip's scaling argument still holds.
@@ -46,6 +47,8 @@ class CausalSelfAttention(nn.Module):
 
     After every forward, `max_logits` (float32, shape (n_heads,), not saved in state_dict) holds each
     head's largest unmasked pre-softmax logit over the whole batch; -inf until the first forward.
+    With `qk_head_slices(head)` it implements the QK-clip protocol `forge.optim.qk_clip.QKLogitRecorder`,
+    so `MuonGrokfast.register_attention` and `qk_clip_` accept it (and any model holding it).
     """
 
     def __init__(self, dim: int, n_heads: int, bias: bool = False, rotary: bool = False, rope_base: float = 10000.0):

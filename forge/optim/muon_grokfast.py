@@ -17,6 +17,7 @@ from forge.ops.grokfast import grokfast_ema_init, grokfast_ma_init
 from forge.ops._validate import check_finite_number
 from forge.ops.newton_schulz import resolve_coefficients
 from forge.optim import functional as F
+from forge.optim.qk_clip import qk_clip_, qk_logit_recorders
 
 GROKFAST_MODES = ("ema", "ma", None)
 _MUON_KEYS = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn")
@@ -238,23 +239,21 @@ class MuonGrokfast(Optimizer):
             return False
         return None if dist.get_world_size() > 1 else False
 
-    # -- QK-clip and the seed system's helpers ------------------------------------------------
+    # -- QK-clip and the original system's helpers --------------------------------------------
 
     def register_attention(self, *modules) -> None:
-        """Attention modules (forge.nn.CausalSelfAttention, or a model holding them) to QK-clip after each step."""
-        from forge.nn.attention import CausalSelfAttention
-
+        """Attention modules to QK-clip after each step: modules implementing `forge.optim.qk_clip.QKLogitRecorder`
+        (a `max_logits` tensor and `qk_head_slices`), or models holding them (all of them are registered)."""
         for module in modules:
-            found = [m for m in module.modules() if isinstance(m, CausalSelfAttention)]
+            found = qk_logit_recorders(module)
             if not found:
-                raise ValueError(f"no forge.nn.CausalSelfAttention in {type(module).__name__}")
+                raise ValueError(f"no module in {type(module).__name__} implements QKLogitRecorder (a max_logits "
+                                 "tensor and qk_head_slices, as e.g. CausalSelfAttention has)")
             self._attention_modules.extend(m for m in found if m not in self._attention_modules)
 
     def _apply_qk_clip(self) -> None:
         """Clip each registered module's heads; under torch.distributed the per-head maxima are first
         reduced across ranks (each saw its own batch), so every replica clips alike."""
-        from forge.optim.qk_clip import qk_clip_
-
         group = self._process_group()
         for module in self._attention_modules:
             if group is not False:

@@ -9,26 +9,57 @@ forward exceeded the threshold tau gets its query and key projections rescaled i
 RoPE included, so every logit of h is multiplied by gamma_h and the head's maximum lands on tau.
 Heads at or below tau are not touched at all. Splitting gamma evenly between q and k, as the report
 does for multi-head attention, keeps the two weight scales balanced.
+
+QK-clip knows no model class: it works on any module that implements `QKLogitRecorder`.
 """
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
+from torch import nn
 
-from forge.nn.attention import CausalSelfAttention
 from forge.ops._validate import check_finite_number
 
 
-def qk_clip_(module: CausalSelfAttention, threshold: float) -> int:
+class QKLogitRecorder(Protocol):
+    """What QK-clip needs of an attention module (checked by `records_qk_logits`, duck-typed).
+
+    max_logits: float tensor of shape (n_heads,): each head's largest pre-softmax logit over the
+        last forward's batch (-inf before the first forward). Under torch.distributed the optimizer
+        all-reduces it in place (MAX) before clipping.
+    qk_head_slices(head): the rows of the query and key projections (weights, then biases if any)
+        that produce `head`, as detached views sharing the parameters' storage; QK-clip scales them
+        in place. The head's logits must be bilinear in those q and k rows.
+    """
+
+    max_logits: torch.Tensor
+
+    def qk_head_slices(self, head: int) -> list[torch.Tensor]: ...
+
+
+def records_qk_logits(module) -> bool:
+    """True when `module` implements `QKLogitRecorder` (a `max_logits` tensor and `qk_head_slices`)."""
+    return isinstance(getattr(module, "max_logits", None), torch.Tensor) and callable(
+        getattr(module, "qk_head_slices", None))
+
+
+def qk_logit_recorders(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` (itself included) that implement `QKLogitRecorder`, in `modules()` order."""
+    return [m for m in model.modules() if records_qk_logits(m)]
+
+
+def qk_clip_(module: QKLogitRecorder, threshold: float) -> int:
     """Clip the heads of `module` whose recorded `max_logits` exceed `threshold`; returns how many.
 
     Reads the logits recorded by the module's last forward (nothing happens before the first one,
     while they are -inf). The record is not reset, so call this once per step, after the step.
     Non-finite records (an overflowed forward) are skipped rather than zeroing the head.
     """
-    if not isinstance(module, CausalSelfAttention):
-        raise TypeError(f"module must be a forge.nn.CausalSelfAttention, got {type(module).__name__}")
+    if not records_qk_logits(module):
+        raise TypeError(f"module must implement QKLogitRecorder (a max_logits tensor and qk_head_slices), "
+                        f"got {type(module).__name__}")
     tau = check_finite_number("threshold", threshold, low=0.0, low_open=True)
     clipped = 0
     with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 
 from forge.data import modular_arithmetic_split
 from forge.nn.models import TinyDecoder
-from forge.optim.grokking import ALL_VARIANTS, make_optimizer, optimizer_factory, train_until, with_grokfast
+from grokking_harness import ALL_VARIANTS, make_optimizer, optimizer_factory, train_until, with_grokfast
 
 P, DIM, LAYERS, HEADS, BATCH = 59, 32, 1, 4, 256
 SETTINGS = dict(lr=1e-3, muon_lr=0.02, betas=(0.9, 0.98), weight_decay=1.0, alpha=0.98, lamb=2.0)

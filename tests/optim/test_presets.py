@@ -1,13 +1,13 @@
-"""The seed system's MuGrokConfig presets and helpers, and the KL regularizer."""
+"""The original system's MuGrokConfig presets and helpers, and the KL regularizer."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from forge.nn import CausalSelfAttention
-from forge.optim import KLRegularizer, MuGrokConfig, MuonGrokfast, create_optimizer_from_phase
-from forge.optim.kl import kl_div_logits_reference
+from forge.nn import CausalSelfAttention, KLRegularizer
+from forge.ops.kl_div import kl_div_logits_reference
+from forge.optim import MuGrokConfig, MuonGrokfast, create_optimizer_from_phase
 
 
 @pytest.mark.parametrize("phase, lr, lamb, clip, kl, ste", [
@@ -39,7 +39,8 @@ class Tiny(nn.Module):
 def test_create_optimizer_from_phase_wires_everything():
     model = Tiny()
     opt = create_optimizer_from_phase(model, 3)
-    assert isinstance(opt, MuonGrokfast) and opt.kl_coefficient == 0.1 and opt.qk_clip_threshold == 25.0
+    assert isinstance(opt, MuonGrokfast) and opt.qk_clip_threshold == 25.0
+    assert MuGrokConfig.from_phase(3).kl_coefficient == 0.1 and not hasattr(opt, "kl_coefficient")
     muon = next(g for g in opt.param_groups if g["use_muon"])
     adamw = next(g for g in opt.param_groups if not g["use_muon"])
     assert muon["adjust_lr_fn"] == "match_rms_adamw" and muon["lr"] == 5e-4 and adamw["lr"] == 5e-4
@@ -49,6 +50,13 @@ def test_create_optimizer_from_phase_wires_everything():
     model(tokens).sum().backward()
     opt.step()
     assert opt.get_muon_lr() == 5e-4 and opt.get_mu_norm() > 0 and opt.get_qk_clip_count() == 0
+
+
+def test_phase_defaults_are_the_preset_kwargs_plus_kl_coefficient():
+    flat = MuGrokConfig.phase_defaults(7)
+    assert flat == dict(MuGrokConfig.from_phase(7).to_kwargs(), kl_coefficient=0.05)
+    assert flat["grokfast_lamb"] == 0.15 and "grokfast_lambda" not in flat
+    MuonGrokfast(nn.Linear(3, 3).parameters(), **{k: v for k, v in flat.items() if k != "kl_coefficient"})
 
 
 def test_match_rms_adamw_update_rms_is_about_adamw_scale():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from forge.nn import CausalSelfAttention
-from forge.optim.qk_clip import qk_clip_
+from forge.optim import MuonGrokfast
+from forge.optim.qk_clip import qk_clip_, qk_logit_recorders, records_qk_logits
 
 TAU = 5.0
 HOT_HEADS = (0, 2)
@@ -101,3 +102,36 @@ def test_wrong_types_raise_type_error():
         qk_clip_(CausalSelfAttention(8, 2), "5")
     with pytest.raises(TypeError, match="module"):
         qk_clip_(torch.nn.Linear(8, 8), 5.0)
+
+
+class SingleHeadScorer(torch.nn.Module):
+    """Not forge's attention: a one-head bilinear scorer implementing the QKLogitRecorder protocol."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False)
+        self.register_buffer("max_logits", torch.full((1,), -math.inf), persistent=False)
+
+    def forward(self, x):
+        scores = self.q(x) @ self.k(x).transpose(-2, -1)
+        self.max_logits.copy_(scores.detach().amax().reshape(1))
+        return scores
+
+    def qk_head_slices(self, head):
+        return [self.q.weight.detach(), self.k.weight.detach()]
+
+
+def test_any_module_implementing_the_protocol_is_clipped_and_registered():
+    torch.manual_seed(0)
+    scorer = SingleHeadScorer()
+    model = torch.nn.Sequential(scorer, torch.nn.Linear(4, 4))
+    assert records_qk_logits(scorer) and not records_qk_logits(model[1])
+    assert qk_logit_recorders(model) == [scorer]
+    x = 10 * torch.randn(6, 4)
+    assert scorer(x).max() > TAU
+    assert qk_clip_(scorer, TAU) == 1
+    scorer(x)
+    assert scorer.max_logits.item() == pytest.approx(TAU, rel=1e-5)
+    opt = MuonGrokfast(model.parameters(), qk_clip_threshold=TAU)
+    opt.register_attention(model)
+    assert opt._attention_modules == [scorer]

@@ -4,8 +4,11 @@ The task is Grokfast's (Lee et al. 2024, arXiv 2405.20233, section 3.1; github.c
 a small decoder reads [x, op, y, =] and is trained with cross-entropy on the answer only (the
 logits at the last position), on half of all pairs of x * y mod p. Grokfast-EMA amplifies the slow
 component of the gradient, g <- g + lamb * ema(g) (paper's Algorithm 2), which the paper reports
-makes Adam reach 95% validation accuracy about 44x sooner. The test and `benchmarks/grokking.py`
-both use this module.
+makes Adam reach 95% validation accuracy about 44x sooner.
+
+An experiment harness, not part of the library. `benchmarks/grokking.py` and tests/optim/test_grokking.py
+both import it as `grokking_harness`: a script's own folder is on sys.path, and pyproject.toml puts
+benchmarks/ on pytest's pythonpath.
 """
 from __future__ import annotations
 
@@ -17,8 +20,7 @@ from torch import nn
 
 from forge.ops import grokfast_ema_
 from forge.ops.grokfast import grokfast_ema_init
-from forge.optim.muon_grokfast import MuonGrokfast
-from forge.optim.param_groups import muon_param_groups
+from forge.optim import MuonGrokfast, muon_param_groups
 
 #: The four compared optimizers: MuonGrokfast with/without Grokfast, AdamW with/without Grokfast.
 VARIANTS = ("muon+grokfast", "muon", "adamw+grokfast", "adamw")
