@@ -172,8 +172,10 @@ def _clean(args) -> int:
 
 
 def _phase_number(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 8:
-        raise argparse.ArgumentTypeError(f"unknown phase {text!r}; phases are 1..8 (see `forge phases`)")
+    from forge.phase_table import PHASES, phase_range_text
+
+    if not text.isdigit() or int(text) not in PHASES:
+        raise argparse.ArgumentTypeError(f"unknown phase {text!r}; phases are {phase_range_text()} (see `forge phases`)")
     return int(text)
 
 

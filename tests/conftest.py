@@ -5,6 +5,12 @@ defined), so the Triton backend runs on the CPU here. On a GPU machine, set FORG
 Triton compiled for the GPU instead.
 """
 import os
+import sys
+
+# `python -m pytest` puts the repo root on sys.path, where the Triton source folder `kernels/` (installed as
+# forge.kernels) would shadow the PyPI package `kernels` that transformers (under peft) imports.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 if not os.environ.get("FORGE_TEST_GPU"):
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -10,8 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def forge(*args, timeout=300, cwd=None):
-    return subprocess.run([sys.executable, "-m", "forge.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd)
+    """The installed `forge` script (from a repo-root cwd, `python -m forge.cli` would put the Triton source
+    folder kernels/ on sys.path, shadowing the PyPI package `kernels` that transformers imports)."""
+    script = Path(sys.executable).with_name("forge")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "forge.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_backends_lists_every_op():

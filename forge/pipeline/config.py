@@ -15,12 +15,12 @@ from typing import Any, Iterable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from forge.phase_table import PHASES, phase_range_text
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config" / "pipeline_config.yaml"
 # The built-in procedural tasks of forge.data (tests check this list against forge.data.TASKS).
 KNOWN_TASKS = ("modular", "addition", "multiplication", "sorting", "copy", "reversal", "word_problems")
 MERGE_OPERATORS = ("linear", "slerp", "ties", "dare", "frankenmerge", "dfs")
-PHASE_NAMES = {1: "cognate", 2: "evomerge", 3: "quietstar", 4: "bitnet",
-               5: "curriculum", 6: "baking", 7: "experts", 8: "compression"}
 
 
 class ConfigError(ValueError):
@@ -54,6 +54,23 @@ class CleanupConfig(Section):
     max_sessions_total: int | None = Field(100, ge=1)
     max_models_per_session: int | None = Field(None, ge=1)
     keep_last_n_checkpoints: int | None = Field(5, ge=1)
+
+
+# -- the optimizer of a training phase ------------------------------------------------------------
+class OptimizerConfig(Section):
+    """MuonGrokfast's settings for one phase (forge.optim.MuonGrokfast; the learning rates of each
+    training stage stay in the phase's section). Defaults: the phase presets of forge.optim.PHASE_PRESETS
+    (a test checks each phase's defaults against them)."""
+    adamw_lr: float | None = Field(None, gt=0)      # AdamW groups' rate (norms, embeddings, head); null = the stage's lr
+    grokfast: Literal["ema", "ma", "off"] = "ema"    # Grokfast gradient filter: EMA, moving average, or off
+    grokfast_alpha: float = Field(0.98, ge=0, lt=1)  # EMA decay of the slow gradient
+    grokfast_lamb: float = Field(2.0, ge=0)          # amplification of the slow gradient: g + lamb * ema
+    momentum: float = Field(0.95, ge=0, lt=1)        # Muon momentum
+    nesterov: bool = True
+    weight_decay: float = Field(0.0, ge=0)           # decoupled weight decay of the Muon and AdamW groups
+    qk_clip_threshold: float | None = Field(30.0, gt=0)   # MuonClip tau on attention logits; null = off
+    kl_coefficient: float = Field(0.0, ge=0)         # weight of the KL term to a frozen reference, where a phase has one
+    ste_mode: bool = False                           # straight-through updates of quantized (BitLinear) latent weights
 
 
 # -- phase 1: cognate -----------------------------------------------------------------------------
@@ -110,6 +127,7 @@ class Phase1Config(Section):
     init_seed: int = Field(0, ge=0)
     models: list[CognateModel] = Field(default_factory=_default_cognate_models, min_length=2)  # merging needs >= 2
     min_margin_over_baseline: float = Field(0.15, ge=0, le=1)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(grokfast_lamb=0.3, qk_clip_threshold=30.0))
 
     @field_validator("models")
     @classmethod
@@ -171,6 +189,8 @@ class Phase3Config(Section):
     min_gain_over_input: float = Field(0.0, ge=-1, le=1)
     min_distinct_thoughts: float = Field(0.5, ge=0, le=1)
     seed: int = Field(0, ge=0)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(
+        grokfast_lamb=0.1, qk_clip_threshold=25.0, kl_coefficient=0.1))
 
 
 # -- phase 4: bitnet ------------------------------------------------------------------------------
@@ -184,6 +204,8 @@ class Phase4Config(Section):
     eval_examples: int = Field(512, ge=1)
     max_accuracy_drop: float = Field(0.10, ge=0, le=1)
     min_compression: float = Field(4.0, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(
+        grokfast_lamb=1.5, momentum=0.9, ste_mode=True))
 
 
 # -- phases 5..8: not implemented yet; the seed's settings scaled to a tiny model -------------------
@@ -196,6 +218,7 @@ class Phase5Config(Section):
     dream_epochs_per_level: int = Field(1, ge=0)
     dream_temperature: float = Field(1.2, gt=0)
     lr: float = Field(1e-3, gt=0)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(grokfast_lamb=2.0, qk_clip_threshold=30.0))
 
 
 class Phase6Config(Section):
@@ -208,6 +231,7 @@ class Phase6Config(Section):
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     target_score: float = Field(0.70, ge=0, le=1)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(grokfast_lamb=0.2, qk_clip_threshold=30.0))
 
 
 class Phase7Config(Section):
@@ -216,12 +240,13 @@ class Phase7Config(Section):
     svf_singular_values: int = Field(16, ge=1)
     svf_lr: float = Field(1e-4, gt=0)
     svf_steps: int = Field(200, ge=1)
-    kl_coefficient: float = Field(0.1, ge=0)
     adas_generations: int = Field(10, ge=1)
     adas_population: int = Field(8, ge=2)
     mutation_rate: float = Field(0.1, ge=0, le=1)
     crossover_rate: float = Field(0.7, ge=0, le=1)
     tournament_size: int = Field(3, ge=2)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(
+        grokfast_lamb=0.15, qk_clip_threshold=28.0, kl_coefficient=0.05))
 
     @model_validator(mode="after")
     def _expert_range(self) -> "Phase7Config":
@@ -261,9 +286,9 @@ class PipelineConfig(Section):
     phases: PhasesConfig = Field(default_factory=PhasesConfig)
 
     def phase(self, number: int) -> Section:
-        """The config section of phase `number` (1..8)."""
-        if number not in PHASE_NAMES:
-            raise ValueError(f"phase must be one of 1..8, got {number!r}")
+        """The config section of phase `number` (a number of forge.phase_table)."""
+        if number not in PHASES:
+            raise ValueError(f"phase must be one of {phase_range_text()}, got {number!r}")
         return getattr(self.phases, f"phase{number}")
 
     def registry_path(self) -> Path:
@@ -400,6 +425,11 @@ def _describe(error: dict) -> str:
     if base in _TYPE_WORDS and kind.endswith(("_type", "_parsing", "_from_float", "_attributes_type")):
         return f"expected {_TYPE_WORDS[base]}, got {_shown(got)} ({type(got).__name__})"
     return f"{error['msg']}, got {_shown(got)}"
+
+
+def as_dict(value) -> dict:
+    """A config section as a plain dict (pydantic model or mapping)."""
+    return value.model_dump() if hasattr(value, "model_dump") else dict(value)
 
 
 def config_from_dict(raw: dict) -> PipelineConfig:

@@ -94,8 +94,13 @@ class PhaseController(ABC):
         """Run the phase on ctx.inputs and return the models it made."""
 
     def validate_output(self, result: PhaseResult, ctx: PhaseContext) -> None:
-        """Check the result is usable: a success with at least one model, each with the metadata
-        needed to rebuild it and finite metrics. Raises HandoffError naming the problem."""
+        """Check the result is usable (a success with at least one model, each with the metadata needed to
+        rebuild it and finite metrics), then the phase's pass checks: the metric bounds of its outgoing
+        handoff rule (forge.pipeline.handoff, their one home). Raises HandoffError naming the problem."""
+        from forge.pipeline.handoff import check_phase_end
+
+        if isinstance(result, PhaseResult) and result.success:
+            check_phase_end(self.phase, result, ctx.phase_config)
         check_result(result, self.phase, self.name)
 
 

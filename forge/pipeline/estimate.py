@@ -39,13 +39,13 @@ def _best_of(fn, repeats: int = 2) -> float:
 
 def measure(config: PipelineConfig) -> dict[str, float]:
     """Seconds per training step (batch_size x max_len) and per evaluation batch (256 sequences)."""
-    from forge.optim import create_optimizer_from_phase
+    from forge.pipeline.training import make_optimizer
 
     model = _model(config)
     p1 = config.phases.phase1
     width = min(_typical_width(config), p1.model.max_len)
     tokens = torch.randint(0, VOCAB_ESTIMATE, (p1.batch_size, width))
-    optimizer = create_optimizer_from_phase(model, 1, lr=p1.lr, adamw_lr=p1.lr)
+    optimizer = make_optimizer(model, p1.optimizer, p1.lr)
 
     def train_step():
         loss = model(tokens).float().logsumexp(-1).mean()

@@ -10,7 +10,6 @@ without running the phase again, so nothing is lost and nothing is registered tw
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,7 @@ from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
 from forge.pipeline.models import build_from_metadata
 from forge.pipeline.phases import load_controller_class, make_plan, phase_name, why_not_runnable
 from forge.registry.checkpoint import load_checkpoint, save_checkpoint
-
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-
+from forge.registry.registry import safe_name
 
 @dataclass
 class RunReport:
@@ -36,14 +33,6 @@ class RunReport:
     completed: list[int] = field(default_factory=list)
     final_model_ids: list[str] = field(default_factory=list)
     message: str = ""
-
-
-def safe_name(text: str) -> str:
-    """A file-name-safe version of a model or session name (no separators, no '..')."""
-    cleaned = _SAFE.sub("_", text).strip("._")
-    if not cleaned:
-        raise ValueError(f"name {text!r} has no file-name-safe characters")
-    return cleaned[:80]
 
 
 def pick_device(choice: str) -> torch.device:

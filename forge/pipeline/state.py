@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from pathlib import Path
+
+from forge.registry.checkpoint import write_atomically
 
 MANIFEST = "phase_result.json"
 STATE = "session_state.json"
@@ -18,13 +19,10 @@ LOCK = "session.lock"
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (forge.registry.checkpoint.write_atomically: temp file, fsync, rename, directory
+    fsync, no temp file left after a failure): a reader sees the old file or the new one, never half of one."""
+    text = json.dumps(data, indent=2, sort_keys=True)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: Path) -> dict | None:

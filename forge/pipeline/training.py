@@ -80,3 +80,21 @@ def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, exampl
 
     log.losses = optimize(model, optimizer, steps, loss_at, on_step=after)
     return log
+
+
+def make_optimizer(model: nn.Module, settings, lr: float) -> torch.optim.Optimizer:
+    """MuonGrokfast for `model` from a phase's `optimizer:` config block (forge.pipeline.config.OptimizerConfig)
+    at the training stage's rate `lr`: Muon for the hidden matrices, AdamW (at `adamw_lr`, default `lr`) for
+    the rest, QK-clip on every attention module that records its logits. The mapping of the settings to
+    MuonGrokfast's arguments is MuGrokConfig's, the same the presets use."""
+    from forge.optim import MuGrokConfig, MuonGrokfast, muon_param_groups
+    from forge.optim.presets import register_qk_clip_modules
+
+    preset = MuGrokConfig(muon_lr=lr, fallback_lr=settings.adamw_lr or lr, grokfast_alpha=settings.grokfast_alpha,
+                          grokfast_lambda=settings.grokfast_lamb, qk_clip_threshold=settings.qk_clip_threshold,
+                          kl_coefficient=settings.kl_coefficient, muon_ste_mode=settings.ste_mode,
+                          momentum=settings.momentum, nesterov=settings.nesterov, weight_decay=settings.weight_decay)
+    grokfast = None if settings.grokfast == "off" else settings.grokfast
+    optimizer = MuonGrokfast(muon_param_groups(model), grokfast=grokfast, **preset.to_kwargs())
+    register_qk_clip_modules(optimizer, model)
+    return optimizer

@@ -98,7 +98,7 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """write(tmp_path) then fsync and os.replace into path; the temp file never outlives a failure. The file
     gets the umask's mode (safetensors writes 0600 files, which other users of a shared run folder can't read)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -132,12 +132,12 @@ def save_checkpoint(state_dict: dict[str, "Tensor"], path: Path, metadata: dict)
         raise ValueError(f"metadata must be JSON-serializable without NaN/inf: {error}") from error
     tensors, parameter_count = _prepare_tensors(state_dict)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
     sha256, size = file_sha256(path)
     sidecar = {"file": path.name, "format": "safetensors", "sha256": sha256, "size_bytes": size,
                "parameter_count": parameter_count, "metadata": json.loads(metadata_text)}
     meta_path = metadata_path_for(path)
-    _write_atomically(meta_path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True)))
+    write_atomically(meta_path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True)))
     return CheckpointInfo(path, meta_path, sha256, size, parameter_count)
 
 

@@ -31,11 +31,12 @@ _MODEL_COLUMNS = ("id, session_id, phase, phase_name, name, path, sha256, size_b
 
 
 def safe_name(value: str, max_length: int = MAX_NAME_LENGTH) -> str:
-    """A file-name-safe form of an id: characters outside [A-Za-z0-9._-] become '_', no leading
-    '.', '_' or '-' (so never '..' or a hidden file), at most max_length characters."""
+    """A file-name-safe form of an id or name: characters outside [A-Za-z0-9._-] become '_', no leading or
+    trailing '.', '_' or '-' (so never '..', a hidden file or a name Windows trims), at most max_length
+    characters. The one sanitizer of names that become paths (registry ids, session folders, model files)."""
     if not isinstance(value, str):
         raise TypeError(f"name must be a str, got {type(value).__name__}")
-    cleaned = _UNSAFE.sub("_", value).lstrip("._-")[:max_length]
+    cleaned = _UNSAFE.sub("_", value).strip("._-")[:max_length].rstrip("._-")
     if not cleaned:
         raise ValueError(f"cannot make a file name from {value!r}: nothing is left after "
                          "removing characters outside [A-Za-z0-9._-]")

@@ -17,37 +17,39 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from forge.phase_table import FIRST_PHASE, LAST_PHASE
+
 T = TypeVar("T")
 
 SESSION_STATUSES = ("running", "completed", "failed", "interrupted")
 FINAL_STATUSES = ("completed", "failed", "interrupted")
 PHASE_RESULT_STATUSES = ("completed", "failed")
 HANDOFF_STATUSES = ("passed", "failed", "pending")
-PHASES = range(1, 9)   # Agent Forge phases 1..8
+PHASES = range(FIRST_PHASE, LAST_PHASE + 1)   # the numbers of forge.phase_table
 AUTO_VACUUM_INCREMENTAL = 2
 
 # Version 1: the first layout (sessions, models with tags and lineage, handoffs).
 _V1 = [
-    """CREATE TABLE sessions (
+    f"""CREATE TABLE sessions (
         id TEXT PRIMARY KEY,
         status TEXT NOT NULL CHECK (status IN ('running','completed','failed','interrupted')),
-        current_phase INTEGER NOT NULL DEFAULT 0 CHECK (current_phase BETWEEN 0 AND 8),
+        current_phase INTEGER NOT NULL DEFAULT 0 CHECK (current_phase BETWEEN 0 AND {LAST_PHASE}),
         progress REAL NOT NULL DEFAULT 0 CHECK (progress BETWEEN 0 AND 100),
         started_at TEXT NOT NULL,
         ended_at TEXT,
-        config TEXT NOT NULL DEFAULT '{}')""",
-    """CREATE TABLE models (
+        config TEXT NOT NULL DEFAULT '{{}}')""",
+    f"""CREATE TABLE models (
         id TEXT PRIMARY KEY,
         session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-        phase INTEGER NOT NULL CHECK (phase BETWEEN 1 AND 8),
+        phase INTEGER NOT NULL CHECK (phase BETWEEN {FIRST_PHASE} AND {LAST_PHASE}),
         phase_name TEXT NOT NULL,
         name TEXT NOT NULL,
         path TEXT NOT NULL,
         sha256 TEXT NOT NULL,
         size_bytes INTEGER NOT NULL,
         parameter_count INTEGER,
-        metrics TEXT NOT NULL DEFAULT '{}',
-        metadata TEXT NOT NULL DEFAULT '{}',
+        metrics TEXT NOT NULL DEFAULT '{{}}',
+        metadata TEXT NOT NULL DEFAULT '{{}}',
         created_at TEXT NOT NULL)""",
     "CREATE INDEX idx_models_session ON models(session_id)",
     "CREATE INDEX idx_models_phase ON models(phase)",
@@ -77,13 +79,13 @@ _V1 = [
 # Version 2: session errors, per-phase results (for resume), W&B artifacts.
 _V2 = [
     "ALTER TABLE sessions ADD COLUMN error TEXT",
-    """CREATE TABLE phase_results (
+    f"""CREATE TABLE phase_results (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-        phase INTEGER NOT NULL CHECK (phase BETWEEN 1 AND 8),
+        phase INTEGER NOT NULL CHECK (phase BETWEEN {FIRST_PHASE} AND {LAST_PHASE}),
         status TEXT NOT NULL CHECK (status IN ('completed','failed')),
         model_ids TEXT NOT NULL DEFAULT '[]',
-        metrics TEXT NOT NULL DEFAULT '{}',
+        metrics TEXT NOT NULL DEFAULT '{{}}',
         duration_s REAL NOT NULL,
         recorded_at TEXT NOT NULL)""",
     "CREATE INDEX idx_phase_results_session ON phase_results(session_id, phase)",

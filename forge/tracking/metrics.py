@@ -6,15 +6,16 @@ wrong way round for perplexity, size and latency; here every metric carries its 
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
+from forge.phase_table import check_phase_number
+
 log = logging.getLogger(__name__)
 
-PHASE_NAMES = {1: "cognate", 2: "evomerge", 3: "quietstar", 4: "bitnet", 5: "curriculum",
-               6: "baking", 7: "experts", 8: "compression"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ _QUALITY = (
     ("val_loss", _LOWER, "mean answer-token cross-entropy on held-out data"),
     ("val_accuracy", _HIGHER, "exact-match accuracy of greedy answers on held-out data"),
     ("val_perplexity", _LOWER, "exp(val_loss)"),
+    ("per_task_accuracy/*", _HIGHER, "held-out accuracy on one task (per_task_accuracy/<task>)"),
 )
 _SIZE = (
     ("model_size_mb", _LOWER, "size of the saved model file in MiB"),
@@ -97,6 +99,7 @@ METRIC_CATALOGUE: dict[int, dict[str, MetricSpec]] = {
               ("warmup_loss_first", _LOWER, "mean warm-up loss of its first tenth of steps"),
               ("warmup_loss_last", _LOWER, "mean warm-up loss of its last tenth of steps"),
               ("warmup/loss", _LOWER, "warm-up step loss"),
+              ("per_task_accuracy_no_thoughts/*", _HIGHER, "held-out accuracy on one task without a thought"),
               *[(f"rl/{k}", h, f"RL step {k}") for k, h in (("loss", _LOWER), ("policy_loss", _LOWER),
                 ("answer_nll_thought", _LOWER), ("answer_nll_plain", _LOWER), ("kl", _LOWER),
                 ("reward", _HIGHER), ("closed", _HIGHER))]),
@@ -128,7 +131,8 @@ METRIC_CATALOGUE: dict[int, dict[str, MetricSpec]] = {
               ("calibration_max_output_error", _LOWER, "largest per-layer relative output error")),
     5: _specs(*_QUALITY, ("train_loss", _LOWER, "curriculum training loss"),
               ("levels_completed", _HIGHER, "curriculum levels passed"),
-              ("level_accuracy", _HIGHER, "accuracy on the current level")),
+              ("level_accuracy", _HIGHER, "accuracy on the current level"),
+              ("per_level_accuracy/*", _HIGHER, "held-out accuracy on one task's level (per_level_accuracy/<task>/<level>)")),
     6: _specs(*_QUALITY, ("baking_loss", _LOWER, "KL baking loss (prompted teacher vs student)"),
               ("tool_success_rate", _HIGHER, "fraction of tool tasks solved"),
               ("persona_consistency", _HIGHER, "agreement of answers with the baked persona")),
@@ -144,15 +148,21 @@ def lookup_metric(name: str, phase: int | None = None,
                   catalogue: Mapping[int, Mapping[str, MetricSpec]] = METRIC_CATALOGUE) -> MetricSpec | None:
     """The spec of `name`, or None when the catalogue does not know it.
 
-    A prefixed name ("cognate-a/val_loss", "train/loss") falls back to its last '/' part. The phase's
-    own entry wins; otherwise any phase's entry (the catalogue gives one direction per name).
+    A prefixed name ("phase3/per_task_accuracy/addition", "cognate-a/val_loss") is looked up by its '/'
+    suffixes, longest first; an entry with '*' is a family ("per_task_accuracy/*" holds every task's). The
+    phase's own entry wins; otherwise any phase's entry (the catalogue gives one direction per name).
     """
-    candidates = [name] + ([name.rsplit("/", 1)[-1]] if "/" in name else [])
+    parts = name.split("/")
+    candidates = ["/".join(parts[i:]) for i in range(len(parts))]
     phases = ([phase] if phase in catalogue else []) + sorted(catalogue)
     for key in candidates:
         for p in phases:
             if key in catalogue[p]:
                 return catalogue[p][key]
+            family = next((spec for pattern, spec in catalogue[p].items()
+                           if "*" in pattern and fnmatch.fnmatchcase(key, pattern)), None)
+            if family is not None:
+                return family
     return None
 
 
@@ -165,9 +175,7 @@ class Regression(NamedTuple):
 
 
 def check_phase(phase) -> int:
-    if isinstance(phase, bool) or not isinstance(phase, int) or phase not in PHASE_NAMES:
-        raise ValueError(f"Invalid phase: {phase!r}; expected an integer in 1..8")
-    return phase
+    return check_phase_number(phase)
 
 
 def _is_worse(spec: MetricSpec, old: float, new: float, tolerance: float) -> bool:

@@ -118,3 +118,38 @@ def test_known_tasks_match_forge_data():
 
 def test_registry_path_defaults_under_the_run_root():
     assert load_config(overrides=["run_root=/tmp/r"]).registry_path() == Path("/tmp/r/registry.db")
+
+
+@pytest.mark.parametrize("phase", [1, 3, 5, 6, 7])
+def test_each_phases_optimizer_block_defaults_to_its_preset(phase):
+    """The `optimizer:` block's defaults are the phase presets of forge.optim (phase 5's STE flag excepted:
+    the original preset's leftover of an older phase order, off here)."""
+    from forge.optim import MuGrokConfig
+
+    preset, block = MuGrokConfig.from_phase(phase), PipelineConfig().phase(phase).optimizer
+    assert (block.grokfast_alpha, block.grokfast_lamb, block.momentum, block.nesterov, block.weight_decay,
+            block.qk_clip_threshold, block.kl_coefficient) == (
+        preset.grokfast_alpha, preset.grokfast_lambda, preset.momentum, preset.nesterov, preset.weight_decay,
+        preset.qk_clip_threshold, preset.kl_coefficient)
+    assert block.ste_mode == (preset.muon_ste_mode and phase != 5) and block.grokfast == "ema"
+
+
+@pytest.mark.parametrize("phase", [1, 3, 4])
+def test_make_optimizer_from_the_block_equals_the_preset_optimizer(phase):
+    """A training phase's optimizer built from its config block has exactly the hyperparameters the preset
+    gave before the block existed (phase 4: the preset of phase 1 with the STE settings)."""
+    from forge.nn import build_model
+    from forge.optim import MuGrokConfig, MuonGrokfast, create_optimizer_from_phase, muon_param_groups
+    from forge.pipeline.training import make_optimizer
+
+    model = build_model({"vocab_size": 16, "dim": 16, "n_layers": 1, "n_heads": 2, "max_len": 8})
+    if phase == 4:
+        settings = MuGrokConfig(muon_lr=3e-4, fallback_lr=3e-4, grokfast_lambda=1.5, muon_ste_mode=True, momentum=0.9)
+        expected = MuonGrokfast(muon_param_groups(model), **settings.to_kwargs())
+    else:
+        expected = create_optimizer_from_phase(model, phase, lr=3e-4, adamw_lr=3e-4)
+    built = make_optimizer(model, PipelineConfig().phase(phase).optimizer, 3e-4)
+    strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]   # noqa: E731
+    assert strip(built.param_groups) == strip(expected.param_groups)
+    assert built.qk_clip_threshold == expected.qk_clip_threshold and len(built._attention_modules) == 1
+    assert built.defaults == expected.defaults

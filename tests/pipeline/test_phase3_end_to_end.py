@@ -12,13 +12,14 @@ from forge.pipeline.config import load_config
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext
 from forge.pipeline.phases.phase3_quietstar import QuietStarPhase
 from forge.pipeline.phases.phase4_bitnet import BitNetPhase
-from forge.pipeline.thought_warmup import warm_up_thoughts
-from forge.pipeline.thoughts import (ThoughtIds, ablation_eval, example_ids, resize_vocab, thought_token_names,
-                                     thoughts_for)
+from forge.pipeline.phases.phase3_quietstar.thought_warmup import warm_up_thoughts
+from forge.pipeline.phases.phase3_quietstar.thoughts import (ThoughtIds, ablation_eval, example_ids,
+                                                             resize_vocab, thought_token_names, thoughts_for)
 from forge.pipeline.orchestrator import Pipeline
 from forge.registry import ModelRegistry, new_session_id, save_checkpoint
 from forge.tracking import Tracker, read_metrics
 
+from _catalogue import uncatalogued
 from _small_model import small_trained_model
 
 TASKS = {"addition": 1.0, "reversal": 1.0}
@@ -146,6 +147,7 @@ def test_phases_3_and_4_through_the_pipeline_register_track_and_resume(trained, 
     assert loaded.metadata["thought_tokens"][:2] == ["<think>", "</think>"]
     names = [name for line in read_metrics(pipeline.session_dir(sid)) for name in line["metrics"]]
     assert names.count("phase3/thought_gain") == 1 and names.count("phase4/thought_accuracy") == 1
+    assert uncatalogued(pipeline.session_dir(sid)) == []    # every logged metric is in the catalogue
     first = pipeline.completed(sid)[4]["metrics"]
     pipeline.rollback(sid, 3)
     assert sorted(pipeline.completed(sid)) == [3]

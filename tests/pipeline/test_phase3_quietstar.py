@@ -7,13 +7,14 @@ import torch
 
 from forge.data import make_examples
 from forge.nn import Transformer, TransformerConfig
-from forge.optim import KLRegularizer, create_optimizer_from_phase
+from forge.nn import KLRegularizer
+from forge.optim import create_optimizer_from_phase
 from forge.pipeline.config import Phase3Config
 from forge.pipeline.controller import HandoffError, ModelOutput, PhaseResult
 from forge.pipeline.phases import is_implemented
 from forge.pipeline.phases.phase3_quietstar import QuietStarPhase, check_thought_gain
-from forge.pipeline.rl_thoughts import ThoughtTrainer
-from forge.pipeline.thoughts import (ThoughtIds, ablation_eval, build_rows, example_ids, reinforce_loss,
+from forge.pipeline.phases.phase3_quietstar.rl_thoughts import ThoughtTrainer
+from forge.pipeline.phases.phase3_quietstar.thoughts import (ThoughtIds, ablation_eval, build_rows, example_ids, reinforce_loss,
                                      resize_vocab, target_logprobs, thought_rewards, thought_token_names,
                                      thoughts_for)
 
@@ -90,7 +91,7 @@ def test_ablation_runs_every_mode(trained):
     rows = build_rows(prefixes, answers, ids, shuffled)
     with torch.no_grad():
         logits = grown(rows.tokens)
-    from forge.pipeline.thoughts import exact_answers
+    from forge.pipeline.phases.phase3_quietstar.thoughts import exact_answers
     assert result["accuracy_shuffled_thoughts"] == pytest.approx(float(exact_answers(logits, rows.answer_targets)
                                                                         .float().mean()))
     assert result["thought_gain"] == pytest.approx(result["accuracy"] - max(result["accuracy_no_thoughts"],

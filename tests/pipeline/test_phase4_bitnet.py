@@ -13,11 +13,11 @@ from forge.cli import main as forge_main
 from forge.data import CharTokenizer, evaluate, make_examples
 from forge.nn import build_model
 from forge.ops import ste_act_int8
-from forge.pipeline.config import load_config
+from forge.nn.quantize import bit_layers, freeze_all, to_bitlinear
+from forge.pipeline.config import Phase4Config, load_config
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext
-from forge.pipeline.phases.phase4_bitnet import (BitNetPhase, bit_layers, freeze_all, ste_optimizer,
-                                                 to_bitlinear)
-from forge.pipeline.training import train_on_examples
+from forge.pipeline.phases.phase4_bitnet import BitNetPhase
+from forge.pipeline.training import make_optimizer, train_on_examples
 from forge.registry import ModelRegistry, load_checkpoint, new_session_id, save_checkpoint
 from forge.tracking import Tracker
 
@@ -125,7 +125,7 @@ def test_fine_tuning_moves_latent_weights_and_lowers_the_ternary_loss(trained):
     val = make_examples(TASKS, 96, "val", 0)
     quantized = to_bitlinear(item.model)
     tuned = copy.deepcopy(quantized)
-    train_on_examples(tuned, ste_optimizer(tuned, 5e-4), train, tokenizer, steps=30, batch_size=32, max_len=32,
+    train_on_examples(tuned, make_optimizer(tuned, Phase4Config().optimizer, 5e-4), train, tokenizer, steps=30, batch_size=32, max_len=32,
                       seed=0)
     before = quantized.blocks[0].mlp.up_proj.weight
     assert (tuned.blocks[0].mlp.up_proj.weight - before).norm() > 1e-3 * before.norm()

@@ -124,3 +124,19 @@ def test_phase1_metrics_reach_the_sessions_metrics_file_once(phase1):
     assert names.count("phase1/best_val_accuracy") == 1 and "best_val_accuracy" not in names
     assert "trunk/train_loss" in names   # every 50 steps (the test branches run 40)
     assert {f"{r['name']}/val_accuracy" for r in records} <= set(names)
+
+
+def test_every_metric_phases_1_and_2_log_is_in_the_catalogue(phase1, tmp_path):
+    """Phase 1 through the orchestrator and Phase 2's execute, logged as the orchestrator logs a result: no
+    metric name is missing from the catalogue (a per-task family needs its pattern entry)."""
+    from _catalogue import uncatalogued
+
+    from forge.pipeline.orchestrator import _flat
+
+    pipeline, registry, session_id, records = phase1
+    assert uncatalogued(pipeline.session_dir(session_id)) == []
+    ctx = _phase2_context(pipeline, registry, session_id, records, tmp_path)
+    result = EvoMergePhase().execute(ctx)
+    ctx.tracker.log({f"phase2/{k}": v for k, v in _flat(result.metrics).items()})
+    ctx.tracker.close()
+    assert uncatalogued(tmp_path) == []

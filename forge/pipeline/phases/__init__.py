@@ -1,30 +1,21 @@
-"""The phase table: number -> (name, "module:Class" of its controller, or None = not implemented yet).
+"""The phase packages, and the controllers of forge.phase_table loaded by import string.
 
-Controllers load lazily by import string, so listing phases imports no training code, and a
-controller module that is not there yet reads as "not implemented yet" (any other import error
-is a real error and propagates).
+Controllers load lazily, so listing phases imports no training code, and a controller module that is
+not there yet reads as "not implemented yet" (any other import error is a real error and propagates).
+Each phase is a package `phase<n>_<name>/` holding its controller (the recipe: what it trains, on
+what, which checks it must pass) and the helpers only it uses.
 """
 from __future__ import annotations
 
 import importlib
 
+from forge.phase_table import LAST_PHASE, PHASES, phase_range_text
 from forge.pipeline.controller import PhaseController, PipelineError
-
-PHASES: dict[int, tuple[str, str | None]] = {
-    1: ("cognate", "forge.pipeline.phases.phase1_cognate:CognatePhase"),
-    2: ("evomerge", "forge.pipeline.phases.phase2_evomerge:EvoMergePhase"),
-    3: ("quietstar", "forge.pipeline.phases.phase3_quietstar:QuietStarPhase"),
-    4: ("bitnet", "forge.pipeline.phases.phase4_bitnet:BitNetPhase"),
-    5: ("curriculum", None),
-    6: ("baking", None),
-    7: ("experts", None),
-    8: ("compression", None),
-}
 
 
 def phase_name(phase: int) -> str:
     if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; phases are 1..{max(PHASES)}")
+        raise ValueError(f"unknown phase {phase!r}; phases are {phase_range_text()}")
     return PHASES[phase][0]
 
 
@@ -66,10 +57,10 @@ def why_not_runnable(phase: int, config) -> str | None:
 
 
 def make_plan(from_phase: int = 1, only: int | None = None) -> list[int]:
-    """The phases a run covers: from `from_phase` to 8, or just `only`."""
+    """The phases a run covers: from `from_phase` to the last phase, or just `only`."""
     for label, value in (("from_phase", from_phase), ("only", only)):
         if value is not None and (isinstance(value, bool) or value not in PHASES):
-            raise PipelineError(f"unknown phase {value!r} for {label}; phases are 1..{max(PHASES)}")
+            raise PipelineError(f"unknown phase {value!r} for {label}; phases are {phase_range_text()}")
     if only is not None:
         return [only]
-    return list(range(from_phase, max(PHASES) + 1))
+    return list(range(from_phase, LAST_PHASE + 1))

@@ -5,7 +5,7 @@ key/value cache; then, in one teacher-forced pass per format,
 
     loss = policy_weight * REINFORCE(thoughts; r - mean r)  +  NLL(answer | thought)
            +  plain_weight * NLL(answer | no thought)
-           +  KL(baked || model) on the thought sequences   (forge.optim.KLRegularizer, the preset's coefficient)
+           +  KL(baked || model) on the thought sequences   (forge.nn.KLRegularizer, optimizer.kl_coefficient)
 
 NLL(answer | no thought) trains the plain format as much as the thought format, so accuracy with thoughts
 can only beat accuracy without them through what the thoughts carry, not through extra training.
@@ -18,7 +18,7 @@ import torch
 
 from forge.baking import PromptBaker, get_prompt
 from forge.pipeline.training import answer_nll
-from forge.pipeline.thoughts import (ThoughtIds, build_rows, by_length, example_ids, reinforce_loss, sample_thoughts,
+from forge.pipeline.phases.phase3_quietstar.thoughts import (ThoughtIds, build_rows, by_length, example_ids, reinforce_loss, sample_thoughts,
                                      target_logprobs)
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from forge.data import rationale
-from forge.pipeline.thoughts import ThoughtIds, build_rows, example_ids
+from forge.pipeline.phases.phase3_quietstar.thoughts import ThoughtIds, build_rows, example_ids
 from forge.pipeline.training import answer_nll, optimize
 
 

@@ -22,105 +22,22 @@ and per-token absmax int8 activations. Embeddings, norms and the output head sta
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from forge.data import CharTokenizer, encode_batch, evaluate, make_examples
-from forge.nn import BitLinear, TransformerConfig, build_model, convert_to_bitlinear
-from forge.ops import ste_act_int8, ste_ternary, unpack_ternary
-from forge.optim import MuGrokConfig, MuonGrokfast
-from forge.optim.param_groups import muon_param_groups
+from forge.nn import TransformerConfig
+from forge.nn.quantize import bit_layers, calibrate, dequantize, freeze_all, sparsity, to_bitlinear
 from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult, require_one_input
-from forge.pipeline.thought_warmup import train_with_thoughts
-from forge.pipeline.thoughts import ThoughtIds, accuracy_with_thoughts, example_ids, thoughts_for
-from forge.pipeline.training import TrainingLog, train_on_examples
+from forge.pipeline.phases.phase3_quietstar.thought_warmup import train_with_thoughts
+from forge.pipeline.phases.phase3_quietstar.thoughts import ThoughtIds, accuracy_with_thoughts, example_ids, thoughts_for
+from forge.pipeline.training import TrainingLog, make_optimizer, train_on_examples
 from forge.registry.checkpoint import save_checkpoint
 
 PACKED_FILE = "bitnet_packed.safetensors"
 STE_SETTINGS = dict(grokfast_lambda=1.5, muon_ste_mode=True, momentum=0.9)   # seed phase4_config.yaml
-
-
-def to_bitlinear(model: nn.Module, preserve=("embed", "norm", "head")) -> nn.Module:
-    """A deep copy of `model` with every Linear outside `preserve` as a BitLinear without its own norm."""
-    converted = convert_to_bitlinear(copy.deepcopy(model), skip=tuple(preserve))
-    for layer in bit_layers(converted).values():
-        layer.norm = nn.Identity()
-    return converted
-
-
-def bit_layers(model: nn.Module) -> dict[str, BitLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
-
-
-def freeze_all(model: nn.Module) -> nn.Module:
-    for layer in bit_layers(model).values():
-        layer.freeze()
-    return model.eval()
-
-
-def dequantize(frozen: nn.Module, config: TransformerConfig) -> nn.Module:
-    """The float `forge.nn.Transformer` whose converted Linear weights are the frozen q * scale."""
-    state = {k: v.clone() for k, v in frozen.state_dict().items()}
-    for name, layer in bit_layers(frozen).items():
-        if not layer.frozen:
-            raise ValueError(f"dequantize needs frozen BitLinear layers; {name} is not frozen")
-        q = unpack_ternary(layer.packed_weight, layer.in_features).float()
-        state[f"{name}.weight"] = q * layer.weight_scale.float()[:, None].expand(q.shape[0], 1)
-        del state[f"{name}.packed_weight"], state[f"{name}.weight_scale"]
-    model = build_model(config)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def sparsity(frozen: nn.Module) -> float:
-    """Fraction of the packed ternary weights that are zero."""
-    zeros = total = 0
-    for layer in bit_layers(frozen).values():
-        q = unpack_ternary(layer.packed_weight, layer.in_features)
-        zeros, total = zeros + int((q == 0).sum()), total + q.numel()
-    return zeros / max(total, 1)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, examples, tokenizer, max_len: int) -> dict:
-    """Run `examples` through the (unfrozen) BitLinear model and measure, per layer, the relative error of
-    int8 activations, ternary weights and the layer output against the float Linear on the same input.
-    Sets nothing: BitLinear's scales need no calibration (absmean of the weights, absmax per token)."""
-    errors = {"activation": [], "weight": [], "output": []}
-
-    def hook(layer, inputs, _output):
-        x, w = inputs[0], layer.weight
-        errors["activation"].append(_rel(ste_act_int8(x), x))
-        errors["weight"].append(_rel(ste_ternary(w), w))
-        exact = nn.functional.linear(x, w)
-        errors["output"].append(_rel(nn.functional.linear(ste_act_int8(x), ste_ternary(w)), exact))
-
-    handles = [m.register_forward_hook(hook) for m in bit_layers(model).values()]
-    try:
-        model.eval()
-        model(encode_batch(examples, tokenizer, max_len).tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
-    out = {f"calibration_{k}_error": sum(v) / len(v) for k, v in errors.items()}
-    out["calibration_max_output_error"] = max(errors["output"])
-    return out
-
-
-def ste_optimizer(model: nn.Module, lr: float) -> MuonGrokfast:
-    """MuonGrokfast in STE mode over the latent weights (Muon) and everything else (AdamW), QK-clipped."""
-    settings = MuGrokConfig(muon_lr=lr, fallback_lr=lr, **STE_SETTINGS)
-    optimizer = MuonGrokfast(muon_param_groups(model), **settings.to_kwargs())
-    optimizer.register_attention(model)
-    return optimizer
 
 
 def thinking(item, tokenizer) -> tuple[ThoughtIds, int] | None:
@@ -176,7 +93,7 @@ class BitNetPhase(PhaseController):
         score = lambda m: _quality(evaluate(m, test, tokenizer, shape.max_len))   # noqa: E731
         before = score(item.model)
         model = to_bitlinear(item.model, cfg.preserve_layers)
-        calibration = calibrate(model, train[:cfg.calibration_samples], tokenizer, shape.max_len)
+        calibration = calibrate(model, encode_batch(train[:cfg.calibration_samples], tokenizer, shape.max_len).tokens)
         ctx.progress(0.05, "converted to BitLinear; calibration measured")
         quantized_only = score(model)
         log = self._fine_tune(ctx, model, item, train, tokenizer, shape.max_len)
@@ -216,7 +133,7 @@ class BitNetPhase(PhaseController):
             if step % 50 == 0:
                 ctx.tracker.log({"train_loss": loss}, step=step)
 
-        optimizer = ste_optimizer(model, cfg.fine_tune_lr)
+        optimizer = make_optimizer(model, cfg.optimizer, cfg.fine_tune_lr)
         common = dict(steps=cfg.fine_tune_steps, batch_size=cfg.batch_size, seed=ctx.seed, on_step=on_step)
         setup = thinking(item, tokenizer)
         if setup is None:
@@ -253,19 +170,3 @@ class BitNetPhase(PhaseController):
         if log is not None:
             metrics["final_train_loss"] = log.smoothed_loss()
         return metrics
-
-    def validate_output(self, result: PhaseResult, ctx) -> None:
-        super().validate_output(result, ctx)
-        cfg, metrics = ctx.phase_config, result.metrics
-        if metrics["compression_ratio"] < cfg.min_compression:
-            raise HandoffError(f"compression ratio {metrics['compression_ratio']:.2f} (fp32 file "
-                               f"{metrics['float_size_bytes']} B / packed {metrics['packed_size_bytes']} B) is "
-                               f"below min_compression {cfg.min_compression}")
-        if metrics.get("thought_accuracy_drop", 0.0) > cfg.max_accuracy_drop:
-            raise HandoffError(f"accuracy with thoughts dropped {metrics['thought_accuracy_drop']:.3f} (float "
-                               f"{metrics['float_thought_accuracy']:.3f}, dequantized {metrics['thought_accuracy']:.3f}"
-                               f") beyond max_accuracy_drop {cfg.max_accuracy_drop}")
-        if metrics["accuracy_drop"] > cfg.max_accuracy_drop:
-            raise HandoffError(f"accuracy drop {metrics['accuracy_drop']:.3f} (float {metrics['float_accuracy']:.3f}, "
-                               f"packed {metrics['packed_accuracy']:.3f}, dequantized {metrics['accuracy']:.3f}) "
-                               f"exceeds max_accuracy_drop {cfg.max_accuracy_drop}")
