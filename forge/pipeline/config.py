@@ -208,7 +208,7 @@ class Phase4Config(Section):
         grokfast_lamb=1.5, momentum=0.9, ste_mode=True))
 
 
-# -- phases 5..8: not implemented yet; the seed's settings scaled to a tiny model -------------------
+# -- phases 5..8: not implemented yet; the original system's settings scaled to a tiny model -------------------
 class Phase5Config(Section):
     num_levels: int = Field(10, ge=1)
     questions_per_level: int = Field(200, ge=1)

@@ -1,6 +1,6 @@
 """Handoff rules: what the models leaving phase N must satisfy before phase N+1 may start.
 
-The table follows the seed specification's HANDOFF_RULES (Agent Forge V2 spec section 3.1.4:
+The table follows the original system's HANDOFF_RULES (Agent Forge V2 spec section 3.1.4:
 cognate->evomerge 3 models in 22.5-27.5M params with {specialization, final_loss, seed};
 evomerge->quietstar 1 model with {fitness, merge_technique}; quietstar->bitnet accuracy >= 0.80 with
 {coherence_score, validity_rate}; bitnet->curriculum compression >= 7 with {compression_ratio,

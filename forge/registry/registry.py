@@ -4,7 +4,7 @@ One connection per registry object, in WAL mode with foreign keys on. Every writ
 ``BEGIN IMMEDIATE`` transaction (the write lock is taken up front, so two writers never deadlock
 upgrading read locks), retried with backoff while another process holds the lock. Open a new
 ``ModelRegistry`` in each process; an object inherited through ``fork`` refuses to run.
-Method names follow the seed's registry (create_session, register_model, ...) so its users can switch.
+Method names follow the original system's registry (create_session, register_model, ...) so its users can switch.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def utc_now() -> str:
 
 def new_session_id(prefix: str = "session") -> str:
     """session_YYYYmmdd_HHMMSS_<8 hex>: sortable by start time, unique within one second
-    (the seed's second-resolution ids collided)."""
+    (the original system's second-resolution ids collided)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
     return f"{safe_name(prefix)}_{stamp}_{secrets.token_hex(4)}"
 

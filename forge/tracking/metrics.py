@@ -1,7 +1,7 @@
 """The metric catalogue (one place for every phase's metric names and directions) and a tracker
 that flags metrics getting worse from one phase to the next.
 
-The seed's continuity tracker flagged any drop of more than 10 % as a degradation, which is the
+The original system's continuity tracker flagged any drop of more than 10 % as a degradation, which is the
 wrong way round for perplexity, size and latency; here every metric carries its direction.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Phase 1, Cognate: train a shared trunk, then three diverse specialists branched from it.
 
-The seed system trained three 25M-parameter models that collapsed to one token. Here each model is a
+The original system trained three 25M-parameter models that collapsed to one token. Here each model is a
 `forge.nn.Transformer` trained with MuonGrokfast (the phase-1 preset) on the built-in tasks. Phase 2
 merges them, and weight-space merges only work between models that stay in one linearly connected
 basin: networks trained from the same initialization diverge into different basins unless they share

@@ -14,7 +14,8 @@ and per-token absmax int8 activations. Embeddings, norms and the output head sta
    scales per token at run time), so calibration only *measures*, on `calibration_samples` training
    examples, the relative error of each layer's int8 activations, ternary weights and outputs;
 4. fine-tunes the latent weights through the straight-through estimator with MuonGrokfast (ste_mode,
-   momentum 0.9, Grokfast lambda 1.5: the seed's phase-4 settings, which have no preset);
+   momentum 0.9, Grokfast lambda 1.5: the original system's phase-4 settings, the defaults of
+   `phases.phase4.optimizer`);
 5. freezes to packed 2-bit weights, saves them as `bitnet_packed.safetensors` and compares its size on
    disk with the input's fp32 file;
 6. evaluates the packed model and the dequantized float model it hands on (weights q * scale, no
