@@ -132,10 +132,11 @@ def describe(rule: HandoffRule, config: "PipelineConfig") -> str:
              f"{rule.param_range[0]:,}-{rule.param_range[1]:,} params",
              "metadata {" + ", ".join(REQUIRED_METADATA + rule.required_metadata) + "}"]
     for bound in rule.metrics:
+        when = " (at phase end)" if bound.phase_end_only else " (where recorded)" if bound.optional else ""
         if bound.low is not None:
-            parts.append(f"{bound.name} {'>' if bound.strict else '>='} {resolve(bound.low, section):g}")
+            parts.append(f"{bound.name} {'>' if bound.strict else '>='} {resolve(bound.low, section):g}{when}")
         if bound.high is not None:
-            parts.append(f"{bound.name} <= {resolve(bound.high, section):g}")
+            parts.append(f"{bound.name} <= {resolve(bound.high, section):g}{when}")
     return f"{rule.source}->{rule.target}: " + ", ".join(parts)
 
 
