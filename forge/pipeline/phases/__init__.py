@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-from forge.phase_table import LAST_PHASE, PHASES, phase_range_text
+from forge.phase_table import LAST_PHASE, PHASES, phase_name, phase_range_text
 from forge.pipeline.controller import PhaseController, PipelineError
-
-
-def phase_name(phase: int) -> str:
-    if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; phases are {phase_range_text()}")
-    return PHASES[phase][0]
 
 
 def load_controller_class(phase: int) -> type[PhaseController] | None:
