@@ -12,7 +12,7 @@ PHASES: dict[int, tuple[str, str | None]] = {
     2: ("evomerge", "forge.pipeline.phases.phase2_evomerge:EvoMergePhase"),
     3: ("quietstar", "forge.pipeline.phases.phase3_quietstar:QuietStarPhase"),
     4: ("bitnet", "forge.pipeline.phases.phase4_bitnet:BitNetPhase"),
-    5: ("curriculum", None),
+    5: ("curriculum", "forge.pipeline.phases.phase5_curriculum:CurriculumPhase"),
     6: ("baking", None),
     7: ("experts", None),
     8: ("compression", None),

@@ -114,6 +114,25 @@ def evaluate(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_l
             model.train()
 
 
+def exact_matches(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int,
+                  batch_size: int = 256) -> list[bool]:
+    """Per example, whether the greedy answer is exactly the answer followed by <eos> (the exact-match
+    test of `evaluate`, one teacher-forced pass per batch)."""
+    check_positive_int("batch_size", batch_size)
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    device, flags = _model_device(model), []
+    try:
+        with torch.no_grad():
+            for lo in range(0, len(examples), batch_size):
+                flags.extend(_score_batch(model, examples[lo: lo + batch_size], tokenizer, max_len, device)[2])
+    finally:
+        if was_training:
+            model.train()
+    return flags
+
+
 def _evaluate(model, examples, tokenizer, max_len, batch_size) -> dict:
     device = _model_device(model)
     loss_sum, count = 0.0, 0

@@ -2,7 +2,7 @@
 from forge.nn.attention import CausalSelfAttention, apply_rotary
 from forge.nn.bitlinear import BitLinear, convert_to_bitlinear
 from forge.nn.losses import KLRegularizer, kl_to_teacher
-from forge.nn.transformer import RMSNorm, SwiGLU, Transformer, TransformerConfig, build_model
+from forge.nn.transformer import RMSNorm, SwiGLU, Transformer, TransformerConfig, build_model, resize_vocab
 
 __all__ = [
     "BitLinear",
@@ -16,4 +16,5 @@ __all__ = [
     "build_model",
     "convert_to_bitlinear",
     "kl_to_teacher",
+    "resize_vocab",
 ]

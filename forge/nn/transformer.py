@@ -192,3 +192,22 @@ def build_model(config: dict | TransformerConfig) -> Transformer:
     if isinstance(config, dict):
         config = TransformerConfig.from_dict(config)
     return Transformer(config)
+
+
+def resize_vocab(model: Transformer, new_vocab: int, init_std: float = 0.02, seed: int = 0) -> Transformer:
+    """A copy of `model` with `new_vocab` embedding and head rows: the old rows copied, the new ones drawn
+    from N(0, init_std^2) (small, so the new tokens start unlikely). Logits of old tokens keep their values
+    on inputs of old tokens."""
+    old = model.config.vocab_size
+    if isinstance(new_vocab, bool) or not isinstance(new_vocab, int) or new_vocab < old:
+        raise ValueError(f"new_vocab must be an int >= the model's vocab_size {old}, got {new_vocab!r}")
+    grown = Transformer(TransformerConfig.from_dict({**model.config.to_dict(), "vocab_size": new_vocab}))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    for key in ("embed.weight", "head.weight"):
+        if key not in state:
+            continue
+        rows = torch.randn(new_vocab - old, state[key].shape[1], generator=generator) * init_std
+        state[key] = torch.cat([state[key], rows.to(state[key].dtype)], 0)
+    grown.load_state_dict(state)
+    return grown.to(next(model.parameters()).device)

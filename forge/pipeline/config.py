@@ -208,19 +208,40 @@ class Phase4Config(Section):
         grokfast_lamb=1.5, momentum=0.9, ste_mode=True))
 
 
-# -- phases 5..8: not implemented yet; the original system's settings scaled to a tiny model -------------------
+# -- phase 5: curriculum ------------------------------------------------------------------------
 class Phase5Config(Section):
-    num_levels: int = Field(10, ge=1)
+    num_levels: int = Field(10, ge=2, le=10)       # forge.data.levels.NUM_LEVELS is 10
     questions_per_level: int = Field(200, ge=1)
     target_accuracy: float = Field(0.75, gt=0, le=1)
     advance_accuracy: float = Field(0.80, gt=0, le=1)
     consecutive_for_mastery: int = Field(3, ge=1)
+    max_hint: int = Field(0, ge=0)
+    mix_fraction: float = Field(0.75, ge=0, le=1)
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    eval_every: int = Field(25, ge=1)
+    val_questions: int = Field(64, ge=1)
+    eval_questions: int = Field(100, ge=1)
     dream_epochs_per_level: int = Field(1, ge=0)
     dream_temperature: float = Field(1.2, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    dream_questions: int = Field(128, ge=0)
+    dream_min_confidence: float = Field(0.5, ge=0, le=1)
+    self_model_steps: int = Field(120, ge=0)
+    self_model_lr: float = Field(2e-3, gt=0)
+    self_model_questions: int = Field(2000, ge=1)
+    baking_steps: int = Field(30, ge=1)
+    baking_lr: float = Field(1e-4, gt=0)
+    baking_traj_len: int = Field(8, ge=1)
+    min_curriculum_gain: float = Field(0.0, ge=-1, le=1)
+    max_tasks_not_advanced: int = Field(0, ge=0)
+    max_forgetting: float = Field(0.05, ge=0, le=1)
+    min_self_model_z: float = Field(2.0, ge=0)
+    seed: int = Field(0, ge=0)
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(grokfast_lamb=2.0, qk_clip_threshold=30.0))
 
 
+# -- phases 6..8: not implemented yet; the original system's settings scaled to a tiny model ----------
 class Phase6Config(Section):
     max_cycles: int = Field(10, ge=1)
     plateau_threshold: float = Field(0.02, ge=0)

@@ -72,8 +72,8 @@ def _typical_width(config: PipelineConfig) -> int:
 
 
 def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] | None = None) -> dict[int, float]:
-    """Estimated seconds for each of `phases` that has a formula (phases 1 to 4)."""
-    if not {1, 2, 3, 4} & set(phases):
+    """Estimated seconds for each of `phases` that has a formula (phases 1 to 5)."""
+    if not {1, 2, 3, 4, 5} & set(phases):
         return {}
     costs = costs or measure(config)
     p1, p2 = config.phases.phase1, config.phases.phase2
@@ -92,11 +92,11 @@ def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] 
 
 
 def _later_phases(config: PipelineConfig, phases: list[int], step_s: float, evaluation) -> dict[int, float]:
-    """Phases 3 and 4 in units of a phase-1 step: a warm-up step trains two formats, an RL step samples
+    """Phases 3 to 5 in units of a phase-1 step: a warm-up step trains two formats, an RL step samples
     thoughts token by token and trains two formats of batch_size * num_thoughts rows, an STE step of a thinking
     model trains two formats and pays for the quantization. The factors (2, 3, 3) were fitted to one default
     run: estimated 171 s and 123 s, measured 160 s and 133 s (benchmarks/RESULTS.md, Pipeline)."""
-    p1, p3, p4 = config.phases.phase1, config.phases.phase3, config.phases.phase4
+    p1, p3, p4, p5 = config.phases.phase1, config.phases.phase3, config.phases.phase4, config.phases.phase5
     out = {}
     if 3 in phases:
         warmup = p3.warmup_steps * 2 * step_s * p3.warmup_batch_size / p1.batch_size
@@ -104,4 +104,12 @@ def _later_phases(config: PipelineConfig, phases: list[int], step_s: float, eval
         out[3] = warmup + rl + p3.baking_steps * step_s + 10 * evaluation(p3.eval_examples)
     if 4 in phases:
         out[4] = 3 * p4.fine_tune_steps * step_s * p4.batch_size / p1.batch_size + 6 * evaluation(p4.eval_examples)
+    if 5 in phases:
+        tasks = len({t for m in p1.models for t, w in m.task_weights.items() if w > 0})
+        climbs = 2 * p5.steps * step_s * p5.batch_size / p1.batch_size       # the climb and the uniform control
+        checks = p5.steps // p5.eval_every * tasks * evaluation(p5.val_questions)
+        tables = 4 * evaluation(tasks * p5.num_levels * p5.eval_questions)
+        # answering its own questions token by token costs about 15 evaluation passes per batch
+        self_model = 2 * p5.self_model_steps * step_s + 15 * evaluation(p5.self_model_questions * 5 // 4)
+        out[5] = climbs + checks + tables + self_model + p5.baking_steps * step_s
     return out

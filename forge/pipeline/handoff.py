@@ -11,7 +11,7 @@ phase's config section, so `--set phases.phase1.min_margin_over_baseline=0.3` ti
 This table is the one home of every phase's pass checks. They are evaluated by one function at two
 gates: when a phase ends (`check_phase_end`, from PhaseController.validate_output, so the last phase of
 a run fails its own checks too) and when its models are handed on (`check_handoff`, which also guards
-models taken from another session with `--only N --source-session`). Rules 5->6 onward guard phases
+models taken from another session with `--only N --source-session`). Rules 6->7 onward guard phases
 that are not implemented yet and are provisional.
 """
 from __future__ import annotations
@@ -102,7 +102,21 @@ _RULES = (
                                     "{packed_accuracy:.3f}, dequantized {accuracy:.3f}) exceeds max_accuracy_drop "
                                     "{limit:g}")),
                 notes="seed: compression >= 7 at 25M params"),
-    HandoffRule(5, 6, 1, ("levels_completed",), (MetricBound("levels_completed", low=1),), notes="provisional"),
+    HandoffRule(5, 6, 1, ("levels_completed",),
+                (MetricBound("levels_completed", low=1, reason="the curriculum passed no level"),
+                 MetricBound("tasks_not_advanced", high="max_tasks_not_advanced", phase_end_only=True,
+                             reason="{value:g} task(s) that started below the top level passed no level"),
+                 MetricBound("curriculum_gain", low="min_curriculum_gain", strict=True, phase_end_only=True,
+                             reason="the curriculum does not beat uniform training on the levels above the start "
+                                    "(climbed {curriculum_accuracy_above_start:.3f}, uniform "
+                                    "{uniform_accuracy_above_start:.3f})"),
+                 MetricBound("start_level_accuracy_drop", high="max_forgetting", phase_end_only=True,
+                             reason="accuracy on the levels mastered before fell by {value:.3f}"),
+                 MetricBound("self_model_auroc_z", low="min_self_model_z", phase_end_only=True,
+                             reason="the self-model's AUROC {self_model_auroc:.3f} (se {self_model_auroc_se:.3f}) is "
+                                    "not above 0.5 by min_self_model_z standard errors")),
+                notes="seed: PHASE5_MIN_LEVELS_COMPLETED = 1; every task below the top climbs, the climb beats "
+                      "uniform training, no forgetting, a self-model better than chance"),
     HandoffRule(6, 7, 1, ("cycles_completed",), (MetricBound("cycles_completed", low=1),), notes="provisional"),
     HandoffRule(7, 8, 1, ("num_experts",), (MetricBound("num_experts", low=2),), notes="provisional"),
 )

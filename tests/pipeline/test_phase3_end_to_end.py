@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from forge.data import CharTokenizer, make_examples, rationale
+from forge.nn import resize_vocab
 from forge.optim import create_optimizer_from_phase
 from forge.pipeline.config import load_config
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext
@@ -14,7 +15,7 @@ from forge.pipeline.phases.phase3_quietstar import QuietStarPhase
 from forge.pipeline.phases.phase4_bitnet import BitNetPhase
 from forge.pipeline.phases.phase3_quietstar.thought_warmup import warm_up_thoughts
 from forge.pipeline.phases.phase3_quietstar.thoughts import (ThoughtIds, ablation_eval, example_ids,
-                                                             resize_vocab, thought_token_names, thoughts_for)
+                                                             thought_token_names, thoughts_for)
 from forge.pipeline.orchestrator import Pipeline
 from forge.registry import ModelRegistry, new_session_id, save_checkpoint
 from forge.tracking import Tracker, read_metrics

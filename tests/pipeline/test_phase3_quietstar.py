@@ -7,7 +7,7 @@ import torch
 
 from forge.data import make_examples
 from forge.nn import Transformer, TransformerConfig
-from forge.nn import KLRegularizer
+from forge.nn import KLRegularizer, resize_vocab
 from forge.optim import create_optimizer_from_phase
 from forge.pipeline.config import Phase3Config
 from forge.pipeline.controller import HandoffError, ModelOutput, PhaseResult
@@ -15,7 +15,7 @@ from forge.pipeline.phases import is_implemented
 from forge.pipeline.phases.phase3_quietstar import QuietStarPhase, check_thought_gain
 from forge.pipeline.phases.phase3_quietstar.rl_thoughts import ThoughtTrainer
 from forge.pipeline.phases.phase3_quietstar.thoughts import (ThoughtIds, ablation_eval, build_rows, example_ids, reinforce_loss,
-                                     resize_vocab, target_logprobs, thought_rewards, thought_token_names,
+                                     target_logprobs, thought_rewards, thought_token_names,
                                      thoughts_for)
 
 from _small_model import small_trained_model

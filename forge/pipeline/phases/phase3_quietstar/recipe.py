@@ -23,12 +23,13 @@ import time
 import torch
 
 from forge.data import CharTokenizer, evaluate, make_examples
+from forge.nn import resize_vocab
 from forge.nn.losses import KLRegularizer, kl_to_teacher
 from forge.pipeline.controller import ModelOutput, PhaseController, PhaseResult, require_one_input
 from forge.pipeline.phases.phase3_quietstar.rl_thoughts import ThoughtTrainer, bake_reasoning_prompt
 from forge.pipeline.phases.phase3_quietstar.thought_warmup import warm_up_thoughts
 from forge.pipeline.phases.phase3_quietstar.thoughts import (ThoughtIds, ablation_eval, build_rows, example_ids,
-                                                             resize_vocab, thought_token_names, thoughts_for)
+                                                             thought_token_names, thoughts_for)
 from forge.pipeline.training import make_optimizer
 
 

@@ -16,7 +16,7 @@ import random
 
 import torch
 
-from forge.baking import PromptBaker, get_prompt
+from forge.pipeline.prompt_bake import bake_task_prompt
 from forge.pipeline.training import answer_nll
 from forge.pipeline.phases.phase3_quietstar.thoughts import (ThoughtIds, build_rows, by_length, example_ids, reinforce_loss, sample_thoughts,
                                      target_logprobs)
@@ -69,24 +69,6 @@ class ThoughtTrainer:
 
 
 def bake_reasoning_prompt(model, examples, tokenizer, cfg, seed: int):
-    """Bake the phase-3 reasoning prompt ("think, then say:") into `model` with PromptBaker (Bhargava et al.
-    2024, arXiv 2409.13697): the teacher reads prompt + `<bos> task <sep>`, the student only the task; the
-    trajectories are answers (stopped at <eos>). Inputs too long for prompt + input + trajectory are left out."""
-    prompt = get_prompt("phase3_reasoning").ids(tokenizer)
-    room = model.config.max_len - prompt.shape[1] - cfg.baking_traj_len
-    prefixes = [p for p in example_ids(examples, tokenizer)[0] if len(p) <= room]
-    if not prefixes:
-        raise ValueError(f"no input fits the baking prompt ({prompt.shape[1]} tokens) plus baking_traj_len "
-                         f"{cfg.baking_traj_len} in max_len {model.config.max_len}")
-    groups = [torch.tensor([prefixes[i] for i in g], dtype=torch.long) for g in by_length(prefixes).values()]
-    rng, device = random.Random(seed), next(model.parameters()).device
-
-    def sampler(batch_size: int) -> torch.Tensor:
-        pool = rng.choices(groups, weights=[len(g) for g in groups])[0]
-        return pool[[rng.randrange(len(pool)) for _ in range(batch_size)]].to(device)
-
-    held_out = max(groups, key=len)
-    baker = PromptBaker(model, rank=4, alpha=8.0, lr=cfg.baking_lr, steps=cfg.baking_steps, batch_size=16,
-                        traj_len=cfg.baking_traj_len, seed=seed, stop_token=tokenizer.eos_id,
-                        eval_every=cfg.baking_steps)
-    return baker.bake(prompt, sampler, eval_inputs=held_out[:64])
+    """Bake the phase-3 reasoning prompt ("think, then say:") into `model` (forge.pipeline.prompt_bake)."""
+    return bake_task_prompt(model, "phase3_reasoning", examples, tokenizer, lr=cfg.baking_lr, steps=cfg.baking_steps,
+                            traj_len=cfg.baking_traj_len, seed=seed)

@@ -1,0 +1,86 @@
+"""Answers a model writes itself: sampled at a temperature (greedy at 0), with their log-probability.
+
+Used where a phase trains or judges a model on its own outputs (Phase 5's dreams and self-model). The
+batch is re-run for every new token (no cache); the models here are small and answers short.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from forge.data.batching import prompt_ids
+from forge.data.evaluate import _logits, _model_device
+from forge.data.tasks import Example
+from forge.data.tokenizer import CharTokenizer
+
+
+@dataclass
+class SampledAnswer:
+    """ids: the answer's tokens (without <eos>); closed: the model wrote <eos> within the budget;
+    logprob: the sum of log p(token) at temperature 1 over the answer and its <eos> (over what was written
+    when not closed), i.e. how likely the model itself finds what it wrote."""
+    ids: list[int]
+    closed: bool
+    logprob: float
+
+    def text(self, tokenizer: CharTokenizer) -> str:
+        return tokenizer.decode(self.ids)
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"Invalid temperature: {temperature!r}; expected a number >= 0 (0 = greedy)")
+    return float(temperature)
+
+
+@torch.no_grad()
+def sample_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int, *,
+                   temperature: float = 0.0, max_new: int | None = None,
+                   generator: torch.Generator | None = None) -> list[SampledAnswer]:
+    """The model's own answer to each example's `<bos> prompt <sep>`: up to `max_new` tokens (default: as
+    many as max_len allows) or <eos>. The true answers are never read."""
+    temperature = _check_temperature(temperature)
+    if not examples:
+        return []
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        return _sample(model, examples, tokenizer, max_len, temperature, max_new, generator)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _sample(model, examples, tokenizer, max_len, temperature, max_new, generator) -> list[SampledAnswer]:
+    device = _model_device(model)
+    seqs = [prompt_ids(ex, tokenizer) for ex in examples]
+    starts = [len(s) for s in seqs]
+    budgets = [max_len - n if max_new is None else min(max_new, max_len - n) for n in starts]
+    logprob = [0.0] * len(seqs)
+    done = [b <= 0 for b in budgets]
+    closed = [False] * len(seqs)
+    while not all(done):
+        width = max(len(s) for s in seqs)
+        tokens = torch.full((len(seqs), width), tokenizer.pad_id, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            tokens[b, : len(s)] = torch.tensor(s)
+        logits = _logits(model, tokens.to(device), tokenizer.vocab_size).float()
+        last = logits[torch.arange(len(seqs), device=logits.device),
+                      torch.tensor([len(s) - 1 for s in seqs], device=logits.device)]
+        logp = torch.log_softmax(last, -1).cpu()
+        if temperature == 0:
+            next_ids = logp.argmax(-1)
+        else:
+            probs = torch.softmax(last.cpu() / temperature, -1)
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        for b, tok in enumerate(next_ids.tolist()):
+            if done[b]:
+                continue
+            seqs[b].append(tok)
+            logprob[b] += float(logp[b, tok])
+            closed[b] = tok == tokenizer.eos_id
+            done[b] = closed[b] or len(seqs[b]) - starts[b] >= budgets[b]
+    return [SampledAnswer(s[start:len(s) - c], c, lp) for s, start, c, lp in zip(seqs, starts, closed, logprob)]

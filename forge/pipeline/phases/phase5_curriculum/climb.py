@@ -1,0 +1,165 @@
+"""The two ways Phase 5 spends the same number of optimizer steps: climbing the levels from each task's edge
+(`Climber`), and plain training on questions drawn uniformly from every level (`train_uniform`)."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from forge.data.levels import level_examples
+from forge.pipeline.phases.phase5_curriculum.curriculum import LevelPool, train_step
+from forge.pipeline.phases.phase5_curriculum.dreams import Dreams, dream
+from forge.data import exact_matches
+
+
+@dataclass
+class TaskClimb:
+    """One task's way up: the level it started at (already mastered), the level it trains now, and the
+    levels it passed with the step at which each was passed."""
+    task: str
+    start: int
+    level: int
+    passed: list[tuple[int, int]] = field(default_factory=list)
+    pool: LevelPool | None = None
+
+    @property
+    def final(self) -> int:
+        return self.passed[-1][0] if self.passed else self.start
+
+
+@dataclass
+class ClimbLog:
+    losses: list[float] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)     # {step, task, level, accuracy, passed}
+    dreams: list[dict] = field(default_factory=list)     # {step, task, level, generated, kept, correct}
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+class Climber:
+    """Trains `model` at every task's edge for `cfg.steps` optimizer steps (dream steps included).
+
+    Each batch gives every task an equal share: `mix_fraction` of it drawn uniformly from all the task's levels
+    (so nothing is forgotten and what lies ahead is seen: the "combined" curriculum of Zaremba & Sutskever
+    2014, arXiv 1410.4615, which beat a plain one), the rest from its current level's pool; a task past the top
+    level only mixes. Every
+    `eval_every` steps each climbing task answers `val_questions` held-out questions of its level; at
+    `advance_accuracy` the level is passed, dreams consolidate it and the next level's pool opens.
+    """
+
+    def __init__(self, model, optimizer, tokenizer, max_len: int, starts: dict[str, int], cfg, seed: int,
+                 on_step: Callable[[int, float, str], None] | None = None,
+                 on_check: Callable[[dict], None] | None = None):
+        self.model, self.optimizer, self.tokenizer, self.max_len = model, optimizer, tokenizer, max_len
+        self.cfg, self.seed, self.on_step, self.on_check = cfg, seed, on_step, on_check
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.climbs = {t: TaskClimb(t, s, s + 1) for t, s in sorted(starts.items())}
+        self.pools: list[LevelPool] = []       # every pool opened, in order
+        for climb in self.climbs.values():
+            self._open(climb)
+        self._mix_cache: dict = {}
+        self.log, self.step = ClimbLog(), 0
+
+    def _open(self, climb: TaskClimb) -> None:
+        climb.pool = (LevelPool(climb.task, climb.level, self.cfg.questions_per_level, self.seed)
+                      if climb.level <= self.cfg.num_levels else None)
+        if climb.pool is not None:
+            self.pools.append(climb.pool)
+
+    def _mixed(self, task: str):
+        """A training question of `task` from a level drawn uniformly from all levels."""
+        level = self.rng.randint(1, self.cfg.num_levels)
+        if (task, level) not in self._mix_cache:
+            self._mix_cache[task, level] = level_examples(task, level, self.cfg.questions_per_level, "train", self.seed)
+        return self.rng.choice(self._mix_cache[task, level])
+
+    def _batch(self) -> tuple[list, list]:
+        """Every task an equal share of the batch: mix_fraction of it (all of it once the task is past the top)
+        from all its levels, the rest from its current level's pool."""
+        examples, asked = [], []
+        for climb, share in zip(self.climbs.values(), _split(self.cfg.batch_size, len(self.climbs))):
+            mixed = share if climb.pool is None else round(share * self.cfg.mix_fraction)
+            examples += [self._mixed(climb.task) for _ in range(mixed)]
+            if climb.pool is not None:
+                for question in climb.pool.draw(self.rng, share - mixed):
+                    asked.append((len(examples), climb.pool, question))
+                    examples.append(question.prompt())
+        return examples, asked
+
+    def run(self) -> ClimbLog:
+        while self.step < self.cfg.steps:
+            examples, asked = self._batch()
+            loss, right = train_step(self.model, self.optimizer, examples, self.tokenizer, self.max_len)
+            self.step += 1
+            self.log.losses.append(loss)
+            for index, pool, question in asked:
+                pool.record(question, right[index], self.cfg.consecutive_for_mastery, self.cfg.max_hint)
+            if self.on_step is not None:
+                self.on_step(self.step, loss, self.status())
+            if self.step % self.cfg.eval_every == 0:
+                self._check_levels()
+        return self.log
+
+    def status(self) -> str:
+        return ", ".join(f"{c.task} L{c.level if c.pool else 'top'}"
+                         + (f" ({len(c.pool.active)} left)" if c.pool else "") for c in self.climbs.values())
+
+    def _check_levels(self) -> None:
+        for climb in self.climbs.values():
+            if climb.pool is None:
+                continue
+            held_out = level_examples(climb.task, climb.level, self.cfg.val_questions, "val", self.seed)
+            accuracy = sum(exact_matches(self.model, held_out, self.tokenizer, self.max_len)) / len(held_out)
+            passed = accuracy >= self.cfg.advance_accuracy
+            self.log.checks.append({"step": self.step, "task": climb.task, "level": climb.level,
+                                    "accuracy": accuracy, "passed": passed})
+            if self.on_check is not None:
+                self.on_check(self.log.checks[-1])
+            if passed:
+                climb.passed.append((climb.level, self.step))
+                self._consolidate(climb)
+                climb.level += 1
+                self._open(climb)
+
+    def _consolidate(self, climb: TaskClimb) -> None:
+        """Dreams on prompts of the levels `climb` has passed, then dream_epochs_per_level passes over them."""
+        if self.cfg.dream_epochs_per_level == 0 or self.cfg.dream_questions == 0:
+            return
+        levels = list(range(1, climb.level + 1))
+        prompts = [ex for lv in levels for ex in level_examples(
+            climb.task, lv, max(1, self.cfg.dream_questions // len(levels)), "train", self.seed + 1 + self.step)]
+        dreams: Dreams = dream(self.model, prompts, self.tokenizer, self.max_len,
+                               temperature=self.cfg.dream_temperature,
+                               min_confidence=self.cfg.dream_min_confidence, generator=self.generator)
+        self.log.dreams.append({"step": self.step, "task": climb.task, "level": climb.level,
+                                "generated": dreams.generated, "kept": dreams.kept, "correct": dreams.correct})
+        for _ in range(self.cfg.dream_epochs_per_level):
+            order = self.rng.sample(dreams.examples, len(dreams.examples))
+            for lo in range(0, len(order), self.cfg.batch_size):
+                if self.step >= self.cfg.steps:
+                    return
+                loss, _ = train_step(self.model, self.optimizer, order[lo: lo + self.cfg.batch_size],
+                                     self.tokenizer, self.max_len)
+                self.step += 1
+                self.log.losses.append(loss)
+
+
+def train_uniform(model, optimizer, tokenizer, max_len: int, tasks: list[str], cfg, seed: int, steps: int,
+                  on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Plain training, the curriculum's control: `steps` optimizer steps on batches whose questions are drawn
+    uniformly over tasks and all levels (from pools of questions_per_level training questions)."""
+    rng = random.Random(seed)
+    pools = {(t, lv): level_examples(t, lv, cfg.questions_per_level, "train", seed)
+             for t in tasks for lv in range(1, cfg.num_levels + 1)}
+    keys, losses = sorted(pools), []
+    for step in range(1, steps + 1):
+        examples = [rng.choice(pools[rng.choice(keys)]) for _ in range(cfg.batch_size)]
+        losses.append(train_step(model, optimizer, examples, tokenizer, max_len)[0])
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
