@@ -6,7 +6,8 @@ registered model (normally a Phase 4 model):
     python benchmarks/phase5_ablation.py --model-id p4-bitnet-... --seeds 0 1 2 [--set phases.phase5.x=y ...]
 
 For each seed (the seed of the questions, batches and sampling; the incoming model is the same) it runs the
-phase's climb and its uniform control (forge.pipeline.phases.phase5_curriculum.recipe.compare), once with
+phase's climb and its uniform control (forge.pipeline.phases.phase5_curriculum.recipe.compare) from the
+model as it comes (without the eudaimonia bake the phase does first), once with
 the configured dreams and once with dream_epochs_per_level=0, and prints curriculum_gain, the forgetting of
 the levels each task had mastered and the accuracy on the levels the climb passed, with mean and standard
 deviation over the seeds. Nothing is registered.

@@ -210,6 +210,7 @@ class Phase4Config(Section):
 
 # -- phase 5: curriculum ------------------------------------------------------------------------
 class Phase5Config(Section):
+    enabled: bool = True    # false stops a run after phase 4
     num_levels: int = Field(10, ge=2, le=10)       # forge.data.levels.NUM_LEVELS is 10
     questions_per_level: int = Field(200, ge=1)
     target_accuracy: float = Field(0.75, gt=0, le=1)
@@ -217,7 +218,7 @@ class Phase5Config(Section):
     consecutive_for_mastery: int = Field(3, ge=1)
     max_hint: int = Field(0, ge=0)
     mix_fraction: float = Field(0.75, ge=0, le=1)
-    steps: int = Field(1000, ge=1)
+    steps: int = Field(1200, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     eval_every: int = Field(25, ge=1)
@@ -227,13 +228,13 @@ class Phase5Config(Section):
     dream_temperature: float = Field(1.2, gt=0)
     dream_questions: int = Field(128, ge=0)
     dream_min_confidence: float = Field(0.5, ge=0, le=1)
-    self_model_steps: int = Field(120, ge=0)
-    self_model_lr: float = Field(2e-3, gt=0)
+    self_model_steps: int = Field(200, ge=0)
+    self_model_lr: float = Field(1e-2, gt=0)
     self_model_questions: int = Field(2000, ge=1)
     baking_steps: int = Field(30, ge=1)
     baking_lr: float = Field(1e-4, gt=0)
     baking_traj_len: int = Field(8, ge=1)
-    min_curriculum_gain: float = Field(0.0, ge=-1, le=1)
+    min_curriculum_gain: float = Field(-0.05, ge=-1, le=1)
     max_tasks_not_advanced: int = Field(0, ge=0)
     max_forgetting: float = Field(0.05, ge=0, le=1)
     min_self_model_z: float = Field(2.0, ge=0)

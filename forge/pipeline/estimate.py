@@ -15,6 +15,7 @@ import torch
 
 from forge.pipeline.config import PipelineConfig
 
+_FORMULAS = (1, 2, 3, 4, 5)   # the phases with a time formula
 VOCAB_ESTIMATE = 100        # the character vocabulary of forge.data is under 100 tokens
 EVAL_BATCH = 256            # forge.data.evaluate's default batch (one teacher-forced pass per batch)
 
@@ -73,7 +74,7 @@ def _typical_width(config: PipelineConfig) -> int:
 
 def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] | None = None) -> dict[int, float]:
     """Estimated seconds for each of `phases` that has a formula (phases 1 to 5)."""
-    if not {1, 2, 3, 4, 5} & set(phases):
+    if not set(_FORMULAS) & set(phases):
         return {}
     costs = costs or measure(config)
     p1, p2 = config.phases.phase1, config.phases.phase2
@@ -109,7 +110,8 @@ def _later_phases(config: PipelineConfig, phases: list[int], step_s: float, eval
         climbs = 2 * p5.steps * step_s * p5.batch_size / p1.batch_size       # the climb and the uniform control
         checks = p5.steps // p5.eval_every * tasks * evaluation(p5.val_questions)
         tables = 4 * evaluation(tasks * p5.num_levels * p5.eval_questions)
-        # answering its own questions token by token costs about 15 evaluation passes per batch
-        self_model = 2 * p5.self_model_steps * step_s + 15 * evaluation(p5.self_model_questions * 5 // 4)
+        # the self-model's data: answering its own questions token by token, about 15 passes per batch (its
+        # probe trains two head rows on cached features: negligible)
+        self_model = 15 * evaluation(p5.self_model_questions * 5 // 4)
         out[5] = climbs + checks + tables + self_model + p5.baking_steps * step_s
     return out

@@ -133,6 +133,7 @@ METRIC_CATALOGUE: dict[int, dict[str, MetricSpec]] = {
               ("final_train_loss", _LOWER, "climb training loss averaged over the last 20 steps"),
               ("accuracy", _HIGHER, "test accuracy of the handed-on model on the tasks' default questions"),
               ("input_accuracy", _HIGHER, "the same for the incoming model"),
+              ("baked_accuracy", _HIGHER, "the same after the eudaimonia bake, before the climb"),
               ("level_table_accuracy", _HIGHER, "held-out accuracy of the handed-on model over every task and level"),
               ("levels_completed", _HIGHER, "curriculum levels passed, all tasks together"),
               ("tasks_not_advanced", _LOWER, "tasks that started below the top level and passed none"),
@@ -144,6 +145,7 @@ METRIC_CATALOGUE: dict[int, dict[str, MetricSpec]] = {
               ("per_level_accuracy/*", _HIGHER, "held-out accuracy of the handed-on model on one task's level "
                                                 "(per_level_accuracy/<task>/<level>)"),
               ("level_accuracy_before/*", _HIGHER, "held-out accuracy of the incoming model per task and level"),
+              ("baked_level_accuracy/*", _HIGHER, "the same after the eudaimonia bake (where the climb starts)"),
               ("climbed_level_accuracy/*", _HIGHER, "held-out accuracy after the climb, per task and level"),
               ("uniform_level_accuracy/*", _HIGHER, "held-out accuracy after uniform training, per task and level"),
               ("curriculum_accuracy_above_start", _HIGHER, "climbed accuracy on the levels above each start"),

@@ -8,18 +8,28 @@ COSTS = {"train_step_s": 0.05, "eval_batch_s": 0.01}
 
 
 def test_each_phase_scales_with_its_own_steps():
-    base = estimate(load_config(), [1, 2, 3, 4], COSTS)
-    assert set(base) == {1, 2, 3, 4} and all(v > 0 for v in base.values())
+    base = estimate(load_config(), [1, 2, 3, 4, 5], COSTS)
+    assert set(base) == {1, 2, 3, 4, 5} and all(v > 0 for v in base.values())
     changes = {"phases.phase1.shared_steps=1600": (1, 1000 * 0.05),
                "phases.phase3.warmup_steps=2200": (3, 1000 * 2 * 0.05),
                "phases.phase3.rl_steps=1300": (3, 1000 * 3 * 0.05 * 16 * 4 / 64),
-               "phases.phase4.fine_tune_steps=1800": (4, 1000 * 3 * 0.05)}
+               "phases.phase4.fine_tune_steps=1800": (4, 1000 * 3 * 0.05),
+               "phases.phase5.baking_steps=1030": (5, 1000 * 0.05)}
     for override, (phase, added) in changes.items():
-        changed = estimate(load_config(overrides=(override,)), [1, 2, 3, 4], COSTS)
+        changed = estimate(load_config(overrides=(override,)), [1, 2, 3, 4, 5], COSTS)
         assert changed[phase] - base[phase] == pytest.approx(added), override
         assert all(changed[p] == base[p] for p in base if p != phase), override
 
 
 def test_only_the_planned_phases_are_estimated():
     assert set(estimate(load_config(), [3], COSTS)) == {3}
-    assert estimate(load_config(), [5, 6], COSTS) == {}
+    assert set(estimate(load_config(), [5, 6], COSTS)) == {5}
+    assert estimate(load_config(), [6, 7], COSTS) == {}
+
+
+def test_the_curriculum_estimate_counts_the_climb_and_its_control():
+    """Phase 5 trains `steps` twice (the climb and the uniform control with as many steps) and checks every
+    task's level every eval_every steps."""
+    base = estimate(load_config(), [5], COSTS)[5]
+    more = estimate(load_config(overrides=("phases.phase5.steps=2400", "phases.phase5.eval_every=50")), [5], COSTS)[5]
+    assert more - base == pytest.approx(2 * 1200 * 0.05)    # twice the steps, the same number of checks

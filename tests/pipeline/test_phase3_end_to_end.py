@@ -129,7 +129,8 @@ def test_phases_3_and_4_through_the_pipeline_register_track_and_resume(trained, 
     model, tokenizer = trained
     config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, "phases.phase4.eval_examples=128",
                                     "phases.phase4.train_examples=1000", "phases.phase4.fine_tune_steps=40",
-                                    "phases.phase4.batch_size=32", "phases.phase4.max_accuracy_drop=1.0"))
+                                    "phases.phase4.batch_size=32", "phases.phase4.max_accuracy_drop=1.0",
+                                    "phases.phase5.enabled=false"))
     registry = ModelRegistry(config.registry_path())
     source = registry.create_session(new_session_id("src"), {})
     meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(), "task_weights": TASKS,

@@ -17,7 +17,8 @@ from forge.pipeline.phases.phase5_curriculum.climb import Climber
 from forge.pipeline.phases.phase5_curriculum.curriculum import HINT, LevelPool, accuracy_table, start_level
 from forge.pipeline.phases.phase5_curriculum.dreams import dream
 from forge.pipeline.phases.phase5_curriculum.recipe import grown_model
-from forge.pipeline.phases.phase5_curriculum.self_model import auroc, calibration_error
+from forge.pipeline.phases.phase5_curriculum.self_model import (RIGHT, WRONG, auroc, calibration_error, confidence,
+                                                                own_answer_rows, train_self_model)
 from forge.pipeline.training import make_optimizer
 from forge.tracking import Tracker
 
@@ -120,6 +121,33 @@ def test_dreams_are_the_models_own_answers(trained):
     strict = dream(model, prompts, tokenizer, 48, temperature=1.2, min_confidence=0.9,
                    generator=torch.Generator().manual_seed(0))
     assert strict.kept < dreams.kept
+
+
+def test_the_self_model_learns_its_own_correctness_without_changing_its_answers(trained):
+    """The verdict is trained on the model's own greedy answers (right on the easy levels, wrong beyond its
+    training): afterwards it ranks right answers above wrong ones on held-out questions, and every weight but
+    the two verdict rows of the head, hence every answer, is what it was."""
+    model, tokenizer = copy.deepcopy(trained)
+    tokenizer = CharTokenizer.from_dict(tokenizer.to_dict())
+    grown = grown_model(SimpleNamespace(model=model), tokenizer)
+    verdicts = (tokenizer.token_id(RIGHT), tokenizer.token_id(WRONG))
+    questions = lambda split: [ex for t in TASKS for lv in range(4, 10)   # noqa: E731
+                               for ex in level_examples(t, lv, 40, split, 0)]
+    rows = own_answer_rows(grown, questions("train"), tokenizer, 48)
+    held_out = own_answer_rows(grown, questions("test"), tokenizer, 48)
+    assert 0.3 < float(rows.correct.float().mean()) < 0.7      # both verdicts are there to learn
+    before = {k: v.clone() for k, v in grown.state_dict().items()}
+    untrained, _ = auroc(confidence(grown, held_out, verdicts), held_out.correct)
+    losses = train_self_model(grown, rows, verdicts, steps=150, lr=0.01)
+    trained_auroc, se = auroc(confidence(grown, held_out, verdicts), held_out.correct)
+    assert losses[-1] < losses[0] and trained_auroc > 0.8 and trained_auroc > untrained + 2 * se
+    after = grown.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["head.weight"]
+    others = [i for i in range(tokenizer.vocab_size) if i not in verdicts]
+    assert torch.equal(before["head.weight"][others], after["head.weight"][others])
+    again = own_answer_rows(grown, questions("test"), tokenizer, 48)
+    assert torch.equal(again.tokens, held_out.tokens)           # the same answers, token for token
 
 
 def test_auroc_and_calibration_against_a_float64_reference():

@@ -23,6 +23,7 @@ class TaskClimb:
     level: int
     passed: list[tuple[int, int]] = field(default_factory=list)
     pool: LevelPool | None = None
+    last_accuracy: float | None = None      # validation accuracy at the last check of the current level
 
     @property
     def final(self) -> int:
@@ -45,10 +46,10 @@ class Climber:
 
     Each batch gives every task an equal share: `mix_fraction` of it drawn uniformly from all the task's levels
     (so nothing is forgotten and what lies ahead is seen: the "combined" curriculum of Zaremba & Sutskever
-    2014, arXiv 1410.4615, which beat a plain one), the rest from its current level's pool; a task past the top
-    level only mixes. Every
-    `eval_every` steps each climbing task answers `val_questions` held-out questions of its level; at
-    `advance_accuracy` the level is passed, dreams consolidate it and the next level's pool opens.
+    2014, arXiv 1410.4615, where it beat both a plain curriculum and none), the rest from its current level's
+    pool; a task past the top level only mixes. Every `eval_every` steps each climbing task answers
+    `val_questions` held-out questions of its level; at `advance_accuracy` the level is passed, dreams
+    consolidate it and the next level's pool opens.
     """
 
     def __init__(self, model, optimizer, tokenizer, max_len: int, starts: dict[str, int], cfg, seed: int,
@@ -106,8 +107,13 @@ class Climber:
         return self.log
 
     def status(self) -> str:
-        return ", ".join(f"{c.task} L{c.level if c.pool else 'top'}"
-                         + (f" ({len(c.pool.active)} left)" if c.pool else "") for c in self.climbs.values())
+        """Per task: the level it climbs, its pool's questions left and the last validation accuracy there."""
+        def one(c: TaskClimb) -> str:
+            if c.pool is None:
+                return f"{c.task} done"
+            seen = "" if c.last_accuracy is None else f", acc {c.last_accuracy:.2f}"
+            return f"{c.task} L{c.level} ({len(c.pool.active)} left{seen})"
+        return "; ".join(one(c) for c in self.climbs.values())
 
     def _check_levels(self) -> None:
         for climb in self.climbs.values():
@@ -116,6 +122,7 @@ class Climber:
             held_out = level_examples(climb.task, climb.level, self.cfg.val_questions, "val", self.seed)
             accuracy = sum(exact_matches(self.model, held_out, self.tokenizer, self.max_len)) / len(held_out)
             passed = accuracy >= self.cfg.advance_accuracy
+            climb.last_accuracy = None if passed else accuracy
             self.log.checks.append({"step": self.step, "task": climb.task, "level": climb.level,
                                     "accuracy": accuracy, "passed": passed})
             if self.on_check is not None:
