@@ -27,7 +27,7 @@ from _small_model import small_trained_model
 TASKS = {"copy": 1.0, "reversal": 1.0}
 SMALL = ("wandb.mode=disabled", "phases.phase5.steps=300", "phases.phase5.num_levels=8",
          "phases.phase5.eval_questions=48", "phases.phase5.baking_steps=2",
-         "phases.phase5.self_model_questions=1600", "phases.phase5.dream_questions=32")
+         "phases.phase5.self_model_questions=3200", "phases.phase5.dream_questions=32")
 
 
 @pytest.fixture(scope="module")
