@@ -234,7 +234,7 @@ class Phase5Config(Section):
     baking_steps: int = Field(30, ge=1)
     baking_lr: float = Field(1e-4, gt=0)
     baking_traj_len: int = Field(8, ge=1)
-    min_curriculum_gain: float = Field(-0.05, ge=-1, le=1)
+    min_curriculum_gain: float = Field(-0.10, ge=-1, le=1)
     max_tasks_not_advanced: int = Field(0, ge=0)
     max_forgetting: float = Field(0.05, ge=0, le=1)
     min_self_model_z: float = Field(2.0, ge=0)
