@@ -51,6 +51,14 @@ def _registry(config, must_exist: bool):
     return ModelRegistry(path, timeout=config.registry.timeout)
 
 
+def _known_session(registry, session_id: str) -> dict:
+    """The session's row; an unknown name or id is answered here, before torch or a model is loaded."""
+    session = registry.get_session(session_id)
+    if session is None:
+        raise UsageError(f"unknown session {session_id!r}; `forge status` lists sessions")
+    return session
+
+
 def _pipeline(config, registry):
     from forge.pipeline.orchestrator import Pipeline
 
@@ -112,6 +120,7 @@ def _run(args) -> int:
 def _resume(args) -> int:
     config = _config(args)
     with _registry(config, must_exist=True) as registry:
+        _known_session(registry, args.session)
         _pipeline(config, registry).resume(args.session)
     return 0
 
@@ -119,6 +128,7 @@ def _resume(args) -> int:
 def _rollback(args) -> int:
     config = _config(args)
     with _registry(config, must_exist=True) as registry:
+        _known_session(registry, args.session)
         loaded = _pipeline(config, registry).rollback(args.session, args.phase)
         for item in loaded:
             print(f"reloaded {item.model_id} (sha256 {item.record['sha256'][:12]} verified)")
@@ -135,9 +145,7 @@ def _status(args) -> int:
             if not sessions:
                 print("no sessions")
             return 0
-        session = registry.get_session(args.session)
-        if session is None:
-            raise UsageError(f"unknown session {args.session!r}")
+        session = _known_session(registry, args.session)
         print(f"{session['id']}  {session['status']}  phase {session['current_phase']}  {session['progress']:.0f}%"
               + (f"  ({session['error']})" if session.get("error") else ""))
         for phase, info in _pipeline(config, registry).completed(args.session).items():

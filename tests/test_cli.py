@@ -88,3 +88,18 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_build_needs_no_torch():
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
     assert not any(r.split(">")[0].split("=")[0].strip() == "torch" for r in requires)
+
+
+def test_an_unknown_session_is_answered_before_torch_is_loaded(tmp_path):
+    """`forge resume` / `rollback` / `status` with a bad session name exit 2 with the reason, and never import
+    torch (which took 23 s on a loaded machine before the answer came)."""
+    from forge.registry import ModelRegistry
+
+    ModelRegistry(tmp_path / "runs" / "registry.db").close()
+    probe = ("import sys\nfrom forge import cli\nrc = cli.main(sys.argv[1:])\n"
+             "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\nsys.exit(rc)")
+    for args in (("resume", "nope"), ("rollback", "nope", "2"), ("status", "nope")):
+        result = subprocess.run([sys.executable, "-P", "-c", probe, *args], capture_output=True, text=True,
+                                cwd=tmp_path, timeout=120)
+        assert result.returncode == 2 and "unknown session 'nope'" in result.stderr, (args, result.stderr)
+        assert "torch not loaded" in result.stdout, args

@@ -37,4 +37,4 @@ def test_run_status_models_rollback_resume(tmp_path):
     refused = forge(tmp_path, "rollback", session, "1")
     assert refused.returncode == 1 and "ChecksumError" in refused.stderr and "sha256" in refused.stderr
     unknown = forge(tmp_path, "resume", "no-such-session")
-    assert unknown.returncode == 1 and "unknown session 'no-such-session'" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown session 'no-such-session'" in unknown.stderr   # a bad request
