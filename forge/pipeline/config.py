@@ -15,9 +15,12 @@ from typing import Any, Iterable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from forge._checks import read_capped
 from forge.phase_table import PHASES, phase_range_text
+from forge.registry.registry import safe_name
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config" / "pipeline_config.yaml"
+MAX_CONFIG_BYTES = 1 << 20   # the default config is ~16 KB; read no more than this
 # The built-in procedural tasks of forge.data (tests check this list against forge.data.TASKS).
 KNOWN_TASKS = ("modular", "addition", "multiplication", "sorting", "copy", "reversal", "word_problems")
 MERGE_OPERATORS = ("linear", "slerp", "ties", "dare", "frankenmerge", "dfs")
@@ -132,9 +135,15 @@ class Phase1Config(Section):
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: list[CognateModel]) -> list[CognateModel]:
-        names = [m.name for m in models]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
+        """Names must differ as checkpoint files too: safe_name drops a trailing '.', '_' or '-', and case
+        is ignored (macOS and Windows), so 'ma', 'ma_', 'ma.' and 'MA' would overwrite one file."""
+        seen: dict[str, str] = {}
+        for name in (m.name for m in models):
+            key = safe_name(name).casefold()
+            if key in seen:
+                raise ValueError(f"model names must be unique as file names: {seen[key]!r} and {name!r} "
+                                 f"would share the checkpoint file {safe_name(name)}.safetensors")
+            seen[key] = name
         return models
 
 
@@ -356,7 +365,13 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = parse_yaml(path.read_text(), str(path))
+    raw = read_capped(path, MAX_CONFIG_BYTES, "config file", ConfigError,
+                      "a pipeline config is a few KB: check the path")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: config file is not UTF-8 text ({error})") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

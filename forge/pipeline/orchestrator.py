@@ -120,14 +120,15 @@ class Pipeline:
         return completed
 
     def load_models(self, model_ids: list[str]) -> list[LoadedModel]:
-        """Registered models rebuilt from their checkpoints; a file whose sha256 differs from the
-        registry's record is refused (ChecksumError)."""
+        """Registered models rebuilt from their checkpoints and the registry's metadata; a file whose sha256,
+        or a sidecar whose metadata, differs from the registry's record is refused (ChecksumError)."""
         out = []
         for model_id in model_ids:
             record = self.registry.get_model(model_id)
             if record is None:
                 raise PipelineError(f"model {model_id!r} is not in the registry")
-            state_dict, metadata = load_checkpoint(Path(record["path"]), expected_sha256=record["sha256"])
+            state_dict, metadata = load_checkpoint(Path(record["path"]), expected_sha256=record["sha256"],
+                                                   expected_metadata=record["metadata"])
             model = build_from_metadata(metadata)
             model.load_state_dict(state_dict, strict=True)
             out.append(LoadedModel(model.eval(), record, metadata))
@@ -289,8 +290,7 @@ class Pipeline:
     def _save_outputs(self, phase: int, phase_dir: Path, result: PhaseResult, inputs) -> dict:
         """Save every model (step 2), then the manifest naming them (step 3)."""
         entries = []
-        for output in result.models:
-            path = phase_dir / f"{safe_name(output.name)}.safetensors"
+        for output, path in zip(result.models, _model_paths(phase_dir, result.models)):
             metadata = {**output.metadata, "parameter_count": sum(p.numel() for p in output.model.parameters()),
                         "phase": phase, "phase_name": phase_name(phase), "name": output.name}
             info = save_checkpoint(output.model.state_dict(), path, metadata)
@@ -308,7 +308,8 @@ class Pipeline:
         ids = []
         for entry in manifest["models"]:
             path = phase_dir / entry["file"]
-            load_checkpoint(path, expected_sha256=entry["sha256"])   # refuses a file changed since saving
+            # refuses a checkpoint or sidecar changed since saving
+            load_checkpoint(path, expected_sha256=entry["sha256"], expected_metadata=entry["metadata"])
             model_id = known.get((str(path.resolve()), entry["sha256"]))
             if model_id is None:
                 model_id = self.registry.register_model(
@@ -319,6 +320,22 @@ class Pipeline:
                     self.registry.register_artifact(model_id, *artifact)
             ids.append(model_id)
         return ids
+
+
+def _model_paths(phase_dir: Path, outputs) -> list[Path]:
+    """One checkpoint path per model, refusing names that map to one file (safe_name drops trailing '._-'
+    and other characters; case is ignored, as on macOS and Windows), so no checkpoint overwrites another."""
+    paths: list[Path] = []
+    seen: dict[str, tuple[str, Path]] = {}
+    for output in outputs:
+        path = phase_dir / f"{safe_name(output.name)}.safetensors"
+        if path.name.casefold() in seen:
+            other, other_path = seen[path.name.casefold()]
+            raise PipelineError(f"models {other!r} and {output.name!r} would share the checkpoint file "
+                                f"{other_path}; give them names that differ in letters or digits")
+        seen[path.name.casefold()] = (output.name, path)
+        paths.append(path)
+    return paths
 
 
 def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:

@@ -11,11 +11,13 @@ import fcntl
 import json
 from pathlib import Path
 
+from forge._checks import read_capped
 from forge.registry.checkpoint import write_atomically
 
 MANIFEST = "phase_result.json"
 STATE = "session_state.json"
 LOCK = "session.lock"
+MAX_JSON_BYTES = 8 << 20   # a manifest or session state is a few KB; read no more than this
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -26,11 +28,13 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def read_json(path: Path) -> dict | None:
+    """The JSON object in path (None when there is no file), refused past MAX_JSON_BYTES."""
     if not path.is_file():
         return None
+    raw = read_capped(path, MAX_JSON_BYTES, "session file")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); it was edited or damaged") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")

@@ -4,6 +4,10 @@ Never pickle: weights go through safetensors only, so loading a file cannot run 
 are written to a temporary name in the same folder and moved into place with ``os.replace``, so a
 reader sees the old pair or the new one, never a half-written file. Loading hashes the exact bytes
 it deserializes, so a file swapped between the check and the read cannot slip through.
+
+The sidecar is a copy: the registry keeps each model's metadata in its own row, and a loader that
+rebuilds a model passes that record as ``expected_metadata`` so an edited sidecar is refused (the
+sidecar's sha256 covers the weights only, and nothing but the registry vouches for the sidecar).
 """
 from __future__ import annotations
 
@@ -16,16 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from forge._checks import read_capped
+
 if TYPE_CHECKING:
     from torch import Tensor
 
 SUFFIX = ".safetensors"
 CHUNK_BYTES = 1 << 20
+MAX_SIDECAR_BYTES = 8 << 20   # a sidecar is a few KB (config, tokenizer, task weights); read no more than this
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class ChecksumError(ValueError):
-    """A checkpoint's bytes do not match the sha256 recorded for it."""
+    """A checkpoint's bytes (or its sidecar's metadata) do not match what was recorded for it."""
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint file that is not safetensors (e.g. a torch.save pickle): forge never unpickles."""
 
 
 @dataclass(frozen=True)
@@ -146,18 +157,23 @@ def read_sidecar(path: Path) -> dict | None:
     meta_path = metadata_path_for(path)
     if not meta_path.is_file():
         return None
+    data = read_capped(meta_path, MAX_SIDECAR_BYTES, "checkpoint metadata file")
     try:
-        sidecar = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{meta_path}: checkpoint metadata is not valid JSON: {error}") from error
+        sidecar = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{meta_path}: checkpoint metadata is not valid JSON: {error}") from None
     if not isinstance(sidecar, dict) or "sha256" not in sidecar:
         raise ValueError(f"{meta_path}: checkpoint metadata lacks a sha256 field")
     return sidecar
 
 
-def load_checkpoint(path: Path, expected_sha256: str | None = None) -> tuple[dict[str, "Tensor"], dict]:
+def load_checkpoint(path: Path, expected_sha256: str | None = None,
+                    expected_metadata: dict | None = None) -> tuple[dict[str, "Tensor"], dict]:
     """Load (state_dict, metadata), refusing bytes whose sha256 differs from expected_sha256
-    (e.g. the registry's record) or from the sidecar. With neither to check against it refuses."""
+    (e.g. the registry's record) or from the sidecar. With neither to check against it refuses.
+    With expected_metadata (the registry's record), a sidecar holding other metadata is refused and
+    the metadata returned is expected_metadata; without it, the sidecar's metadata is unverified."""
+    from safetensors import SafetensorError
     from safetensors.torch import load as load_bytes
 
     path = _check_checkpoint_path(path)
@@ -169,11 +185,34 @@ def load_checkpoint(path: Path, expected_sha256: str | None = None) -> tuple[dic
     if expected_sha256 is None and sidecar is None:
         raise FileNotFoundError(f"{path}: no expected_sha256 given and no metadata file "
                                 f"{metadata_path_for(path).name} to verify it against")
+    _check_sidecar_metadata(path, sidecar, expected_metadata)
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     for source, expected in (("expected", expected_sha256), ("metadata file", (sidecar or {}).get("sha256"))):
         if expected is not None and actual != expected:
             raise ChecksumError(f"checkpoint {path} has sha256 {actual}, but the {source} sha256 is "
                                 f"{expected}: the file is corrupted or was replaced")
-    metadata = sidecar.get("metadata", {}) if sidecar else {}
-    return load_bytes(data), metadata
+    try:
+        state_dict = load_bytes(data)
+    except SafetensorError as error:
+        raise CheckpointFormatError(f"{path} is not a safetensors file ({error}); forge loads safetensors "
+                                    "only and never unpickles: convert a torch.save file with "
+                                    "safetensors.torch.save_file") from None
+    if expected_metadata is not None:
+        return state_dict, expected_metadata
+    return state_dict, (sidecar.get("metadata", {}) if sidecar else {})
+
+
+def _check_sidecar_metadata(path: Path, sidecar: dict | None, expected: dict | None) -> None:
+    """Refuse a sidecar whose metadata differs from the recorded one, compared as canonical JSON (a missing
+    sidecar is fine: the record is the original and the sidecar a copy)."""
+    if expected is None:
+        return
+    if not isinstance(expected, dict):
+        raise TypeError(f"expected_metadata must be a dict, got {type(expected).__name__}")
+    if sidecar is None:
+        return
+    if json.dumps(sidecar.get("metadata"), sort_keys=True) != json.dumps(expected, sort_keys=True):
+        raise ChecksumError(f"{metadata_path_for(path)}: its metadata differs from the metadata recorded for "
+                            f"{path.name}: the file was edited or damaged after saving; restore it, or delete it "
+                            "(the registry keeps the original)")

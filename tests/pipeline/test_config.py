@@ -1,9 +1,11 @@
 """Config loading: defaults, every error path with its exact message, --set overrides."""
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from forge.pipeline import config as config_module
 from forge.pipeline.config import (DEFAULT_CONFIG_PATH, KNOWN_TASKS, ConfigError, PipelineConfig, load_config)
 
 
@@ -72,6 +74,31 @@ def test_file_errors(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(typo)
     assert str(info.value).splitlines() == ["phases.phase1.lr: must be > 0, got -1.0", "phases.phase1.stepz: unknown key"]
+
+
+def test_a_config_file_over_the_cap_is_refused_naming_it(tmp_path, monkeypatch):
+    path = tmp_path / "big.yaml"
+    path.write_text("seed: 1\n" + "# padding\n" * 20)
+    size = path.stat().st_size
+    monkeypatch.setattr(config_module, "MAX_CONFIG_BYTES", size)
+    assert load_config(path).seed == 1                       # exactly at the cap loads
+    monkeypatch.setattr(config_module, "MAX_CONFIG_BYTES", size - 1)
+    with pytest.raises(ConfigError, match=rf"{path}: config file is larger than the {size - 1:,}-byte cap"):
+        load_config(path)
+    monkeypatch.undo()
+    with open(path, "r+b") as handle:                        # a sparse 600 MB file, refused at the real cap
+        handle.truncate(600 << 20)
+    with pytest.raises(ConfigError, match=f"{config_module.MAX_CONFIG_BYTES:,}-byte cap"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("other", ["ma_", "ma.", "ma-", "MA"])
+def test_model_names_that_share_a_checkpoint_file_are_refused(other):
+    models = [f"phases.phase1.models.{i}.name={name}" for i, name in enumerate(("ma", other))]
+    with pytest.raises(ConfigError, match=rf"phases.phase1.models: .*'ma' and '{re.escape(other)}' would share "
+                                          r"the checkpoint file"):
+        load_config(overrides=models)
+    load_config(overrides=[models[0], "phases.phase1.models.1.name=mb"])   # distinct files are fine
 
 
 def test_a_partial_file_keeps_the_other_defaults_and_lists_replace(tmp_path):

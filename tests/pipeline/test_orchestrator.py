@@ -1,6 +1,7 @@
 """Pipeline runs with real small phases, a real SQLite registry, real checkpoints and real processes."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from forge.pipeline.config import load_config
 from forge.pipeline.controller import PipelineError
 from forge.pipeline.orchestrator import Pipeline
 from forge.registry import ModelRegistry
-from forge.registry.checkpoint import ChecksumError
+from forge.registry.checkpoint import ChecksumError, metadata_path_for
 
 HERE = Path(__file__).resolve().parent
 FAST = ("phases.phase1.steps=4", "phases.phase1.lr=0.01", "phases.phase1.min_margin_over_baseline=0.0")
@@ -162,6 +163,67 @@ def test_a_swapped_checkpoint_file_is_refused(tmp_path, test_phases):
         pipeline.rollback(report.session_id, 1)
     with pytest.raises(PipelineError, match="sha256"):
         pipeline.run(from_phase=2, source_session=report.session_id)
+
+
+def test_a_sidecar_edited_after_registering_is_refused_and_the_registry_rebuilds_without_it(tmp_path, test_phases):
+    from _pipeline_test_phases import TOKENIZER
+
+    pipeline, registry = make(tmp_path)
+    report = pipeline.run(only=1)
+    ids = report.final_model_ids
+    meta_path = metadata_path_for(Path(registry.get_model(ids[0])["path"]))
+    original = meta_path.read_text()
+    meta_path.write_text(original.replace("abcdef", "abdcef"))          # two tokenizer characters swapped
+    with pytest.raises(ChecksumError, match=rf"{meta_path}: its metadata differs"):
+        pipeline.load_models(ids)
+    with pytest.raises(PipelineError, match="its metadata differs"):
+        pipeline.run(from_phase=2, source_session=report.session_id)
+    meta_path.unlink()                                                  # the registry holds the original
+    loaded = pipeline.load_models(ids)
+    assert [item.metadata["tokenizer"] for item in loaded] == [TOKENIZER] * len(ids)
+    assert pipeline.run(from_phase=2, source_session=report.session_id).completed == [2]
+
+
+def test_a_sidecar_edited_before_registering_is_refused_on_resume(tmp_path, test_phases):
+    """Killed after saving phase 1 and before registering it: resume registers from the manifest, and an
+    edited sidecar is refused instead of registered."""
+    pipeline, registry = make(tmp_path)
+    real_register = registry.register_model
+
+    def dying_register(*args, **kwargs):
+        raise Killed()
+
+    registry.register_model = dying_register
+    with pytest.raises(Killed):
+        pipeline.run()
+    registry.register_model = real_register
+    (session,) = registry.list_sessions()
+    meta_path = next((pipeline.session_dir(session["id"]) / "phase1_cognate").glob("cognate-a.json"))
+    meta_path.write_text(meta_path.read_text().replace("abcdef", "abdcef"))
+    with pytest.raises(PipelineError, match="its metadata differs"):
+        pipeline.resume(session["id"])
+    assert registry.list_models(session_id=session["id"]) == []
+
+
+@pytest.mark.parametrize("names", [("ma", "ma_", "ma."), ("ma", "MA", "mb")])
+def test_model_names_that_share_a_file_are_refused_before_saving(tmp_path, test_phases, monkeypatch, names):
+    from _pipeline_test_phases import TrainPhase
+
+    original = TrainPhase.execute
+
+    def renamed(self, ctx):
+        result = original(self, ctx)
+        for output, name in zip(result.models, names):
+            output.name = name
+        return result
+
+    monkeypatch.setattr(TrainPhase, "execute", renamed)
+    pipeline, registry = make(tmp_path)
+    with pytest.raises(PipelineError, match=rf"models 'ma' and '{re.escape(names[1])}' would share the "
+                                            r"checkpoint file .*phase1_cognate/ma.safetensors"):
+        pipeline.run()
+    assert registry.list_models() == []
+    assert list((tmp_path / "runs").rglob("*.safetensors")) == []
 
 
 def test_output_validation_rejects_a_model_without_its_tokenizer(tmp_path, test_phases, monkeypatch):

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from forge.registry import ChecksumError, load_checkpoint, save_checkpoint
+from forge.registry import CheckpointFormatError, ChecksumError, load_checkpoint, save_checkpoint
+from forge.registry import checkpoint
 from forge.registry.checkpoint import file_sha256, metadata_path_for
 
 
@@ -83,10 +84,53 @@ def test_a_pickle_is_never_executed(tmp_path, monkeypatch):
     path = tmp_path / "evil.safetensors"
     path.write_bytes(pickle.dumps({"w": _Boom()}))
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(CheckpointFormatError, match=rf"{path} is not a safetensors file.*never unpickles"):
         load_checkpoint(path, expected_sha256=sha)
-    assert not isinstance(caught.value, ChecksumError)
     assert not marker.exists()
+
+
+def test_a_torch_save_file_with_matching_hashes_is_refused_naming_it(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(_state(), path, {"model_config": {"dim": 5}})
+    torch.save(_state(), path)                      # a pickle under the safetensors name
+    sidecar = json.loads(metadata_path_for(path).read_text())
+    sidecar["sha256"], sidecar["size_bytes"] = file_sha256(path)
+    metadata_path_for(path).write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointFormatError, match=rf"{path} is not a safetensors file"):
+        load_checkpoint(path, expected_sha256=sidecar["sha256"])
+
+
+def test_a_sidecar_whose_metadata_differs_from_the_record_is_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    recorded = {"model_config": {"dim": 5}, "tokenizer": {"chars": "abcdef"}}
+    info = save_checkpoint(_state(), path, recorded)
+    meta_path = metadata_path_for(path)
+    meta_path.write_text(meta_path.read_text().replace("abcdef", "abdcef"))   # two characters swapped
+    _, unchecked = load_checkpoint(path, expected_sha256=info.sha256)        # the weights alone still match
+    assert unchecked["tokenizer"]["chars"] == "abdcef"
+    with pytest.raises(ChecksumError, match=rf"{meta_path}: its metadata differs"):
+        load_checkpoint(path, expected_sha256=info.sha256, expected_metadata=recorded)
+    meta_path.unlink()                               # the record is the original, the sidecar a copy
+    loaded, metadata = load_checkpoint(path, expected_sha256=info.sha256, expected_metadata=recorded)
+    assert metadata == recorded and torch.equal(loaded["row"], _state()["row"])
+
+
+def test_an_oversized_sidecar_is_refused_without_reading_it(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    info = save_checkpoint(_state(), path, {"note": "x"})
+    meta_path = metadata_path_for(path)
+    size = meta_path.stat().st_size
+    monkeypatch.setattr(checkpoint, "MAX_SIDECAR_BYTES", size)
+    load_checkpoint(path, expected_sha256=info.sha256)                        # exactly at the cap loads
+    monkeypatch.setattr(checkpoint, "MAX_SIDECAR_BYTES", size - 1)
+    with pytest.raises(ValueError, match=rf"{meta_path}: checkpoint metadata file is larger than the "
+                                         rf"{size - 1:,}-byte cap"):
+        load_checkpoint(path, expected_sha256=info.sha256)
+    monkeypatch.undo()
+    with open(meta_path, "r+b") as handle:          # a sparse 600 MB sidecar: refused at the real cap
+        handle.truncate(600 << 20)
+    with pytest.raises(ValueError, match=f"{checkpoint.MAX_SIDECAR_BYTES:,}-byte cap"):
+        load_checkpoint(path, expected_sha256=info.sha256)
 
 
 def test_bad_arguments_get_clear_errors(tmp_path):
