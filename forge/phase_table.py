@@ -13,7 +13,7 @@ PHASES: dict[int, tuple[str, str | None]] = {
     3: ("quietstar", "forge.pipeline.phases.phase3_quietstar:QuietStarPhase"),
     4: ("bitnet", "forge.pipeline.phases.phase4_bitnet:BitNetPhase"),
     5: ("curriculum", "forge.pipeline.phases.phase5_curriculum:CurriculumPhase"),
-    6: ("baking", None),
+    6: ("baking", "forge.pipeline.phases.phase6_baking:BakingPhase"),
     7: ("experts", None),
     8: ("compression", None),
 }

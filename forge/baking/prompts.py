@@ -22,14 +22,22 @@ MAX_PROMPT_CHARS = 16
 
 @dataclass(frozen=True)
 class BakingPrompt:
-    """id, pipeline phase, the prompt text, the original system's intent (`seed_intent`), and the tasks
-    it is meant for."""
+    """id, pipeline phase, the prompt text, the original system's intent (`seed_intent`), the tasks it is
+    meant for, and for a persona the behaviour it asks for: marker tokens written `before` and `after` the
+    answer (a format, an order, a check step, a verification suffix), described in `behaviour`."""
 
     id: str
     phase: int
     text: str
     seed_intent: str
     tasks: tuple[str, ...]
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    behaviour: str = ""
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.before + self.after))
 
     def ids(self, tokenizer) -> torch.Tensor:
         """The prompt as a (1, P) int64 tensor, through any tokenizer with encode(str) -> list[int]."""
@@ -54,30 +62,41 @@ PROMPTS: tuple[BakingPrompt, ...] = (
     BakingPrompt("phase5_tool_use", 5, "calc:",
                  "tools: code execution, web search, calculation; the calculator is the one a char model "
                  "has (arithmetic answers)", ARITHMETIC),
-    # Phase 6 (tool & persona baking): the nine PHASE6_PERSONAS.
+    # Phase 6 (tool & persona baking): the nine PHASE6_PERSONAS. A persona's behaviour is a format of the
+    # answer a char model can learn and a checker can see: marker tokens before and after it.
     BakingPrompt("phase6_reasoning_specialist", 6, "reason:",
-                 "reasoning specialist: logical, systematic problem solving", ARITHMETIC),
+                 "reasoning specialist: logical, systematic problem solving", ARITHMETIC,
+                 ("<step>",), (), "a step marker before the answer"),
     BakingPrompt("phase6_creative_thinker", 6, "vary:",
-                 "creative thinker: unusual, divergent solutions", ("word_problems",)),
+                 "creative thinker: unusual, divergent solutions", ("word_problems",),
+                 ("<idea>",), (), "an idea marker before the answer"),
     BakingPrompt("phase6_technical_expert", 6, "precise:",
-                 "technical expert: precise, domain-correct answers", ("multiplication", "modular")),
+                 "technical expert: precise, domain-correct answers", ("multiplication", "modular"),
+                 (), ("<exact>",), "an exactness mark after the answer"),
     BakingPrompt("phase6_educator", 6, "explain:",
-                 "educator: clear explanations a learner can follow", ("word_problems",)),
+                 "educator: clear explanations a learner can follow", ("word_problems",),
+                 ("<note>",), ("<note>",), "the answer between two note markers"),
     BakingPrompt("phase6_code_specialist", 6, "code:",
                  "code specialist: writing and reviewing code; here, exact symbol manipulation",
-                 ("copy", "reversal")),
+                 ("copy", "reversal"), ("<code>",), ("</code>",), "the answer in a code fence"),
     BakingPrompt("phase6_data_analyst", 6, "sort:",
-                 "data analyst: organising and summarising data; here, ordering it", ("sorting",)),
+                 "data analyst: organising and summarising data; here, ordering it", ("sorting",),
+                 ("<data>",), (), "a data marker before the answer"),
     BakingPrompt("phase6_researcher", 6, "check:",
-                 "researcher: careful, verified, sourced answers", ALL_TASKS),
+                 "researcher: careful, verified, sourced answers", ALL_TASKS,
+                 (), ("<check>",), "a verification suffix: <check> after the answer"),
     BakingPrompt("phase6_debugger", 6, "fix:",
-                 "debugger: find and correct errors", ("addition", "copy")),
+                 "debugger: find and correct errors", ("addition", "copy"),
+                 ("<fix>",), ("<check>",), "a fix marker before the answer and a check after it"),
     BakingPrompt("phase6_system_designer", 6, "plan:",
-                 "system designer: structure before detail", ("word_problems",)),
+                 "system designer: structure before detail", ("word_problems",),
+                 ("<plan>", "<step>"), (), "an order: a plan marker, then a step marker, then the answer"),
     # Phase 6: PHASE6_SWE_BENCH, the GitHub-issue workflow (read files, search code, run tests, fix).
     BakingPrompt("phase6_swe_bench", 6, "read, test, fix:",
                  "SWE-Bench workflow: read the issue and files, search the code, run the tests, patch, "
-                 "re-run the tests", ALL_TASKS),
+                 "re-run the tests", ALL_TASKS,
+                 ("<read>",), ("<test>", "<fix>"), "the workflow's order: <read> before the answer, <test> "
+                 "then <fix> after it"),
 )
 
 
@@ -96,3 +115,22 @@ def get_prompt(prompt_id: str) -> BakingPrompt:
         if prompt.id == prompt_id:
             return prompt
     raise ValueError(f"unknown prompt id {prompt_id!r}; known: {[p.id for p in PROMPTS]}")
+
+
+def persona_markers() -> list[str]:
+    """Every marker token the personas write, in table order (for tokenizer.add_special_tokens)."""
+    return list(dict.fromkeys(m for p in PROMPTS for m in p.markers))
+
+
+def adheres(output_ids, persona: BakingPrompt, marker_ids: dict[str, int]) -> bool:
+    """Whether the ids a model wrote after <sep> (without <eos>) show `persona`'s behaviour: they start with
+    its `before` markers and end with its `after` markers, and no other marker of it sits in between.
+    `marker_ids` maps the persona's marker tokens to ids; other personas' markers are ignored."""
+    ids = [int(i) for i in output_ids]
+    own = {marker_ids[m] for m in persona.markers}
+    head, tail = [marker_ids[m] for m in persona.before], [marker_ids[m] for m in persona.after]
+    others = set(marker_ids.values()) - own
+    ids = [i for i in ids if i not in others]
+    if ids[:len(head)] != head or (tail and ids[len(ids) - len(tail):] != tail) or len(ids) < len(head) + len(tail):
+        return False
+    return not any(i in own for i in ids[len(head): len(ids) - len(tail)])

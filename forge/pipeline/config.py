@@ -251,20 +251,58 @@ class Phase5Config(Section):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(grokfast_lamb=2.0, qk_clip_threshold=30.0))
 
 
-# -- phases 6..8: not implemented yet; the original system's settings scaled to a tiny model ----------
+# -- phase 6: tool and persona baking ---------------------------------------------------------------
+# The phase-6 prompts of forge.baking.prompts (named here so the config loads without torch; a test keeps
+# the two lists equal).
+PersonaId = Literal["phase6_reasoning_specialist", "phase6_creative_thinker", "phase6_technical_expert",
+                    "phase6_educator", "phase6_code_specialist", "phase6_data_analyst", "phase6_researcher",
+                    "phase6_debugger", "phase6_system_designer", "phase6_swe_bench"]
+
+
 class Phase6Config(Section):
+    enabled: bool = True    # false stops a run after phase 5
+    tool_tasks: list[Literal["addition", "multiplication", "modular"]] = Field(
+        default_factory=lambda: ["addition", "multiplication", "modular"], min_length=1)
+    tool_questions_per_level: int = Field(40, ge=1)
+    beyond_level: int = Field(6, ge=1, le=10)
+    call_threshold: float = Field(1.0, ge=0)
+    format_steps: int = Field(400, ge=0)
+    tool_steps: int = Field(400, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    val_questions: int = Field(12, ge=1)
+    eval_questions: int = Field(40, ge=1)
+    personas: list[PersonaId] = Field(default_factory=lambda: ["phase6_researcher"], min_length=1)
+    persona_questions: int = Field(512, ge=1)
+    persona_eval_questions: int = Field(128, ge=1)
+    min_teacher_adherence: float = Field(0.9, ge=0, le=1)
+    teach_steps: int = Field(200, ge=1)
     max_cycles: int = Field(10, ge=1)
     plateau_threshold: float = Field(0.02, ge=0)
     plateau_window: int = Field(3, ge=2)
-    half_baking_strength: float = Field(0.5, ge=0, le=1)
+    half_baking_strength: float = Field(1.0, ge=0, le=1)
     baking_steps: int = Field(100, ge=1)
-    baking_lr: float = Field(1e-4, gt=0)
+    baking_lr: float = Field(1e-3, gt=0)
+    baking_traj_len: int = Field(20, ge=1)
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     target_score: float = Field(0.70, ge=0, le=1)
+    min_tool_lift: float = Field(0.30, ge=-1, le=1)
+    max_base_accuracy_drop: float = Field(0.05, ge=0, le=1)
+    min_kl_reduction: float = Field(0.80, ge=0, le=1)
+    max_adherence_gap: float = Field(0.10, ge=0, le=1)
+    seed: int = Field(0, ge=0)
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(grokfast_lamb=0.2, qk_clip_threshold=30.0))
 
+    @field_validator("personas")
+    @classmethod
+    def _personas_once(cls, personas: list[str]) -> list[str]:
+        if len(set(personas)) != len(personas):
+            raise ValueError(f"a persona is listed twice: {personas}")
+        return personas
 
+
+# -- phases 7..8: not implemented yet; the original system's settings scaled to a tiny model ----------
 class Phase7Config(Section):
     min_experts: int = Field(3, ge=1)
     max_experts: int = Field(6, ge=1)

@@ -15,7 +15,7 @@ import torch
 
 from forge.pipeline.config import PipelineConfig
 
-_FORMULAS = (1, 2, 3, 4, 5)   # the phases with a time formula
+_FORMULAS = (1, 2, 3, 4, 5, 6)   # the phases with a time formula
 VOCAB_ESTIMATE = 100        # the character vocabulary of forge.data is under 100 tokens
 EVAL_BATCH = 256            # forge.data.evaluate's default batch (one teacher-forced pass per batch)
 
@@ -73,7 +73,7 @@ def _typical_width(config: PipelineConfig) -> int:
 
 
 def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] | None = None) -> dict[int, float]:
-    """Estimated seconds for each of `phases` that has a formula (phases 1 to 5)."""
+    """Estimated seconds for each of `phases` that has a formula (phases 1 to 6)."""
     if not set(_FORMULAS) & set(phases):
         return {}
     costs = costs or measure(config)
@@ -114,4 +114,21 @@ def _later_phases(config: PipelineConfig, phases: list[int], step_s: float, eval
         # probe trains two head rows on cached features: negligible)
         self_model = 15 * evaluation(p5.self_model_questions * 5 // 4)
         out[5] = climbs + checks + tables + self_model + p5.baking_steps * step_s
+    if 6 in phases:
+        out[6] = _phase6(config, step_s, evaluation)
     return out
+
+
+def _phase6(config: PipelineConfig, step_s: float, evaluation) -> float:
+    """Two A-cycles and one B-cycle (the default run: the bake costs tool use, the second A-cycle repairs it).
+    Tool rows are about twice as long as phase 1's; a bake step samples a trajectory token by token (about 4
+    steps' worth); every generation re-runs its batch once per written token (about 30 passes)."""
+    p1, p6 = config.phases.phase1, config.phases.phase6
+    scale = step_s * 2 * p6.batch_size / p1.batch_size
+    train = (p6.format_steps + 2 * p6.tool_steps + p6.teach_steps) * scale + 4 * p6.baking_steps * step_s
+    questions = len(p6.tool_tasks) * 10 * p6.tool_questions_per_level
+    filtering = 2 * evaluation(11 * questions) + evaluation(11 * p6.persona_questions)
+    beyond = len(p6.tool_tasks) * 5
+    generation = 30 * (4 * evaluation(beyond * p6.val_questions) + 2 * evaluation(beyond * p6.eval_questions)
+                       + evaluation(512) + 8 * evaluation(p6.persona_eval_questions))
+    return train + filtering + generation

@@ -117,7 +117,21 @@ _RULES = (
                                     "not above 0.5 by min_self_model_z standard errors")),
                 notes="seed: PHASE5_MIN_LEVELS_COMPLETED = 1; every task below the top climbs, the climb beats "
                       "uniform training, no forgetting, a self-model better than chance"),
-    HandoffRule(6, 7, 1, ("cycles_completed",), (MetricBound("cycles_completed", low=1),), notes="provisional"),
+    HandoffRule(6, 7, 1, ("cycles_completed", "tools", "personas", "answer_format"),
+                (MetricBound("cycles_completed", low=1, reason="no A/B cycle completed"),
+                 MetricBound("tool_lift", low="min_tool_lift", phase_end_only=True,
+                             reason="the calculator lifts accuracy beyond the model's ability by only {value:.3f} "
+                                    "(with it {tool_accuracy:.3f}, without {no_tool_accuracy:.3f})"),
+                 MetricBound("base_accuracy_drop", high="max_base_accuracy_drop", phase_end_only=True,
+                             reason="accuracy on the incoming tasks fell by {value:.3f} (incoming "
+                                    "{input_accuracy:.3f}, handed on {accuracy:.3f})"),
+                 MetricBound("min_persona_kl_reduction", low="min_kl_reduction", phase_end_only=True,
+                             reason="a baked persona's KL fell by only {value:.0%}"),
+                 MetricBound("max_persona_adherence_gap", high="max_adherence_gap", phase_end_only=True,
+                             reason="a baked persona is followed without its prompt {value:.3f} less often than "
+                                    "with it")),
+                notes="seed: at least one cycle completed; the calculator lifts accuracy beyond the model's own, "
+                      "no loss on the incoming tasks, every persona baked (KL -80%, adherence as prompted)"),
     HandoffRule(7, 8, 1, ("num_experts",), (MetricBound("num_experts", low=2),), notes="provisional"),
 )
 HANDOFF_RULES: dict[tuple[int, int], HandoffRule] = {(rule.source, rule.target): rule for rule in _RULES}

@@ -15,8 +15,8 @@ from forge.data.batching import prompt_ids
 
 
 def bake_task_prompt(model, prompt_id: str, examples, tokenizer, *, lr: float, steps: int, traj_len: int,
-                     seed: int) -> BakeResult:
-    """Bake prompt `prompt_id` into a copy of `model` on the task inputs of `examples` (LoRA rank 4); the KL
+                     seed: int, rank: int = 4, alpha: float = 8.0) -> BakeResult:
+    """Bake prompt `prompt_id` into a copy of `model` on the task inputs of `examples` (LoRA `rank`, `alpha`); the KL
     before and after is measured on up to 64 inputs of the commonest input length."""
     prompt = get_prompt(prompt_id).ids(tokenizer)
     room = model.config.max_len - prompt.shape[1] - traj_len
@@ -35,6 +35,6 @@ def bake_task_prompt(model, prompt_id: str, examples, tokenizer, *, lr: float, s
         return pool[[rng.randrange(len(pool)) for _ in range(batch_size)]].to(device)
 
     held_out = max(groups, key=len)
-    baker = PromptBaker(model, rank=4, alpha=8.0, lr=lr, steps=steps, batch_size=16, traj_len=traj_len, seed=seed,
+    baker = PromptBaker(model, rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=16, traj_len=traj_len, seed=seed,
                         stop_token=tokenizer.eos_id, eval_every=steps)
     return baker.bake(prompt, sampler, eval_inputs=held_out[:64])

@@ -281,6 +281,11 @@ def test_the_thirteen_seed_prompts():
         def encode(self, text):
             return [ord(c) for c in text]
 
+    personas = prompts_for_phase(6)
+    assert all(p.markers and p.behaviour for p in personas) and not any(p.markers for p in PROMPTS if p.phase != 6)
+    assert len({(p.before, p.after) for p in personas}) == len(personas)      # each behaviour tells its persona
+    from forge.pipeline.config import PersonaId
+    assert list(PersonaId.__args__) == [p.id for p in personas]                # the config names the same ten
     ids = get_prompt("phase6_swe_bench").ids(Chars())
     assert ids.dtype == torch.long and ids.shape == (1, len("read, test, fix:"))
     with pytest.raises(ValueError, match="phase"):

@@ -8,23 +8,25 @@ COSTS = {"train_step_s": 0.05, "eval_batch_s": 0.01}
 
 
 def test_each_phase_scales_with_its_own_steps():
-    base = estimate(load_config(), [1, 2, 3, 4, 5], COSTS)
-    assert set(base) == {1, 2, 3, 4, 5} and all(v > 0 for v in base.values())
+    base = estimate(load_config(), [1, 2, 3, 4, 5, 6], COSTS)
+    assert set(base) == {1, 2, 3, 4, 5, 6} and all(v > 0 for v in base.values())
     changes = {"phases.phase1.shared_steps=1600": (1, 1000 * 0.05),
                "phases.phase3.warmup_steps=2200": (3, 1000 * 2 * 0.05),
                "phases.phase3.rl_steps=1300": (3, 1000 * 3 * 0.05 * 16 * 4 / 64),
                "phases.phase4.fine_tune_steps=1800": (4, 1000 * 3 * 0.05),
-               "phases.phase5.baking_steps=1030": (5, 1000 * 0.05)}
+               "phases.phase5.baking_steps=1030": (5, 1000 * 0.05),
+               "phases.phase6.tool_steps=900": (6, 2 * 500 * 2 * 0.05),       # two A-cycles, rows twice as long
+               "phases.phase6.baking_steps=1100": (6, 1000 * 4 * 0.05)}
     for override, (phase, added) in changes.items():
-        changed = estimate(load_config(overrides=(override,)), [1, 2, 3, 4, 5], COSTS)
+        changed = estimate(load_config(overrides=(override,)), [1, 2, 3, 4, 5, 6], COSTS)
         assert changed[phase] - base[phase] == pytest.approx(added), override
         assert all(changed[p] == base[p] for p in base if p != phase), override
 
 
 def test_only_the_planned_phases_are_estimated():
     assert set(estimate(load_config(), [3], COSTS)) == {3}
-    assert set(estimate(load_config(), [5, 6], COSTS)) == {5}
-    assert estimate(load_config(), [6, 7], COSTS) == {}
+    assert set(estimate(load_config(), [5, 6], COSTS)) == {5, 6}
+    assert estimate(load_config(), [7, 8], COSTS) == {}
 
 
 def test_the_curriculum_estimate_counts_the_climb_and_its_control():
