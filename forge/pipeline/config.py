@@ -396,6 +396,8 @@ def parse_yaml(text: str, source: str) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
+    except (TypeError, ValueError, RecursionError) as error:   # e.g. a list or a map as a mapping key
+        raise ConfigError(f"{source}: invalid YAML: {error}") from None
 
 
 def read_config_file(path: str | Path) -> dict:

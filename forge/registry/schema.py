@@ -139,12 +139,54 @@ def with_retry(fn: Callable[[], T], timeout: float, what: str) -> T:
             delay = min(delay * 2.0, 0.25)
 
 
+class RegistryFileError(ValueError):
+    """The registry file is not an SQLite database, not a forge registry, or corrupted."""
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_file(path: Path) -> None:
+    """Refuse, before SQLite touches it, a non-empty file that is not an SQLite database."""
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_HEADER))
+        if head != SQLITE_HEADER:
+            raise RegistryFileError(f"{path} is not a forge registry (not an SQLite database); point "
+                                    "registry.path elsewhere or move the file away (a new registry is created)")
+
+
+def check_contents(conn: sqlite3.Connection, path: Path) -> None:
+    """PRAGMA quick_check, and an SQLite database without forge's schema version must be empty."""
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+    if problems != ["ok"]:
+        raise RegistryFileError(f"{path}: the registry database is corrupted ({problems[0]}); restore it from a "
+                                "backup or move it away (a new registry is created)")
+    tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    if conn.execute("PRAGMA user_version").fetchone()[0] == 0 and tables:
+        raise RegistryFileError(f"{path} is an SQLite database but not a forge registry; point registry.path "
+                                "elsewhere")
+
+
 def connect(path: Path, timeout: float) -> tuple[sqlite3.Connection, dict]:
     """Open the database with the registry's settings and bring its schema up to date.
-    Returns (connection, {"upgraded_from": old schema version, "converted_auto_vacuum": bool})."""
+    Returns (connection, {"upgraded_from": old schema version, "converted_auto_vacuum": bool}).
+    A file that is not a forge registry, or a corrupted one, raises RegistryFileError."""
+    check_file(path)
+    try:
+        return _connect(path, timeout)
+    except sqlite3.DatabaseError as error:
+        if isinstance(error, sqlite3.OperationalError) and is_busy(error):
+            raise
+        raise RegistryFileError(f"{path}: the registry database cannot be read ({error}); restore it from a "
+                                "backup or move it away (a new registry is created)") from None
+
+
+def _connect(path: Path, timeout: float) -> tuple[sqlite3.Connection, dict]:
     conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
                            check_same_thread=False)
     try:
+        check_contents(conn, path)
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         # Only a fresh file needs these two; checking first keeps opening an existing database
         # from waiting on another process's write lock.

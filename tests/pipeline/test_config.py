@@ -65,6 +65,13 @@ def test_file_errors(tmp_path):
     dup.write_text("seed: 1\nseed: 2\n")
     with pytest.raises(ConfigError, match=r"dup.yaml: invalid YAML at line 2, column 1: duplicate key 'seed'"):
         load_config(dup)
+    for text in ("{[a]: 1}\n", "? {x: 1}\n: 2\n"):      # found by tests/fuzz/fuzz_config.py: an unhashable key
+        odd = tmp_path / "odd.yaml"
+        odd.write_text(text)
+        with pytest.raises(ConfigError, match="odd.yaml: invalid YAML: unhashable type"):
+            load_config(odd)
+        with pytest.raises(ConfigError, match="invalid YAML"):
+            load_config(overrides=(f"phases.phase1={text.strip()}",))
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="the top level must be a mapping"):
