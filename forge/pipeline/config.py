@@ -38,7 +38,16 @@ class Section(BaseModel):
 # -- top-level sections ---------------------------------------------------------------------------
 class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = Field("agent-forge", min_length=1)
+    project: str = Field("agent-forge", min_length=1, max_length=128)
+
+    @field_validator("project")
+    @classmethod
+    def _wandb_accepts(cls, project: str) -> str:
+        """W&B refuses these names only when a phase starts its run; refuse them before anything is written."""
+        bad = sorted(set(project) & set("/\\#?%:"))
+        if bad or not project.strip():
+            raise ValueError(f"W&B project names cannot be blank or contain / \\ # ? % :, got {project!r}")
+        return project
 
 
 class RegistryConfig(Section):
