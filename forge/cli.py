@@ -135,9 +135,18 @@ def _rollback(args) -> int:
     return 0
 
 
+def _reap(config, registry) -> None:
+    """Sessions whose process died are shown (and cleaned) as interrupted, not running forever."""
+    from forge.pipeline.state import reap_dead_sessions
+
+    for session_id in reap_dead_sessions(registry, Path(config.run_root)):
+        print(f"session {session_id}: its process died; marked interrupted (`forge resume {session_id}` continues it)")
+
+
 def _status(args) -> int:
     config = _config(args)
     with _registry(config, must_exist=True) as registry:
+        _reap(config, registry)
         if args.session is None:
             sessions = registry.list_sessions()
             for s in sessions:
@@ -174,6 +183,7 @@ def _clean(args) -> int:
                            max_models_per_session=c.max_models_per_session,
                            keep_last_n_checkpoints=c.keep_last_n_checkpoints, file_root=Path(config.run_root))
     with _registry(config, must_exist=True) as registry:
+        _reap(config, registry)
         result = registry.apply_cleanup(policy)
         print(f"deleted {len(result['sessions_deleted'])} session(s), {len(result['models_deleted'])} model(s)")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from forge._checks import read_capped
 from forge.registry.checkpoint import write_atomically
+from forge.registry.registry import safe_name
 
 MANIFEST = "phase_result.json"
 STATE = "session_state.json"
@@ -72,3 +73,26 @@ class SessionLock:
     def __exit__(self, *exc_info) -> None:
         fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()
+
+
+DIED = "its process died (no process holds the session lock); `forge resume {id}` continues it"
+
+
+def reap_dead_sessions(registry, run_root: Path) -> list[str]:
+    """Mark `interrupted` every session the registry says is running whose process died: its session folder
+    under `run_root` has a lock file (a run took it) that no process holds. The lock is held while the status
+    changes, so a run starting at that moment is refused rather than mislabelled. Returns the ids."""
+    reaped = []
+    for session in registry.list_sessions():
+        session_dir = Path(run_root) / safe_name(session["id"])
+        if session["status"] != "running" or not (session_dir / LOCK).is_file():
+            continue
+        try:
+            with SessionLock(session_dir):
+                current = registry.get_session(session["id"])
+                if current is not None and current["status"] == "running":
+                    registry.set_session_status(session["id"], "interrupted", error=DIED.format(id=session["id"]))
+                    reaped.append(session["id"])
+        except RuntimeError:       # the lock is held: its process is alive
+            continue
+    return reaped

@@ -258,7 +258,11 @@ def test_a_run_killed_mid_phase6_resumes_and_registers_once(trained, tmp_path):
     proc.wait(timeout=30)
     with ModelRegistry(runs / "registry.db") as registry:
         (session,) = [s for s in registry.list_sessions() if s["id"] != source]
-        assert registry.list_models(session_id=session["id"]) == []
+        assert registry.list_models(session_id=session["id"]) == [] and session["status"] == "running"
+    status = subprocess.run([*command, "status", "--set", f"run_root={runs}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert f"session {session['id']}: its process died; marked interrupted" in status.stdout, status.stderr
+    assert f"{session['id']}  interrupted" in status.stdout
     resumed = subprocess.run([*command, "resume", session["id"], "--set", f"run_root={runs}"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

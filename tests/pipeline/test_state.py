@@ -30,3 +30,27 @@ def test_damaged_session_files_get_one_clear_error(tmp_path):
     path.write_bytes(b"\xff\xfe{not json")
     with pytest.raises(ValueError, match=rf"{path} is not valid JSON"):
         files.read_state(tmp_path)
+
+
+def test_a_running_session_whose_process_died_is_marked_interrupted(tmp_path):
+    """A session still 'running' in the registry: kept while a process holds its lock (alive) or no run has
+    taken it yet (starting), marked interrupted once the lock is free (its process died)."""
+    from forge.pipeline.state import SessionLock, reap_dead_sessions
+    from forge.registry import ModelRegistry
+
+    with ModelRegistry(tmp_path / "registry.db") as registry:
+        alive, dead, starting, done = (registry.create_session(name, {})
+                                       for name in ("alive", "dead", "starting", "done"))
+        registry.set_session_status(done, "completed")
+        for session in (alive, dead, done):
+            (tmp_path / session).mkdir()
+            with SessionLock(tmp_path / session):      # a run took the lock once
+                pass
+        with SessionLock(tmp_path / alive):              # and this one's process is still running
+            assert reap_dead_sessions(registry, tmp_path) == [dead]
+        assert registry.get_session(dead)["status"] == "interrupted"
+        assert "its process died" in registry.get_session(dead)["error"] and f"forge resume {dead}" in \
+            registry.get_session(dead)["error"]
+        assert [registry.get_session(s)["status"] for s in (alive, starting, done)] == ["running", "running",
+                                                                                       "completed"]
+        assert reap_dead_sessions(registry, tmp_path) == [alive]      # now its lock is free too
