@@ -53,10 +53,13 @@ def ste_ternary_reference(w: torch.Tensor, per_channel: bool = False, eps: float
 
 
 def act_quant_int8_reference(x: torch.Tensor, eps: float = EPS):
-    """(q int8 of x's shape, scale float32 of shape x.shape[:-1]), per token over the last dim."""
+    """(q int8 of x's shape, scale float32 of shape x.shape[:-1]), per token over the last dim.
+
+    A row holding NaN or Inf gets a NaN or Inf scale and q = 0 (x / scale is NaN or 0 there), so its
+    dequantized values q * scale, and its ternary_linear outputs, are NaN."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1).clamp_min(eps) / 127.0
-    return torch.round(xf / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
+    return torch.round(xf / scale[..., None]).clamp(-127, 127).nan_to_num(0.0).to(torch.int8), scale
 
 
 def ste_act_int8_reference(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -296,6 +299,25 @@ def _check_packed(packed, in_features: int, out_features: int | None = None) -> 
         raise ValueError(f"out_features={out_features} but packed has {packed.shape[0]} rows")
 
 
+def _check_packed_codes(packed, in_features: int, what: str) -> None:
+    """Refuse bytes that pack_ternary never writes: the 2-bit code 3, or a nonzero weight (a code other than 1)
+    in the padding past `in_features`, which means the weight was packed with more features than `what` says
+    (21 or 23 features share 6 bytes a row with 24). One vectorized pass over packed; a host sync on a GPU."""
+    if packed.device.type == "meta":
+        raise ValueError("packed is a meta tensor (a shape without values); its codes cannot be checked")
+    kb = packed.shape[1]
+    code3 = (packed & (packed >> 1) & 0x55).any()  # both bits of some 2-bit field set
+    pads = [(packed[:, k % kb] >> (2 * (k // kb))) & 3 for k in range(in_features, 4 * kb)]
+    padded = (torch.stack(pads) != 1).any() if pads else torch.zeros((), dtype=torch.bool, device=packed.device)
+    has_code3, has_padding_weight = torch.stack([code3, padded]).tolist()
+    if has_code3:
+        raise ValueError("packed holds the invalid 2-bit code 3; pack_ternary writes only codes 0, 1 and 2 "
+                         "(weights -1, 0 and 1)")
+    if has_padding_weight:
+        raise ValueError(f"packed holds nonzero weights past {what}: it was packed from a weight with more "
+                         f"input features (up to {4 * kb})")
+
+
 def _check_linear(x, packed, scale, out_features, eps) -> float:
     eps = _check_activation(x, eps)
     check_positive_int("out_features", out_features)
@@ -323,7 +345,16 @@ def _run_ternary(w, per_channel, eps, backend, dequantize=False):
 def _run_act(x, eps, backend, dequantize=False):
     op = "ste_act_int8" if dequantize else "act_quant_int8"
     out, scale = _dispatch.resolve(op, x.device, backend)(x.reshape(-1, x.shape[-1]), eps, dequantize)
+    if scale is not None:
+        out = _non_finite_rows_as_reference(out, scale, dequantize)
     return out.reshape(x.shape), (None if scale is None else scale.reshape(x.shape[:-1]))
+
+
+def _non_finite_rows_as_reference(out, scale, dequantize):
+    """Rows whose scale is NaN or Inf (x held NaN or Inf) as the reference has them: q = 0, q * scale = NaN.
+    The kernels clamp a NaN ratio to -127 instead; one masked pass fixes that on every backend, without a sync."""
+    bad = ~torch.isfinite(scale).reshape(-1, 1)
+    return out.masked_fill(bad, float("nan") if dequantize else 0)
 
 
 @torch.library.custom_op("forge::ternary_quant", mutates_args=())
@@ -395,8 +426,12 @@ def _(x, packed, scale, out_features, eps, backend):
 
 
 def _linear_dispatch(x, packed, scale, out_features, eps, backend):
+    _check_packed_codes(packed, x.shape[-1], f"x's {x.shape[-1]} features")
     fn = _dispatch.resolve("ternary_linear", x.device, backend)
-    y = fn(x.reshape(-1, x.shape[-1]), packed, scale.reshape(-1), eps)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = fn(x2, packed, scale.reshape(-1), eps)
+    # A token row with NaN or Inf gives NaN outputs, as in the reference (the kernels may give +-Inf).
+    y = y.masked_fill(~torch.isfinite(x2).all(dim=1, keepdim=True), float("nan"))
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -460,6 +495,7 @@ def act_quant_int8(x: torch.Tensor, eps: float = EPS, backend: str = "auto"):
     """Per-token absmax int8 quantization over the last dim: (q int8 of x's shape, scale float32 x.shape[:-1]).
 
     scale = max(max|x|, eps) / 127, q = clamp(round(x / scale), -127, 127); x ~ q * scale.
+    A token holding NaN or Inf gets a NaN or Inf scale and q = 0 on every backend (so q * scale is NaN).
     """
     eps = _check_activation(x, eps)
     return _dispatch.call_op(_act_quant_op, _run_act, x, eps, backend)
@@ -483,7 +519,9 @@ def pack_ternary(q: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         raise TypeError(f"q must be an int8 tensor (from ternary_quant); got {getattr(q, 'dtype', type(q).__name__)}")
     if q.dim() != 2 or q.numel() == 0:
         raise ValueError(f"q must be 2-dim (out_features, in_features) and non-empty; got shape {tuple(q.shape)}")
-    if bool((q.abs() > 1).any()):
+    if q.device.type == "meta":
+        raise ValueError("q is a meta tensor (a shape without values); pack_ternary needs a tensor with data")
+    if bool(((q < -1) | (q > 1)).any()):  # not q.abs() > 1: abs(-128) overflows int8 to -128
         raise ValueError("q must hold only -1, 0 and 1")
     return _dispatch.call_op(_pack_traced, _pack_eager, q, backend)
 
@@ -492,6 +530,8 @@ def unpack_ternary(packed: torch.Tensor, in_features: int, backend: str = "auto"
     """The exact inverse of `pack_ternary`: uint8 (rows, ceil(in_features / 4)) -> int8 (rows, in_features)."""
     check_positive_int("in_features", in_features)
     _check_packed(packed, in_features)
+    if not torch.compiler.is_compiling():
+        _check_packed_codes(packed, in_features, f"in_features={in_features}")
     return _dispatch.call_op(_unpack_traced, _unpack_eager, packed, in_features, backend)
 
 
@@ -500,7 +540,9 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, o
     """y = x . W^T (..., out_features) from packed ternary W without unpacking it to floats: x is quantized
     per token to int8 (`act_quant_int8`), dot products accumulate in int32 from the decoded 2-bit codes,
     y = acc * s_x * scale. scale: float32 with 1 value (per tensor) or out_features values (per row).
-    Inference only (no gradient); y has x's dtype.
+    Inference only (no gradient); y has x's dtype. A token of x holding NaN or Inf gives NaN outputs.
+    packed is checked (one pass, a host sync on a GPU): the invalid code 3, or nonzero weights in the padding
+    past x's features (x narrower than the packed weight, e.g. 21 or 23 features on 24), are refused.
     """
     eps = _check_linear(x, packed, scale, out_features, eps)
     return _dispatch.call_op(_ternary_linear_op, _linear_dispatch, x, packed, scale, out_features, eps, backend)

@@ -80,12 +80,17 @@ def resolve_coefficients(coefficients, steps: int) -> list[tuple[float, float, f
 # ---------------------------------------------------------------------------------------------
 
 def _normalize(G: torch.Tensor, eps: float, dtype: torch.dtype, check_finite: bool) -> torch.Tensor:
-    """G / (||G||_F + eps) per matrix, in `dtype`; the norm is taken in float32 (or float64)."""
+    """G / (||G||_F + eps) per matrix, in `dtype`, computed in float32 (or float64) as
+    (G / m) / (||G / m||_F + eps / m) with m = max|G|: ||G||_F itself overflows float32 for finite
+    entries above about 1e19, the scaled norm never does (it lies in [1, sqrt(numel)])."""
     norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
-    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
-    if check_finite and not bool(torch.isfinite(norm).all()):
+    amax = torch.linalg.vector_norm(G, ord=float("inf"), dim=(-2, -1), keepdim=True, dtype=norm_dtype)
+    if check_finite and not bool(torch.isfinite(amax).all()):
         raise ValueError("G contains NaN or Inf; Newton-Schulz has no defined result for it")
-    return (G.to(norm_dtype) / (norm + eps)).to(dtype)
+    amax = amax.masked_fill(amax == 0, 1.0)  # an all-zero matrix stays zero
+    X = G.to(norm_dtype) / amax
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    return X.div_(norm + eps / amax).to(dtype)
 
 
 def newton_schulz_reference(G: torch.Tensor, steps: int = 5, coefficients="muon", eps: float = 1e-7,
@@ -310,8 +315,11 @@ def _newton_schulz_triton(G, triples, eps, check_finite):
 # Public op
 # ---------------------------------------------------------------------------------------------
 
-def _check_input(G) -> None:
+def _check_input(G, check_finite: bool) -> None:
     check_float_tensor("G", G)
+    if check_finite and G.device.type == "meta":
+        raise ValueError("G is a meta tensor (a shape without values), so check_finite cannot look at its "
+                         "values; pass a tensor with data, or check_finite=False to trace shapes only")
     if G.dim() < 2:
         raise ValueError(f"G must have at least 2 dimensions (a matrix or a batch of matrices); got shape {tuple(G.shape)}")
     if G.numel() == 0:
@@ -350,7 +358,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="muon", eps: flo
         backend: "auto", "torch", "cpu", "triton" or "cuda" (see forge.ops.available_backends()).
         check_finite: raise ValueError on NaN/Inf input (costs one host sync on a GPU).
     """
-    _check_input(G)
+    _check_input(G, check_finite)
     triples = resolve_coefficients(coefficients, steps)
     eps = check_finite_number("eps", eps, low=0.0)
     flat = [float(v) for t in triples for v in t]

@@ -78,7 +78,7 @@ class MuonGrokfast(Optimizer):
             param_group["param_names"] = names
         if "use_muon" not in param_group:
             for use_muon in (True, False):
-                keep = [i for i, p in enumerate(params) if (_tensor_of(p).dim() >= 2) == use_muon]
+                keep = [i for i, p in enumerate(params) if (_tensor_of(p, i).dim() >= 2) == use_muon]
                 if keep:
                     part = dict(param_group, use_muon=use_muon, params=[params[i] for i in keep])
                     if names is not None:
@@ -91,8 +91,9 @@ class MuonGrokfast(Optimizer):
                 group.setdefault(key, value)
         for key, value in self.defaults.items():
             group.setdefault(key, value)
-        self._validate_group(group, f"param_groups[{len(self.param_groups)}]")
-        _check_unique(group, self.param_groups)
+        where = f"param_groups[{len(self.param_groups)}]"
+        self._validate_group(group, where)
+        _check_params(group, self.param_groups, where)
         super().add_param_group(group)
 
     @staticmethod
@@ -109,9 +110,10 @@ class MuonGrokfast(Optimizer):
                 raise ValueError(f"Invalid ns_dtype ({where}): {group['ns_dtype']!r}; expected None, torch.float32, torch.bfloat16 or torch.float16")
             if group["adjust_lr_fn"] not in F.ADJUST_LR_FNS:
                 raise ValueError(f"Invalid adjust_lr_fn ({where}): {group['adjust_lr_fn']!r}; expected one of {F.ADJUST_LR_FNS}")
-            for p in group.get("params", []):
-                if _tensor_of(p).dim() < 2:
-                    raise ValueError(f"use_muon=True needs parameters of 2 or more dimensions; got shape {tuple(_tensor_of(p).shape)} ({where})")
+            for i, p in enumerate(group.get("params", [])):
+                if _tensor_of(p, i).dim() < 2:
+                    raise ValueError(f"use_muon=True needs parameters of 2 or more dimensions; got {_label(group, where, i)} "
+                                     f"of shape {tuple(p.shape)}")
         else:
             betas = group["betas"]
             if len(betas) != 2:
@@ -125,6 +127,18 @@ class MuonGrokfast(Optimizer):
         check_finite_number(f"grokfast_lamb ({where})", group["grokfast_lamb"])
         if not isinstance(group["grokfast_window"], int) or group["grokfast_window"] < 1:
             raise ValueError(f"Invalid grokfast_window ({where}): {group['grokfast_window']!r}; expected an integer >= 1")
+
+    # -- state --------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, after checking that the saved state fits these parameters: a state dict of another
+        model would otherwise be accepted and fail at the next step with a bare shape error."""
+        groups, state = state_dict.get("param_groups", []), state_dict.get("state", {})
+        if len(groups) == len(self.param_groups):  # else torch's load_state_dict says what differs
+            for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+                if len(saved["params"]) == len(group["params"]):
+                    _check_saved_state(saved, state, group, f"param_groups[{gi}]")
+        super().load_state_dict(state_dict)
 
     # -- step ---------------------------------------------------------------------------------
 
@@ -148,13 +162,13 @@ class MuonGrokfast(Optimizer):
         return loss
 
     def _gather(self, group: dict, gi: int):
-        """(params, grads, names) of the group's parameters that have a gradient."""
+        """(params, grads, names) of the group's parameters that have a gradient (zero-size ones have nothing
+        to update and are skipped: Newton-Schulz has no result for an empty matrix)."""
         params, grads, labels = [], [], []
-        names = group.get("param_names")
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            if p.grad is None or p.numel() == 0:
                 continue
-            name = names[i] if names else f"param_groups[{gi}]['params'][{i}] of shape {tuple(p.shape)}"
+            name = f"{_label(group, f'param_groups[{gi}]', i)} of shape {tuple(p.shape)}"
             if p.grad.is_sparse:
                 raise ValueError(f"MuonGrokfast does not support sparse gradients ({name})")
             if self.ste_mode and not p.is_floating_point():
@@ -165,16 +179,19 @@ class MuonGrokfast(Optimizer):
         return params, grads, labels
 
     def _all_finite(self, gathered) -> bool:
-        """One fused norm over all gradients; on NaN/Inf raise naming the parameters, or skip."""
+        """One fused norm over all gradients; on NaN/Inf raise naming the parameters, or skip. A non-finite
+        norm is confirmed value by value: the norm of finite gradients above about 1e19 overflows float32."""
         grads = [g for _, gs, _ in gathered for g in gs]
         if not grads:
             return True
         norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
         if bool(torch.isfinite(norms).all()):
             return True
+        bad = [name for _, gs, names in gathered for g, name in zip(gs, names) if not bool(torch.isfinite(g).all())]
+        if not bad:
+            return True
         if self.skip_nonfinite:
             return False
-        bad = [name for _, gs, names in gathered for g, name in zip(gs, names) if not bool(torch.isfinite(g).all())]
         raise ValueError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; no parameter was changed "
                          "(pass skip_nonfinite=True to skip such steps instead)")
 
@@ -286,16 +303,46 @@ def _split_named(params, names):
     return params, names
 
 
-def _tensor_of(p):
+def _tensor_of(p, i: int):
     if not isinstance(p, torch.Tensor):
-        raise TypeError(f"params must be tensors; got {type(p).__name__}")
+        raise TypeError(f"params must be tensors; params[{i}] is a {type(p).__name__}")
     return p
 
 
-def _check_unique(group: dict, existing: list[dict]) -> None:
-    """A parameter listed twice (in this group or an earlier one) is an error, not a warning."""
+def _label(group: dict, where: str, i: int) -> str:
+    """How an error names the group's i-th parameter: its name where the group has `param_names`."""
+    names = group.get("param_names")
+    return names[i] if names else f"{where}['params'][{i}]"
+
+
+def _check_params(group: dict, existing: list[dict], where: str) -> None:
+    """torch.optim's refusals, naming the parameter: one listed twice (in this group or an earlier one;
+    an error, not a warning), or one that is not a leaf of the autograd graph."""
     seen = {id(p) for g in existing for p in g["params"]}
-    for p in group["params"]:
+    for i, p in enumerate(group["params"]):
         if id(p) in seen:
-            raise ValueError(f"a parameter of shape {tuple(p.shape)} is listed more than once")
+            raise ValueError(f"{_label(group, where, i)} of shape {tuple(p.shape)} is listed more than once")
+        if not (p.is_leaf or p.retains_grad):
+            raise ValueError(f"can't optimize a non-leaf Tensor: {_label(group, where, i)} of shape {tuple(p.shape)} "
+                             "(pass the leaf parameter, or call .detach().requires_grad_() on it)")
         seen.add(id(p))
+
+
+_PARAM_SHAPED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "grokfast_ema", "grokfast_sum")
+
+
+def _check_saved_state(saved: dict, state: dict, group: dict, where: str) -> None:
+    """Each saved state tensor of a group has its parameter's shape (the ring buffer: (window, *shape)),
+    and a saved Muon group holds only matrices."""
+    for i, (key, p) in enumerate(zip(saved["params"], group["params"])):
+        if saved.get("use_muon") and p.dim() < 2:
+            raise ValueError(f"state_dict does not fit this optimizer (saved from another model?): its {where} is a "
+                             f"Muon group, but {_label(group, where, i)} has shape {tuple(p.shape)}")
+        for name, value in state.get(key, {}).items():
+            if not isinstance(value, torch.Tensor) or name not in _PARAM_SHAPED_STATE + ("grokfast_ring",):
+                continue
+            shape = tuple(value.shape[1:] if name == "grokfast_ring" else value.shape)
+            if shape != tuple(p.shape):
+                raise ValueError(f"state_dict does not fit this optimizer (saved from another model?): state "
+                                 f"{name!r} of {_label(group, where, i)} has shape {tuple(value.shape)}, but the "
+                                 f"parameter has shape {tuple(p.shape)}")

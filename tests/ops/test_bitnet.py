@@ -184,6 +184,44 @@ def test_nan_propagates(backend):
     assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Triton's interpreter, on NaN
+@pytest.mark.parametrize("backend", cpu_backends("act_quant_int8"))
+def test_non_finite_tokens_match_the_reference(backend):
+    """A token holding +Inf, -Inf or NaN: scale Inf/NaN, q = 0, dequantized and ternary_linear outputs NaN,
+    on every backend as in the reference (the cpu kernel gave q = -127 and y = -Inf)."""
+    x = torch.randn(5, 24)
+    x[0, 3], x[1, 0], x[2, 23] = float("inf"), float("-inf"), float("nan")
+    q, scale = act_quant_int8(x, backend=backend)
+    want_q, want_scale = act_quant_int8(x, backend="torch")
+    assert torch.equal(q, want_q) and (q[:3] == 0).all()
+    torch.testing.assert_close(scale, want_scale, equal_nan=True, rtol=0, atol=0)
+    out = ste_act_int8(x, backend=backend)
+    assert out[:3].isnan().all() and out[3:].isfinite().all()
+    torch.testing.assert_close(out, ste_act_int8(x, backend="torch"), equal_nan=True, rtol=0, atol=0)
+    qw, sw = ternary_quant(torch.randn(7, 24), per_channel=True)
+    y = ternary_linear(x, pack_ternary(qw), sw, 7, backend=backend)
+    assert y[:3].isnan().all() and y[3:].isfinite().all()
+    torch.testing.assert_close(y, ternary_linear(x, pack_ternary(qw), sw, 7, backend="torch"), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("ternary_linear"))
+@pytest.mark.parametrize("features", [21, 22, 23])
+def test_narrower_activation_than_the_packed_weight_is_refused(backend, features):
+    """21-23 features share ceil(k / 4) = 6 bytes a row with 24: the padding codes tell them apart."""
+    q = torch.randint(-1, 2, (9, 24), dtype=torch.int8)
+    q[:, 21:] = 1  # weights in every slot past 21
+    packed, scale = pack_ternary(q), torch.ones(1)
+    with pytest.raises(ValueError, match=f"nonzero weights past x's {features} features"):
+        ternary_linear(torch.randn(3, features), packed, scale, 9, backend=backend)
+    with pytest.raises(ValueError, match=f"past in_features={features}"):
+        unpack_ternary(packed, features)
+    # A weight packed with `features` inputs is accepted: its padding holds zero weights.
+    narrow = q[:, :features].contiguous()
+    x = torch.randn(3, features)
+    torch.testing.assert_close(ternary_linear(x, pack_ternary(narrow), scale, 9, backend=backend),
+                               ternary_linear(x, pack_ternary(narrow), scale, 9, backend="torch"))
+
+
 def test_all_zero_inputs_use_eps_not_nan():
     q, scale = ternary_quant(torch.zeros(4, 4))
     assert scale.item() == pytest.approx(1e-5) and (q == 0).all()
@@ -209,6 +247,13 @@ W, Q, P = torch.randn(4, 6), torch.zeros(4, 6, dtype=torch.int8), torch.zeros(4,
     (lambda: pack_ternary(W), TypeError, "q must be an int8 tensor"),
     (lambda: pack_ternary(torch.zeros(6, dtype=torch.int8)), ValueError, "must be 2-dim"),
     (lambda: pack_ternary(torch.full((2, 3), 2, dtype=torch.int8)), ValueError, "only -1, 0 and 1"),
+    (lambda: pack_ternary(torch.tensor([[-128, 0, 1, 1]], dtype=torch.int8)), ValueError, "only -1, 0 and 1"),
+    (lambda: pack_ternary(torch.zeros(2, 3, dtype=torch.int8, device="meta")), ValueError, "q is a meta tensor"),
+    (lambda: unpack_ternary(torch.full((4, 2), 0b01010111, dtype=torch.uint8), 8), ValueError, "invalid 2-bit code 3"),
+    (lambda: ternary_linear(torch.randn(2, 8), torch.full((4, 2), 0b11010101, dtype=torch.uint8), torch.ones(1), 4),
+     ValueError, "invalid 2-bit code 3"),
+    (lambda: ternary_linear(torch.randn(2, 8, device="meta"), P.to("meta"), torch.ones(1, device="meta"), 4),
+     ValueError, "packed is a meta tensor"),
     (lambda: unpack_ternary(P, 9), ValueError, "in_features=9 needs"),
     (lambda: unpack_ternary(P.to(torch.int8), 6), TypeError, "2-dim uint8"),
     (lambda: unpack_ternary(P, 0), ValueError, "Invalid in_features"),

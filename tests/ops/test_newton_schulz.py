@@ -93,6 +93,26 @@ def test_zero_input_gives_zeros(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends("newton_schulz"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_finite_inputs_are_orthogonalized_not_refused(backend, dtype):
+    """||G||_F of fp32 entries above ~1e19 overflows: NS of c * G must still be NS of G (it is scale-free)."""
+    G, batch = torch.randn(19, 31), torch.randn(3, 24, 40)
+    for c in (1e20, 1e30, 1e36):
+        out = newton_schulz((G * c).to(dtype), backend=backend)
+        assert out.isfinite().all()
+        assert rel_error(out, newton_schulz_reference(G.to(dtype).double())) < tolerance(dtype, G.shape)
+        out = newton_schulz((batch * c).to(dtype), backend=backend)
+        assert rel_error(out, newton_schulz_reference(batch.to(dtype).double())) < tolerance(dtype, batch.shape)
+    huge = (G / G.abs().max() * 3e38).to(dtype)  # entries up to float32's largest value, the norm far above it
+    assert rel_error(newton_schulz(huge, backend=backend), newton_schulz_reference(huge.double())) < TOLERANCE[dtype]
+
+
+def test_meta_tensor_traces_shapes_without_check_finite():
+    out = newton_schulz(torch.empty(3, 5, 7, device="meta"), check_finite=False)
+    assert out.device.type == "meta" and out.shape == (3, 5, 7)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("newton_schulz"))
 def test_non_contiguous_views(backend):
     base = torch.randn(70, 90)
     for view in (base[::2, 1::3], base[:40, :30].T, base.T[5:60:3]):
@@ -161,6 +181,8 @@ def test_custom_coefficients_and_step_count():
         (lambda: newton_schulz(torch.randn(0, 3)), ValueError, "must not be empty"),
         (lambda: newton_schulz(torch.tensor([[1.0, float("nan")]])), ValueError, "NaN or Inf"),
         (lambda: newton_schulz(torch.tensor([[1.0, float("inf")]])), ValueError, "NaN or Inf"),
+        (lambda: newton_schulz(torch.tensor([[1.0, float("-inf")]]) * 1e30), ValueError, "NaN or Inf"),
+        (lambda: newton_schulz(torch.empty(3, 3, device="meta")), ValueError, "G is a meta tensor"),
         (lambda: newton_schulz(torch.randn(3, 3), steps=0), ValueError, "Invalid steps"),
         (lambda: newton_schulz(torch.randn(3, 3), coefficients="fast"), ValueError, "polar_express"),
         (lambda: newton_schulz(torch.randn(3, 3), coefficients=[(1.0, 2.0)]), ValueError, "(a, b, c)"),

@@ -229,6 +229,61 @@ def test_skip_nonfinite_skips_the_step():
         assert torch.equal(v, before[k])
 
 
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_huge_finite_gradients_take_the_same_muon_step(skip_nonfinite):
+    """Gradients above ~1e19 overflow the fused fp32 norm (it read "non-finite gradient in ;", or skipped the
+    step) and Newton-Schulz's: they are finite, and Muon's step is scale-free, so it equals the unscaled one."""
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Linear(8, 5, bias=False))
+    scaled, start = copy.deepcopy(model), copy.deepcopy(model)
+    opts = [MuonGrokfast(m.parameters(), skip_nonfinite=skip_nonfinite) for m in (model, scaled)]
+    for step in range(2):
+        for m, opt, factor in zip((model, scaled), opts, (1.0, 1e25)):
+            opt.zero_grad()
+            m(torch.randn(4, 6, generator=torch.Generator().manual_seed(step))).square().sum().backward()
+            for p in m.parameters():
+                p.grad.mul_(factor)
+            opt.step()
+    assert opts[1].skipped_steps == 0
+    for p, q, p0 in zip(model.parameters(), scaled.parameters(), start.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-4)
+        assert (q - p0).abs().max() > 1e-2  # the steps were taken
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_zero_size_parameters_are_skipped():
+    model = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 3), nn.Linear(3, 3))
+    opt = MuonGrokfast(muon_param_groups(model), weight_decay=0.1)
+    before = copy.deepcopy(model.state_dict())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"2.weight", "1.bias", "2.bias"}  # 1.bias has a gradient though its fan-in is empty
+    assert all(p.numel() for p in opt.state)
+
+
+@pytest.mark.parametrize("grokfast", ["ema", "ma"])
+def test_state_dict_of_another_model_is_refused_at_load(grokfast):
+    wide, narrow = Net(), Net()
+    narrow.up, narrow.down = nn.Linear(12, 16), nn.Linear(16, 12, bias=False)
+    saved = MuonGrokfast(muon_param_groups(wide), grokfast=grokfast)
+    train(wide, saved, 1)
+    opt = MuonGrokfast(muon_param_groups(narrow), grokfast=grokfast)
+    with pytest.raises(ValueError, match=r"another model.*of up\.weight has shape \((100, )?20, 12\).*\(16, 12\)"):
+        opt.load_state_dict(saved.state_dict())
+    assert not opt.state
+    train(narrow, opt, 1)  # nothing was loaded: the optimizer still works
+
+
+def test_refused_parameters_are_named():
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] of shape \(3, 3\) is listed more than once"):
+        w = nn.Linear(3, 3).weight
+        MuonGrokfast([w, w])
+    with pytest.raises(ValueError, match="got bias of shape"):
+        MuonGrokfast([{"params": [("bias", nn.Linear(3, 3).bias)], "use_muon": True}])
+    with pytest.raises(ValueError, match=r"non-leaf Tensor: param_groups\[0\]\['params'\]\[0\]"):
+        MuonGrokfast([torch.randn(3, 3, requires_grad=True) * 2])
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(lr=-1.0), "Invalid lr"),
     (dict(momentum=1.0), "Invalid momentum"),
