@@ -80,17 +80,22 @@ def resolve_coefficients(coefficients, steps: int) -> list[tuple[float, float, f
 # ---------------------------------------------------------------------------------------------
 
 def _normalize(G: torch.Tensor, eps: float, dtype: torch.dtype, check_finite: bool) -> torch.Tensor:
-    """G / (||G||_F + eps) per matrix, in `dtype`, computed in float32 (or float64) as
-    (G / m) / (||G / m||_F + eps / m) with m = max|G|: ||G||_F itself overflows float32 for finite
-    entries above about 1e19, the scaled norm never does (it lies in [1, sqrt(numel)])."""
+    """G / (||G||_F + eps) per matrix, in `dtype`; the norm is taken in float32 (or float64). ||G||_F overflows
+    float32 for finite entries above about 1e19: such a G is computed as (G / m) / (||G / m||_F + eps / m) with
+    m = max|G| instead (the same value; the scaled norm lies in [1, sqrt(numel)]), with check_finite or on the
+    CPU (where looking at the norm costs no device sync). Every other G takes the one-pass path, so ordinary
+    inputs round as they always did; on a GPU without check_finite an overflowing G still gives NaN."""
     norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
-    amax = torch.linalg.vector_norm(G, ord=float("inf"), dim=(-2, -1), keepdim=True, dtype=norm_dtype)
-    if check_finite and not bool(torch.isfinite(amax).all()):
-        raise ValueError("G contains NaN or Inf; Newton-Schulz has no defined result for it")
-    amax = amax.masked_fill(amax == 0, 1.0)  # an all-zero matrix stays zero
-    X = G.to(norm_dtype) / amax
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    return X.div_(norm + eps / amax).to(dtype)
+    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
+    if (check_finite or G.device.type == "cpu") and not bool(torch.isfinite(norm).all()):
+        amax = torch.linalg.vector_norm(G, ord=float("inf"), dim=(-2, -1), keepdim=True, dtype=norm_dtype)
+        if bool(torch.isfinite(amax).all()):
+            amax = amax.masked_fill(amax == 0, 1.0)  # an all-zero matrix stays zero
+            X = G.to(norm_dtype) / amax
+            return X.div_(torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + eps / amax).to(dtype)
+        if check_finite:
+            raise ValueError("G contains NaN or Inf; Newton-Schulz has no defined result for it")
+    return (G.to(norm_dtype) / (norm + eps)).to(dtype)
 
 
 def newton_schulz_reference(G: torch.Tensor, steps: int = 5, coefficients="muon", eps: float = 1e-7,
