@@ -114,6 +114,8 @@ def _run(args) -> int:
         return _dry_run(config, plan)
     with _registry(config, must_exist=False) as registry:
         _pipeline(config, registry).run(args.from_phase, args.only, args.source_session)
+        if config.cleanup.auto_cleanup:
+            _cleanup(config, registry)
     return 0
 
 
@@ -122,6 +124,8 @@ def _resume(args) -> int:
     with _registry(config, must_exist=True) as registry:
         _known_session(registry, args.session)
         _pipeline(config, registry).resume(args.session)
+        if config.cleanup.auto_cleanup:
+            _cleanup(config, registry)
     return 0
 
 
@@ -175,18 +179,42 @@ def _models(args) -> int:
 
 
 def _clean(args) -> int:
+    config = _config(args)
+    with _registry(config, must_exist=True) as registry:
+        _reap(config, registry)
+        _cleanup(config, registry)
+    return 0
+
+
+def _cleanup(config, registry) -> None:
+    """Apply the config's cleanup policy: rows, model files, then the deleted sessions' folders; say what went."""
     from forge.registry import CleanupPolicy
 
-    config = _config(args)
     c = config.cleanup
     policy = CleanupPolicy(max_session_age_days=c.max_session_age_days, max_sessions_total=c.max_sessions_total,
                            max_models_per_session=c.max_models_per_session,
                            keep_last_n_checkpoints=c.keep_last_n_checkpoints, file_root=Path(config.run_root))
-    with _registry(config, must_exist=True) as registry:
-        _reap(config, registry)
-        result = registry.apply_cleanup(policy)
-        print(f"deleted {len(result['sessions_deleted'])} session(s), {len(result['models_deleted'])} model(s)")
-    return 0
+    result = registry.apply_cleanup(policy)
+    freed = _remove_session_folders(Path(config.run_root), result["sessions_deleted"])
+    for session_id in result["sessions_deleted"]:
+        print(f"deleted session {session_id} and its folder")
+    print(f"deleted {len(result['sessions_deleted'])} session(s), {len(result['models_deleted'])} model(s), "
+          f"{len(result['files_deleted'])} checkpoint file(s), {freed / 1e6:.1f} MB of session folders")
+    for reason in result["files_skipped"]:
+        print(f"kept {reason}")
+
+
+def _remove_session_folders(run_root: Path, session_ids: list[str]) -> int:
+    """Remove each cleaned session's folder; returns the bytes freed (a folder still in use is reported, kept)."""
+    from forge.pipeline.state import remove_session_folder
+
+    freed = 0
+    for session_id in session_ids:
+        try:
+            freed += remove_session_folder(run_root, session_id)
+        except RuntimeError as error:
+            print(f"kept the folder of session {session_id}: {error}")
+    return freed
 
 
 def _phase_number(text: str) -> int:

@@ -24,6 +24,7 @@ from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
 from forge.pipeline.models import build_from_metadata
 from forge.pipeline.phases import load_controller_class, make_plan, phase_name, why_not_runnable
 from forge.registry.checkpoint import load_checkpoint, save_checkpoint
+from forge.registry.schema import RegistryIOError
 from forge.registry.registry import safe_name
 
 @dataclass
@@ -159,22 +160,31 @@ class Pipeline:
         session_dir = self.session_dir(session_id)
         self._apply_hardware()
         with files.SessionLock(session_dir):
+            files.remove_stale_temp_files(session_dir)
             self.registry.set_session_status(session_id, "running")
             tracker = self.tracker_factory(session_dir, session_id, self.config.wandb.mode,
                                            self.config.wandb.project)
             try:
                 report = self._run_plan(session_id, plan, tracker)
             except KeyboardInterrupt:
-                self.registry.set_session_status(session_id, "interrupted", error="interrupted by the user")
+                self._mark_ended(session_id, "interrupted", "interrupted by the user")
                 raise
             except Exception as error:   # recorded, then re-raised with the reason for the CLI
-                self.registry.set_session_status(session_id, "failed", error=f"{type(error).__name__}: {error}")
+                self._mark_ended(session_id, "failed", f"{type(error).__name__}: {error}")
                 raise PipelineError(f"session {session_id} failed: {error}") from error
             finally:
                 tracker.close()
         self.registry.set_session_status(session_id, "completed")
         self.log(report.message)
         return report
+
+    def _mark_ended(self, session_id: str, status: str, error: str) -> None:
+        """Record why the session ended where the registry still can be written; a registry that fails
+        (disk full, file deleted) must not hide the error that ended the run."""
+        try:
+            self.registry.set_session_status(session_id, status, error=error)
+        except RegistryIOError as registry_error:
+            self.log(f"session {session_id}: could not record status {status!r}: {registry_error}")
 
     def _run_plan(self, session_id: str, plan: dict, tracker) -> RunReport:
         phases = plan["phases"]
@@ -223,6 +233,12 @@ class Pipeline:
         state = files.read_state(session_dir)
         if state["handoffs"].get(key, {}).get("model_ids") == ids:
             return
+        recorded = [h for h in self.registry.list_phase_handoffs(session_id) if h["source_phase"] == source
+                    and h["target_phase"] == target and h["model_ids"] == ids and h["validation_status"] == "passed"]
+        if recorded:   # registered by an attempt killed before it wrote the session state
+            state["handoffs"][key] = {"model_ids": ids, "handoff_id": recorded[-1]["id"]}
+            files.write_state(session_dir, state)
+            return
         try:
             metrics = check_handoff(HANDOFF_RULES[(source, target)], inputs, self.config)
         except HandoffError as error:
@@ -252,6 +268,7 @@ class Pipeline:
         try:
             if manifest is None:
                 self.log(f"phase {phase} ({phase_name(phase)}): running")
+                tracker.drop_records(phase)   # an earlier, killed attempt's steps
                 result = self._execute(session_id, phase, controller_cls, inputs, tracker, phase_dir)
                 manifest = self._save_outputs(phase, phase_dir, result, inputs)
             else:
@@ -303,18 +320,21 @@ class Pipeline:
 
     def _register_outputs(self, session_id: str, phase: int, phase_dir: Path, manifest: dict, tracker) -> list[str]:
         """Register the manifest's models (step 4); models registered before a crash are adopted."""
-        known = {(str(Path(r["path"]).resolve()), r["sha256"]): r["id"]
+        known = {(str(Path(r["path"]).resolve()), r["sha256"]): r
                  for r in self.registry.list_models(session_id=session_id, phase=phase)}
         ids = []
         for entry in manifest["models"]:
             path = phase_dir / entry["file"]
             # refuses a checkpoint or sidecar changed since saving
             load_checkpoint(path, expected_sha256=entry["sha256"], expected_metadata=entry["metadata"])
-            model_id = known.get((str(path.resolve()), entry["sha256"]))
-            if model_id is None:
+            record = known.get((str(path.resolve()), entry["sha256"]))
+            if record is None:
                 model_id = self.registry.register_model(
                     session_id, phase_name(phase), entry["name"], path, entry["metadata"], phase=phase,
                     metrics=entry["metrics"], tags=entry["tags"], parent_ids=manifest["parent_ids"])
+            else:            # registered by an attempt that was killed before it finished the phase
+                model_id = record["id"]
+            if record is None or not record["artifacts"]:
                 artifact = tracker.log_model_artifact(path, entry["name"], entry["metadata"])
                 if artifact is not None:
                     self.registry.register_artifact(model_id, *artifact)

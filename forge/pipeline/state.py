@@ -53,6 +53,15 @@ def write_state(session_dir: Path, state: dict) -> None:
     write_json(session_dir / STATE, state)
 
 
+def remove_stale_temp_files(session_dir: Path) -> list[Path]:
+    """Delete the temporary files (`.<name>.tmp`) a killed process left in the session folder and its phase
+    folders. Call it holding the SessionLock: then no live process of this session is writing one."""
+    stale = [*session_dir.glob(".*.tmp"), *session_dir.glob("phase*/.*.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 class SessionLock:
     """An exclusive advisory lock on the session folder, so two processes never run one session.
     The kernel drops it when its holder dies, even by SIGKILL."""
@@ -73,6 +82,26 @@ class SessionLock:
     def __exit__(self, *exc_info) -> None:
         fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files under folder (symlinks not followed)."""
+    return sum(path.lstat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+
+
+def remove_session_folder(run_root: Path, session_id: str) -> int:
+    """Delete a cleaned session's folder (trunk, checkpoints, packed files, W&B runs, manifests) if it is a real
+    folder directly under run_root; returns the bytes freed (0 when there is none). A folder whose lock another
+    process holds is left alone (RuntimeError): something still uses it."""
+    import shutil
+
+    folder = Path(run_root) / safe_name(session_id)
+    if folder.is_symlink() or not folder.is_dir():
+        return 0
+    freed = folder_bytes(folder)
+    with SessionLock(folder):
+        shutil.rmtree(folder)      # the open lock file may be unlinked; the lock lasts until it is closed
+    return freed
 
 
 DIED = "its process died (no process holds the session lock); `forge resume {id}` continues it"

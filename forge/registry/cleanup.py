@@ -133,9 +133,9 @@ def plan_cleanup(conn: sqlite3.Connection, policy: CleanupPolicy, now: datetime)
     return plan
 
 
-def delete_planned(conn: sqlite3.Connection, plan: CleanupPlan) -> list[str]:
+def delete_planned(conn: sqlite3.Connection, plan: CleanupPlan) -> tuple[list[str], list[str]]:
     """Delete the planned rows (models cascade to tags, parents, artifacts; sessions to all their
-    rows); returns the paths no remaining model points at."""
+    rows); returns (every model id deleted, the paths no remaining model points at)."""
     doomed = set(plan.model_ids)
     for session_id in plan.session_ids:
         doomed |= {r[0] for r in conn.execute("SELECT id FROM models WHERE session_id = ?", (session_id,))}
@@ -146,7 +146,7 @@ def delete_planned(conn: sqlite3.Connection, plan: CleanupPlan) -> list[str]:
     conn.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in sorted(plan.session_ids)])
     still_used = {p for p in paths
                   if conn.execute("SELECT 1 FROM models WHERE path = ?", (p,)).fetchone() is not None}
-    return sorted(paths - still_used)
+    return sorted(doomed), sorted(paths - still_used)
 
 
 def _inside(path: str, root: str) -> bool:

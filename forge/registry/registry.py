@@ -91,6 +91,15 @@ def _check_id_list(field: str, values: Any) -> list[str]:
     return values
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file, None when it is gone: tells a deleted or replaced database."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 def _session_dict(row: sqlite3.Row) -> dict:
     record = dict(row)
     record["config"] = json.loads(record["config"])
@@ -105,12 +114,17 @@ class ModelRegistry:
             raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
         self.timeout = check_finite_number("timeout", timeout, low=0.0, low_open=True)
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise schema.RegistryIOError(f"registry {self.path}: cannot create its folder ({error.strerror}); "
+                                         "point registry.path at a file in a folder this user can write") from None
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._conn: sqlite3.Connection | None
         self._conn, self.open_report = schema.connect(self.path, self.timeout)
         self._conn.row_factory = sqlite3.Row
+        self._identity = _file_identity(self.path)
 
     # -- plumbing -------------------------------------------------------------------------------
     def __enter__(self) -> "ModelRegistry":
@@ -134,8 +148,20 @@ class ModelRegistry:
                                "open a new ModelRegistry(path) in each process")
         return self._conn
 
+    def _check_same_file(self, what: str) -> None:
+        """Refuse to write once the database file was deleted or replaced: SQLite would keep writing into
+        the unlinked file and every later write would be silently lost."""
+        if _file_identity(self.path) != self._identity:
+            raise schema.RegistryIOError(
+                f"registry {self.path}: {what} refused: the database file was deleted or replaced while this "
+                "process had it open, so what is written now would be lost. Restore it from a backup, or "
+                "start over with a new registry (the checkpoints under the run root are untouched)")
+
     def _write(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
-        """Run fn(conn) in one BEGIN IMMEDIATE transaction, retried while the database is busy."""
+        """Run fn(conn) in one BEGIN IMMEDIATE transaction, retried while the database is busy; an SQLite
+        failure (disk full, I/O error) becomes a RegistryIOError naming the file."""
+        self._check_same_file(what)
+
         def attempt() -> T:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
@@ -147,7 +173,12 @@ class ModelRegistry:
                 schema.rollback(conn)
                 raise
         with self._lock:
-            return schema.with_retry(attempt, self.timeout, what)
+            try:
+                return schema.with_retry(attempt, self.timeout, what)
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as error:
+                raise schema.io_error(self.path, what, error) from error
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(conn) in one read transaction, so multi-query reads see one snapshot."""
@@ -159,7 +190,12 @@ class ModelRegistry:
             finally:
                 schema.rollback(conn)
         with self._lock:
-            return schema.with_retry(attempt, self.timeout, "read")
+            try:
+                return schema.with_retry(attempt, self.timeout, "read")
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as error:
+                raise schema.io_error(self.path, "read", error) from error
 
     @staticmethod
     def _require(conn: sqlite3.Connection, table: str, key: str, field: str, value: str) -> None:
@@ -444,7 +480,8 @@ class ModelRegistry:
     def apply_cleanup(self, policy: CleanupPolicy, now: datetime | None = None) -> dict:
         """Delete the sessions and models the policy selects (rows first, in one transaction),
         then their files (only those under policy.file_root, default: the database's folder,
-        and only when no remaining model points at the same file)."""
+        and only when no remaining model points at the same file). "models_deleted" counts the
+        deleted sessions' models too."""
         if not isinstance(policy, CleanupPolicy):
             raise TypeError(f"policy must be a CleanupPolicy, got {type(policy).__name__}")
         now = datetime.now(timezone.utc) if now is None else now
@@ -454,10 +491,10 @@ class ModelRegistry:
         def run(conn: sqlite3.Connection):
             plan = plan_cleanup(conn, policy, now)
             return plan, delete_planned(conn, plan)
-        plan, paths = self._write(run, "apply_cleanup")
+        plan, (model_ids, paths) = self._write(run, "apply_cleanup")
         root = policy.file_root if policy.file_root is not None else self.path.parent
         deleted, skipped = delete_files(paths, Path(root))
-        return {"sessions_deleted": sorted(plan.session_ids), "models_deleted": sorted(plan.model_ids),
+        return {"sessions_deleted": sorted(plan.session_ids), "models_deleted": model_ids,
                 "models_protected": sorted(plan.protected_ids), "files_deleted": deleted,
                 "files_skipped": skipped}
 

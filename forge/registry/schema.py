@@ -143,11 +143,35 @@ class RegistryFileError(ValueError):
     """The registry file is not an SQLite database, not a forge registry, or corrupted."""
 
 
+class RegistryIOError(RuntimeError):
+    """The registry database failed while in use: disk full, an I/O error, a file made read-only, or the
+    file deleted or replaced while open. The message names the file and what to do."""
+
+
+_ADVICE = (("full", "free space on the disk that holds it"),
+           ("readonly", "make the file and its folder writable"),
+           ("read-only", "make the file and its folder writable"),
+           ("i/o", "check the disk (dmesg) and the file system"),
+           ("unable to open", "check that the file and its folder exist and are writable"))
+
+
+def io_error(path: Path, what: str, error: sqlite3.Error) -> RegistryIOError:
+    """One line naming the file, the operation, SQLite's reason and what to do about it."""
+    reason = str(error)
+    advice = next((text for key, text in _ADVICE if key in reason.lower()), "check the file and the disk")
+    return RegistryIOError(f"registry {path}: {what} failed ({reason}); {advice}. Nothing already "
+                           "saved is lost: `forge resume SESSION` continues from the last completed phase")
+
+
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def check_file(path: Path) -> None:
-    """Refuse, before SQLite touches it, a non-empty file that is not an SQLite database."""
+    """Refuse, before SQLite touches it, a path that is a folder and a non-empty file that is not an SQLite
+    database."""
+    if path.is_dir():
+        raise RegistryFileError(f"registry path {path} is a folder; point registry.path at a file (or leave it "
+                                "empty for <run_root>/registry.db)")
     if path.is_file() and path.stat().st_size > 0:
         with open(path, "rb") as handle:
             head = handle.read(len(SQLITE_HEADER))
@@ -178,6 +202,9 @@ def connect(path: Path, timeout: float) -> tuple[sqlite3.Connection, dict]:
     except sqlite3.DatabaseError as error:
         if isinstance(error, sqlite3.OperationalError) and is_busy(error):
             raise
+        if "unable to open" in str(error):
+            raise RegistryIOError(f"registry {path} cannot be opened ({error}); point registry.path at a file "
+                                  "in a folder this user can write") from None
         raise RegistryFileError(f"{path}: the registry database cannot be read ({error}); restore it from a "
                                 "backup or move it away (a new registry is created)") from None
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import re
 import time
 from pathlib import Path
@@ -52,6 +53,15 @@ def _clean_metrics(metrics: Mapping) -> dict[str, float]:
             raise TypeError(f"metrics[{name!r}] must be a number, got {type(value).__name__}")
         clean[name] = float(value)
     return clean
+
+
+def _record_phase(line: str) -> int | None:
+    """The phase of one metrics.jsonl line; None for a blank line or one cut short by a kill."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("phase") if isinstance(record, dict) else None
 
 
 def read_metrics(session_dir: str | Path) -> list[dict]:
@@ -114,6 +124,22 @@ class Tracker:
         self._phase, self._phase_name, self._last_step = phase, name, -1
         if self._wandb is not None:
             self._run = self._init_run(phase, name, dict(config))
+
+    def drop_records(self, phase: int) -> int:
+        """Remove `phase`'s records from metrics.jsonl (an earlier attempt's, killed or rolled back, before the
+        phase runs again), so the file holds one record per step; a line cut short by a kill goes too.
+        The file is rewritten to a temporary name and moved into place. Returns the lines removed."""
+        check_phase(phase)
+        if not self.metrics_path.exists():
+            return 0
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if _record_phase(line) not in (phase, None)]
+        if len(kept) == len(lines):
+            return 0
+        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
+        return len(lines) - len(kept)
 
     def _init_run(self, phase: int, name: str, config: dict):
         # Everything is passed explicitly, so WANDB_MODE / WANDB_DIR in the environment cannot

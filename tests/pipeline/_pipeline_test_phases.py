@@ -74,9 +74,16 @@ class TrainPhase(PhaseController):
 
 class MergePhase(PhaseController):
     phase, name = 2, "evomerge"
-    fail_times = 0   # tests set this to make execute raise that many times
+    fail_times = 0       # tests set this to make execute raise that many times
+    die_with = None      # a BaseException type raised after logging (a process dying mid-phase), once
+    metadata_padding = 0  # extra characters in the champion's metadata (to make the registry need new pages)
 
     def execute(self, ctx) -> PhaseResult:
+        for step in range(3):
+            ctx.tracker.log({"fitness": -float(step)}, step=step)
+        if MergePhase.die_with is not None:
+            dying, MergePhase.die_with = MergePhase.die_with, None
+            raise dying()
         maybe_sleep(ctx)
         if MergePhase.fail_times > 0:
             MergePhase.fail_times -= 1
@@ -86,7 +93,8 @@ class MergePhase(PhaseController):
         merged.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
         fitness = -loss_of(merged, 20_000)
         best_input = max(-loss_of(item.model, 20_000) for item in ctx.inputs)
-        metadata = {**ctx.inputs[0].metadata, "fitness": fitness, "merge_technique": "linear"}
+        metadata = {**ctx.inputs[0].metadata, "fitness": fitness, "merge_technique": "linear",
+                    "padding": "x" * MergePhase.metadata_padding}
         metrics = {"fitness": fitness, "fitness_gain": fitness - best_input}
         return PhaseResult(True, [ModelOutput("champion", merged, metadata, metrics)], dict(metrics))
 

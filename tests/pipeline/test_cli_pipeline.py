@@ -38,3 +38,17 @@ def test_run_status_models_rollback_resume(tmp_path):
     assert refused.returncode == 1 and "ChecksumError" in refused.stderr and "sha256" in refused.stderr
     unknown = forge(tmp_path, "resume", "no-such-session")
     assert unknown.returncode == 2 and "unknown session 'no-such-session'" in unknown.stderr   # a bad request
+
+
+def test_clean_removes_everything_of_a_session_it_deletes_and_counts_it(tmp_path):
+    for _ in range(2):
+        assert forge(tmp_path, "run", *SETS).returncode == 0
+    runs = tmp_path / "runs"
+    old, new = sorted(p.name for p in runs.iterdir() if p.is_dir())   # ids sort by start time
+    clean = forge(tmp_path, "clean", "--set", "cleanup.max_sessions_total=1")
+    assert clean.returncode == 0, clean.stderr
+    assert f"deleted session {old} and its folder" in clean.stdout
+    assert "deleted 1 session(s), 4 model(s), 8 checkpoint file(s)" in clean.stdout   # 3 + 1 models, + sidecars
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [new]
+    models = forge(tmp_path, "models")
+    assert len(models.stdout.splitlines()) == 4 and old not in models.stdout

@@ -283,3 +283,109 @@ def test_sigkill_during_phase_2_then_resume_loses_and_duplicates_nothing(tmp_pat
         champion = pipeline.load_models([p2[0]["id"]])[0]
         assert champion.metadata["tokenizer"]["kind"] == "test-chars"
     assert json.loads((session_dir / "phase2_evomerge" / "phase_result.json").read_text())["phase"] == 2
+    assert _phase_steps(session_dir, 2) == [0, 1, 2, 3]    # the killed attempt's steps are not left twice
+
+
+def _phase_steps(session_dir, phase):
+    from forge.tracking.tracker import read_metrics
+
+    return [r["step"] for r in read_metrics(session_dir) if r["phase"] == phase]
+
+
+def test_resume_after_kills_reads_as_if_the_run_had_never_been_killed(tmp_path, test_phases, monkeypatch):
+    """Killed once right after the 1->2 handoff was registered (before the session state says so), once in the
+    middle of phase 2 (steps logged, a checkpoint half written): the resumed session has one handoff, one
+    metrics record per step and no temporary file."""
+    from _pipeline_test_phases import MergePhase
+
+    pipeline, registry = make(tmp_path)
+    real_handoff = registry.register_phase_handoff
+
+    def dying_handoff(*args, **kwargs):
+        real_handoff(*args, **kwargs)
+        raise Killed()
+
+    monkeypatch.setattr(registry, "register_phase_handoff", dying_handoff)
+    with pytest.raises(Killed):
+        pipeline.run()
+    monkeypatch.setattr(registry, "register_phase_handoff", real_handoff)
+    (session,) = registry.list_sessions()
+    session_dir = pipeline.session_dir(session["id"])
+    monkeypatch.setattr(MergePhase, "die_with", Killed)
+    with pytest.raises(Killed):
+        pipeline.resume(session["id"])
+    assert _phase_steps(session_dir, 2) == [0, 1, 2]
+    stale = session_dir / "phase2_evomerge" / f".champion.safetensors.{os.getpid()}.0badf00d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    report = pipeline.resume(session["id"])
+    assert report.completed == [1, 2]
+    handoffs = registry.list_phase_handoffs(session["id"])
+    assert [(h["source_phase"], h["target_phase"]) for h in handoffs] == [(1, 2)]
+    assert _phase_steps(session_dir, 2) == [0, 1, 2, 3]    # 3 steps + the phase's final metrics
+    assert len(_phase_steps(session_dir, 1)) == 1
+    assert list(session_dir.rglob("*.tmp")) == []
+
+
+def test_a_model_registered_before_a_kill_gets_its_artifact_on_resume(tmp_path, test_phases):
+    pytest.importorskip("wandb")
+    pipeline, registry = make(tmp_path, "wandb.mode=offline")
+    real_register = registry.register_model
+
+    def register_then_die(*args, **kwargs):
+        real_register(*args, **kwargs)
+        raise Killed()          # before the W&B artifact of this model was logged
+
+    registry.register_model = register_then_die
+    with pytest.raises(Killed):
+        pipeline.run(only=1)
+    registry.register_model = real_register
+    (session,) = registry.list_sessions()
+    (adopted,) = registry.list_models(session_id=session["id"])
+    assert adopted["artifacts"] == []
+    pipeline.resume(session["id"])
+    models = registry.list_models(session_id=session["id"])
+    assert len(models) == 3 and models[0]["id"] == adopted["id"]
+    assert all(len(m["artifacts"]) == 1 for m in models), [m["artifacts"] for m in models]
+
+
+def test_a_registry_that_fills_up_mid_run_fails_the_run_in_one_clear_line(tmp_path, test_phases, monkeypatch):
+    """SQLite's own 'database or disk is full' (max_page_count reached while phase 2 registers its model):
+    the run fails naming the file and what to do, the session is marked failed, phase 1 stays, and resume
+    finishes once there is room."""
+    from _pipeline_test_phases import MergePhase
+
+    monkeypatch.setattr(MergePhase, "metadata_padding", 20_000)   # the model's row needs new pages
+    pipeline, registry = make(tmp_path)
+
+    def fill_up(message):
+        if message.startswith("phase 2 (evomerge): running"):
+            pages = registry._conn.execute("PRAGMA page_count").fetchone()[0]
+            registry._conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    pipeline.log = fill_up
+    with pytest.raises(PipelineError) as raised:
+        pipeline.run()
+    message = str(raised.value)
+    assert "database or disk is full" in message and str(registry.path) in message
+    assert "free space" in message and "forge resume" in message and "\n" not in message
+    (session,) = registry.list_sessions()
+    assert session["status"] == "failed" and "disk is full" in session["error"]
+    assert sorted(registry.completed_phases(session["id"])) == [1]
+    registry._conn.execute("PRAGMA max_page_count = 1073741823")
+    assert pipeline.resume(session["id"]).completed == [1, 2]
+
+
+def test_a_registry_deleted_during_a_run_is_noticed(tmp_path, test_phases):
+    pipeline, registry = make(tmp_path)
+
+    def delete_registry(message):
+        if message.startswith("phase 2 (evomerge): running"):
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{registry.path}{suffix}").unlink(missing_ok=True)
+
+    pipeline.log = delete_registry
+    with pytest.raises(PipelineError, match="deleted or replaced while this process had it open"):
+        pipeline.run()
+    assert not registry.path.exists()                      # nothing wrote a new, silently partial registry
+    (session_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert len(list((session_dir / "phase1_cognate").glob("*.safetensors"))) == 3

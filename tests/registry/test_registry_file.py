@@ -44,3 +44,29 @@ def test_the_cli_says_so_in_one_line(tmp_path, command):
                             text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "registry.db is not a forge registry" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_registry_deleted_or_replaced_while_open_refuses_every_later_write(tmp_path):
+    from forge.registry import RegistryIOError
+
+    for how in ("deleted", "replaced"):
+        path = tmp_path / f"{how}.db"
+        with ModelRegistry(path) as registry:
+            registry.create_session("before", {})
+            path.unlink()
+            if how == "replaced":
+                with ModelRegistry(path) as other:           # a new database now sits at the same path
+                    other.create_session("other", {})
+            with pytest.raises(RegistryIOError, match=f"{how}.db: create_session refused: the database file was "
+                                                      "deleted or replaced"):
+                registry.create_session("after", {})
+
+
+def test_paths_that_cannot_hold_a_registry_get_one_clear_error(tmp_path):
+    from forge.registry import RegistryIOError
+
+    with pytest.raises(RegistryFileError, match="is a folder; point registry.path at a file"):
+        ModelRegistry(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RegistryIOError, match="cannot create its folder"):
+        ModelRegistry(tmp_path / "file" / "registry.db")
