@@ -15,6 +15,8 @@ so a kernel decodes a byte with shifts and masks against four contiguous int8 st
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from forge import _native
@@ -299,12 +301,31 @@ def _check_packed(packed, in_features: int, out_features: int | None = None) -> 
         raise ValueError(f"out_features={out_features} but packed has {packed.shape[0]} rows")
 
 
+_CHECKED_CODES: dict[int, tuple] = {}   # id(packed) -> (weakref, version, data_ptr, in_features) that passed
+
+
+def _codes_known_good(packed, in_features: int) -> bool:
+    entry = _CHECKED_CODES.get(id(packed))
+    return (entry is not None and entry[0]() is packed
+            and entry[1:] == (packed._version, packed.data_ptr(), in_features))
+
+
+def _remember_good_codes(packed, in_features: int) -> None:
+    key = id(packed)
+    ref = weakref.ref(packed, lambda _ref: _CHECKED_CODES.pop(key, None))
+    _CHECKED_CODES[key] = (ref, packed._version, packed.data_ptr(), in_features)
+
+
 def _check_packed_codes(packed, in_features: int, what: str) -> None:
     """Refuse bytes that pack_ternary never writes: the 2-bit code 3, or a nonzero weight (a code other than 1)
     in the padding past `in_features`, which means the weight was packed with more features than `what` says
-    (21 or 23 features share 6 bytes a row with 24). One vectorized pass over packed; a host sync on a GPU."""
+    (21 or 23 features share 6 bytes a row with 24). One vectorized pass over packed (a host sync on a GPU),
+    once per tensor: a packed weight that passed is not read again until it is written in place (its version
+    counter moves), so a frozen BitLinear pays the check on its first call only."""
     if packed.device.type == "meta":
         raise ValueError("packed is a meta tensor (a shape without values); its codes cannot be checked")
+    if _codes_known_good(packed, in_features):
+        return
     kb = packed.shape[1]
     code3 = (packed & (packed >> 1) & 0x55).any()  # both bits of some 2-bit field set
     pads = [(packed[:, k % kb] >> (2 * (k // kb))) & 3 for k in range(in_features, 4 * kb)]
@@ -316,6 +337,7 @@ def _check_packed_codes(packed, in_features: int, what: str) -> None:
     if has_padding_weight:
         raise ValueError(f"packed holds nonzero weights past {what}: it was packed from a weight with more "
                          f"input features (up to {4 * kb})")
+    _remember_good_codes(packed, in_features)
 
 
 def _check_linear(x, packed, scale, out_features, eps) -> float:
@@ -541,8 +563,9 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, o
     per token to int8 (`act_quant_int8`), dot products accumulate in int32 from the decoded 2-bit codes,
     y = acc * s_x * scale. scale: float32 with 1 value (per tensor) or out_features values (per row).
     Inference only (no gradient); y has x's dtype. A token of x holding NaN or Inf gives NaN outputs.
-    packed is checked (one pass, a host sync on a GPU): the invalid code 3, or nonzero weights in the padding
-    past x's features (x narrower than the packed weight, e.g. 21 or 23 features on 24), are refused.
+    packed is checked on its first use and after every in-place write (one pass, a host sync on a GPU): the
+    invalid code 3, or nonzero weights in the padding past x's features (x narrower than the packed weight,
+    e.g. 21 or 23 features on 24), are refused.
     """
     eps = _check_linear(x, packed, scale, out_features, eps)
     return _dispatch.call_op(_ternary_linear_op, _linear_dispatch, x, packed, scale, out_features, eps, backend)

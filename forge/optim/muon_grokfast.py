@@ -162,21 +162,22 @@ class MuonGrokfast(Optimizer):
         return loss
 
     def _gather(self, group: dict, gi: int):
-        """(params, grads, names) of the group's parameters that have a gradient (zero-size ones have nothing
-        to update and are skipped: Newton-Schulz has no result for an empty matrix)."""
-        params, grads, labels = [], [], []
+        """(params, grads, indices in the group) of the group's parameters that have a gradient (zero-size ones
+        have nothing to update and are skipped: Newton-Schulz has no result for an empty matrix). Names are
+        formatted only for an error: this runs every step."""
+        params, grads, indices = [], [], []
         for i, p in enumerate(group["params"]):
             if p.grad is None or p.numel() == 0:
                 continue
-            name = f"{_label(group, f'param_groups[{gi}]', i)} of shape {tuple(p.shape)}"
             if p.grad.is_sparse:
-                raise ValueError(f"MuonGrokfast does not support sparse gradients ({name})")
+                raise ValueError(f"MuonGrokfast does not support sparse gradients ({_shaped_label(group, gi, i)})")
             if self.ste_mode and not p.is_floating_point():
-                raise TypeError(f"ste_mode updates float latent weights; {name} is {p.dtype} (frozen/packed?)")
+                raise TypeError(f"ste_mode updates float latent weights; {_shaped_label(group, gi, i)} is {p.dtype} "
+                                "(frozen/packed?)")
             params.append(p)
             grads.append(p.grad)
-            labels.append(name)
-        return params, grads, labels
+            indices.append(i)
+        return params, grads, indices
 
     def _all_finite(self, gathered) -> bool:
         """One fused norm over all gradients; on NaN/Inf raise naming the parameters, or skip. A non-finite
@@ -187,7 +188,9 @@ class MuonGrokfast(Optimizer):
         norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
         if bool(torch.isfinite(norms).all()):
             return True
-        bad = [name for _, gs, names in gathered for g, name in zip(gs, names) if not bool(torch.isfinite(g).all())]
+        bad = [_shaped_label(group, gi, i)
+               for gi, (group, (_, gs, indices)) in enumerate(zip(self.param_groups, gathered))
+               for g, i in zip(gs, indices) if not bool(torch.isfinite(g).all())]
         if not bad:
             return True
         if self.skip_nonfinite:
@@ -313,6 +316,10 @@ def _label(group: dict, where: str, i: int) -> str:
     """How an error names the group's i-th parameter: its name where the group has `param_names`."""
     names = group.get("param_names")
     return names[i] if names else f"{where}['params'][{i}]"
+
+
+def _shaped_label(group: dict, gi: int, i: int) -> str:
+    return f"{_label(group, f'param_groups[{gi}]', i)} of shape {tuple(group['params'][i].shape)}"
 
 
 def _check_params(group: dict, existing: list[dict], where: str) -> None:

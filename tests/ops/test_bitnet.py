@@ -222,6 +222,26 @@ def test_narrower_activation_than_the_packed_weight_is_refused(backend, features
                                ternary_linear(x, pack_ternary(narrow), scale, 9, backend="torch"))
 
 
+def test_packed_codes_are_checked_once_per_version_and_again_after_an_in_place_write(monkeypatch):
+    from forge.ops import bitnet
+
+    reads = []
+    real_stack = torch.stack
+    monkeypatch.setattr(bitnet.torch, "stack", lambda *a, **k: reads.append(1) or real_stack(*a, **k))
+    q = torch.randint(-1, 2, (5, 7), dtype=torch.int8)
+    packed, scale, x = pack_ternary(q), torch.ones(1), torch.randn(2, 7)
+    reads.clear()
+    first = ternary_linear(x, packed, scale, 5, backend="torch")
+    checks = len(reads)
+    assert checks > 0
+    for _ in range(3):
+        torch.testing.assert_close(ternary_linear(x, packed, scale, 5, backend="torch"), first)
+    assert len(reads) == checks                        # the same, unchanged tensor is not read again
+    packed[0, 0] = 0xFF                                # an in-place write: code 3 now, and it is seen
+    with pytest.raises(ValueError, match="invalid 2-bit code 3"):
+        ternary_linear(x, packed, scale, 5, backend="torch")
+
+
 def test_all_zero_inputs_use_eps_not_nan():
     q, scale = ternary_quant(torch.zeros(4, 4))
     assert scale.item() == pytest.approx(1e-5) and (q == 0).all()
