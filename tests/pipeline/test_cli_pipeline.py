@@ -52,3 +52,6 @@ def test_clean_removes_everything_of_a_session_it_deletes_and_counts_it(tmp_path
     assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [new]
     models = forge(tmp_path, "models")
     assert len(models.stdout.splitlines()) == 4 and old not in models.stdout
+    auto = forge(tmp_path, "run", *SETS, "--set", "cleanup.auto_cleanup=true", "--set", "cleanup.max_sessions_total=1")
+    assert auto.returncode == 0 and f"deleted session {new} and its folder" in auto.stdout, auto.stderr
+    assert len([p for p in runs.iterdir() if p.is_dir()]) == 1
