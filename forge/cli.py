@@ -1,5 +1,5 @@
 """The `forge` command: the Agent Forge pipeline (`run`, `resume`, `status`, `phases`, `models`,
-`rollback`, `clean`) and the kernel tools (`bench`, `backends`).
+`rollback`, `clean`, `generate`) and the kernel tools (`bench`, `backends`).
 
 Errors print one `forge <command>: error: <reason>` line to stderr and exit non-zero: 2 for a bad
 request (config, arguments, unknown session or phase), 1 when a run fails. A bad request writes
@@ -84,14 +84,10 @@ def _phases(_args) -> int:
 def _dry_run(config, plan: list[int]) -> int:
     from forge.pipeline.estimate import estimate
     from forge.pipeline.handoff import validate_table
-    from forge.pipeline.phases import phase_name, why_not_runnable
+    from forge.pipeline.phases import phase_name, plan_text, runnable_prefix, why_not_runnable
 
-    runnable = []
-    for phase in plan:
-        if why_not_runnable(phase, config):
-            break
-        runnable.append(phase)
-    print(f"config ok; plan: phases {plan[0]}..{plan[-1]}")
+    runnable = runnable_prefix(plan, config)
+    print(f"config ok; plan: {plan_text(plan, config)}")
     for rule in validate_table(config):
         print(f"  handoff {rule}")
     seconds = estimate(config, runnable)
@@ -101,7 +97,8 @@ def _dry_run(config, plan: list[int]) -> int:
         print(f"  phase {phase} {phase_name(phase):<12} {note}")
     if runnable != plan:
         print(f"a run would stop after phase {runnable[-1]}" if runnable else "no phase of this plan can run yet")
-    print(f"estimated total ~{sum(seconds.values()):.0f} s (from step costs measured now, on this machine); nothing was written")
+    print(f"estimated total ~{sum(seconds.values()):.0f} s on a 2-core CPU like benchmarks/RESULTS.md's (counted work, "
+          "not a timing: a faster or busier machine differs); nothing was written")
     return 0
 
 
@@ -113,17 +110,27 @@ def _run(args) -> int:
     if args.dry_run:
         return _dry_run(config, plan)
     with _registry(config, must_exist=False) as registry:
-        _pipeline(config, registry).run(args.from_phase, args.only, args.source_session)
+        pipeline = _pipeline(config, registry)
+        _summary(pipeline, pipeline.run(args.from_phase, args.only, args.source_session))
         if config.cleanup.auto_cleanup:
             _cleanup(config, registry)
     return 0
+
+
+def _summary(pipeline, report) -> None:
+    """The table a finished run ends with (forge.pipeline.report)."""
+    from forge.pipeline.report import run_summary
+
+    completed = pipeline.completed(report.session_id)
+    print(run_summary(pipeline.registry, report.session_id, pipeline.config, completed, report.final_model_ids))
 
 
 def _resume(args) -> int:
     config = _config(args)
     with _registry(config, must_exist=True) as registry:
         _known_session(registry, args.session)
-        _pipeline(config, registry).resume(args.session)
+        pipeline = _pipeline(config, registry)
+        _summary(pipeline, pipeline.resume(args.session))
         if config.cleanup.auto_cleanup:
             _cleanup(config, registry)
     return 0
@@ -136,6 +143,20 @@ def _rollback(args) -> int:
         loaded = _pipeline(config, registry).rollback(args.session, args.phase)
         for item in loaded:
             print(f"reloaded {item.model_id} (sha256 {item.record['sha256'][:12]} verified)")
+    return 0
+
+
+def _generate(args) -> int:
+    """Answer a prompt with a registered model (or a checkpoint path), as forge.load_model does."""
+    from forge.pipeline.loading import UnknownModelError, load_model
+
+    config = _config(args)
+    try:
+        model = load_model(args.model, registry_path=config.registry_path())
+    except UnknownModelError as error:
+        raise UsageError(str(error)) from None
+    for prompt in args.prompt:
+        print(model.generate(prompt, args.max_new_tokens) if args.raw else model.answer(prompt, args.max_new_tokens))
     return 0
 
 
@@ -166,15 +187,33 @@ def _status(args) -> int:
     return 0
 
 
+HEADLINE_METRICS = ("accuracy", "val_accuracy", "tool_accuracy", "thought_accuracy", "fitness", "val_loss",
+                    "compression_ratio", "retention")
+
+
+def _headline(metrics: dict) -> str:
+    """Up to three of the model's recorded metrics, the most telling first."""
+    shown = [f"{k} {metrics[k]:.3g}" for k in HEADLINE_METRICS
+             if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)]
+    return ", ".join(shown[:3]) or "-"
+
+
 def _models(args) -> int:
     with _registry(_config(args), must_exist=True) as registry:
         models = registry.list_models(session_id=args.session, phase=args.phase)
+        superseded = registry.superseded_ids()
+        hidden = 0 if args.all else sum(m["id"] in superseded for m in models)
         for m in models:
+            if m["id"] in superseded and not args.all:
+                continue
             params = m.get("parameter_count")
+            mark = "  (superseded)" if m["id"] in superseded else ""
             print(f"{m['id']}  phase {m['phase']}  {m['name']:<14} {params if params is not None else '?':>9} params"
-                  f"  sha256 {m['sha256'][:12]}  {m['path']}")
+                  f"  {_headline(m['metrics'])}  sha256 {m['sha256'][:12]}  {m['path']}{mark}")
         if not models:
             print("no models")
+        if hidden:
+            print(f"({hidden} superseded model(s) not shown: a rerun of their phase replaced them; --all shows them)")
     return 0
 
 
@@ -193,7 +232,8 @@ def _cleanup(config, registry) -> None:
     c = config.cleanup
     policy = CleanupPolicy(max_session_age_days=c.max_session_age_days, max_sessions_total=c.max_sessions_total,
                            max_models_per_session=c.max_models_per_session,
-                           keep_last_n_checkpoints=c.keep_last_n_checkpoints, file_root=Path(config.run_root))
+                           keep_last_n_checkpoints=c.keep_last_n_checkpoints, remove_superseded=c.remove_superseded,
+                           file_root=Path(config.run_root))
     result = registry.apply_cleanup(policy)
     freed = _remove_session_folders(Path(config.run_root), result["sessions_deleted"])
     for session_id in result["sessions_deleted"]:
@@ -250,12 +290,18 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", parents=[common], help="list registered models")
     models.add_argument("--phase", type=_phase_number)
     models.add_argument("--session")
+    models.add_argument("--all", action="store_true", help="also list models a rerun of their phase superseded")
     sub.add_parser("clean", parents=[common], help="apply the config's cleanup policy")
+    gen = sub.add_parser("generate", parents=[common], help="answer prompts with a model (id or .safetensors path)")
+    gen.add_argument("model")
+    gen.add_argument("prompt", nargs="+", help="e.g. \"12+7=\"")
+    gen.add_argument("--raw", action="store_true", help="print everything written, thoughts, calls and markers")
+    gen.add_argument("--max-new-tokens", type=int, default=None)
     return parser
 
 
 COMMANDS = {"backends": _backends, "phases": _phases, "run": _run, "resume": _resume, "rollback": _rollback,
-            "status": _status, "models": _models, "clean": _clean}
+            "status": _status, "models": _models, "clean": _clean, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:

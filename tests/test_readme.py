@@ -39,12 +39,32 @@ def test_the_readme_has_its_snippets():
     assert len(SNIPPETS) >= 9
 
 
+def _registered_model(root) -> str:
+    """A small model saved and registered under root/runs as a pipeline phase would: its id."""
+    from forge.data import CharTokenizer
+    from forge.registry import ModelRegistry, save_checkpoint
+
+    tokenizer = CharTokenizer()
+    torch.manual_seed(0)
+    model = build_model(TransformerConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, max_len=32))
+    metadata = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict()}
+    path = root / "runs" / "s" / "final.safetensors"
+    save_checkpoint(model.state_dict(), path, metadata)
+    with ModelRegistry(root / "runs" / "registry.db") as registry:
+        registry.create_session("s", {})
+        return registry.register_model("s", "cognate", "final", path, metadata, phase=1)
+
+
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_each_readme_snippet_runs(index):
+def test_each_readme_snippet_runs(index, tmp_path, monkeypatch):
     code = SNIPPETS[index]
+    extra = {}
+    if "load_model(" in code:      # run_root="runs" as the README says, in a folder of its own
+        monkeypatch.chdir(tmp_path)
+        extra["model_id"] = _registered_model(tmp_path)
     if "PromptBaker(" in code:     # the README's 200 steps, here 3: what runs is the snippet, not the schedule
         code = code.replace("steps=200", "steps=3")
     if "x = " not in code and "ternary_linear(x" in code:
         code = code.replace("ternary_linear(x,", "ternary_linear(torch.randn(3, 256),")
-    namespace = _stand_ins()
+    namespace = {**_stand_ins(), **extra}
     exec(compile(code, f"README.md snippet {index + 1}", "exec"), namespace)

@@ -110,7 +110,8 @@ def _generate(model, seqs, tokenizer, max_len, tool, max_new, temperature, gener
     limits = [max_len if max_new is None else min(max_len, n + max_new) for n in starts]
     outputs = [ToolOutput([], False) for _ in seqs]
     done = [len(s) >= lim for s, lim in zip(seqs, limits)]
-    call, end_call = tokenizer.token_id(CALL), tokenizer.token_id(END_CALL)
+    # without a tool the call tokens are never looked up: a plain vocabulary (before Phase 6) has none
+    call, end_call = (tokenizer.token_id(CALL), tokenizer.token_id(END_CALL)) if tool is not None else (None, None)
     while not all(done):
         live = [b for b in range(len(seqs)) if not done[b]]
         for b, tok in zip(live, _next_tokens(model, [seqs[b] for b in live], tokenizer, temperature, generator)):

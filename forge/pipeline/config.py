@@ -66,6 +66,7 @@ class CleanupConfig(Section):
     max_sessions_total: int | None = Field(100, ge=1)
     max_models_per_session: int | None = Field(None, ge=1)
     keep_last_n_checkpoints: int | None = Field(5, ge=1)
+    remove_superseded: bool = True
 
 
 # -- the optimizer of a training phase ------------------------------------------------------------

@@ -1,65 +1,42 @@
-"""Rough run-time estimate for a dry run: the config's step and evaluation counts times the measured
-cost of one training step and one evaluation forward pass of the configured model on this machine.
+"""Rough run-time estimate for a dry run: the config's step and evaluation counts times the counted work of
+one training step and one evaluation forward pass of the configured model, at a fixed reference rate.
 
-It measures (a couple of real MuonGrokfast steps of the configured model on random tokens as wide as
-the built-in tasks' sequences, nothing saved) instead of assuming a FLOP rate, because the shared
-2-core CPUs this runs on vary several-fold, and a busy machine (other jobs on the same cores) makes
-both the measurement and the run slower alike.
+Counted, not timed: a timing taken at the moment of the dry run swung 50-fold with the machine's load (605 s
+estimated idle, 31,700 s with other jobs on the cores, for a 680 s run). Work is 6 * parameters * tokens FLOP
+for a training step (forward and backward) and 2 * parameters * tokens for a forward pass (Kaplan et al. 2020);
+REFERENCE_FLOPS_PER_S is what the 2-core CPU of benchmarks/RESULTS.md ("Pipeline") sustained on this tiny
+model: 1,500 phase-1 steps and 24 evaluation batches, 4.96 TFLOP, in 82.6 s. A faster or busier machine
+takes proportionally less or more; the estimate says so.
 """
 from __future__ import annotations
 
 import math
-import time
-
-import torch
 
 from forge.pipeline.config import PipelineConfig
 
 _FORMULAS = (1, 2, 3, 4, 5, 6)   # the phases with a time formula
 VOCAB_ESTIMATE = 100        # the character vocabulary of forge.data is under 100 tokens
 EVAL_BATCH = 256            # forge.data.evaluate's default batch (one teacher-forced pass per batch)
+REFERENCE_FLOPS_PER_S = 6.0e10
 
 
-def _model(config: PipelineConfig):
+def _parameters(config: PipelineConfig) -> int:
     from forge.nn import build_model
 
     shape = config.phases.phase1.model
-    return build_model({"vocab_size": VOCAB_ESTIMATE, "dim": shape.dim, "n_layers": shape.n_layers,
-                        "n_heads": shape.n_heads, "max_len": shape.max_len})
-
-
-def _best_of(fn, repeats: int = 2) -> float:
-    fn()                                            # warm-up (allocations, kernel choice)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    model = build_model({"vocab_size": VOCAB_ESTIMATE, "dim": shape.dim, "n_layers": shape.n_layers,
+                         "n_heads": shape.n_heads, "max_len": shape.max_len})
+    return sum(p.numel() for p in model.parameters())
 
 
 def measure(config: PipelineConfig) -> dict[str, float]:
-    """Seconds per training step (batch_size x max_len) and per evaluation batch (256 sequences)."""
-    from forge.pipeline.training import make_optimizer
-
-    model = _model(config)
+    """Seconds per training step (batch_size x typical width) and per evaluation batch (256 sequences) at
+    REFERENCE_FLOPS_PER_S: counted work, the same on every machine and under any load."""
     p1 = config.phases.phase1
     width = min(_typical_width(config), p1.model.max_len)
-    tokens = torch.randint(0, VOCAB_ESTIMATE, (p1.batch_size, width))
-    optimizer = make_optimizer(model, p1.optimizer, p1.lr)
-
-    def train_step():
-        loss = model(tokens).float().logsumexp(-1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    eval_tokens = torch.randint(0, VOCAB_ESTIMATE, (EVAL_BATCH, width))
-
-    def eval_batch():
-        with torch.no_grad():
-            model(eval_tokens)
-    return {"train_step_s": _best_of(train_step), "eval_batch_s": _best_of(eval_batch)}
+    parameters = _parameters(config)
+    return {"train_step_s": 6 * parameters * p1.batch_size * width / REFERENCE_FLOPS_PER_S,
+            "eval_batch_s": 2 * parameters * EVAL_BATCH * width / REFERENCE_FLOPS_PER_S}
 
 
 def _typical_width(config: PipelineConfig) -> int:

@@ -22,7 +22,8 @@ from forge.pipeline.config import PipelineConfig
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext, PhaseResult, PipelineError
 from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
 from forge.pipeline.models import build_from_metadata
-from forge.pipeline.phases import load_controller_class, make_plan, phase_name, why_not_runnable
+from forge.pipeline.phases import (load_controller_class, make_plan, phase_name, plan_text, runnable_prefix,
+                                   why_not_runnable)
 from forge.registry.checkpoint import load_checkpoint, save_checkpoint
 from forge.registry.schema import RegistryIOError
 from forge.registry.registry import safe_name
@@ -77,7 +78,7 @@ class Pipeline:
         files.write_json(session_dir / "config.json", self.config.to_dict())
         self.registry.create_session(session_id, {"pipeline": self.config.to_dict(),
                                                   "plan": {"phases": plan, "source_session": source}})
-        self.log(f"session {session_id}: phases {plan[0]}..{plan[-1]} -> {session_dir}")
+        self.log(f"session {session_id}: {plan_text(plan, self.config)} -> {session_dir}")
         return self._run(session_id)
 
     def resume(self, session_id: str) -> RunReport:
@@ -189,6 +190,7 @@ class Pipeline:
     def _run_plan(self, session_id: str, plan: dict, tracker) -> RunReport:
         phases = plan["phases"]
         completed = self.completed(session_id)
+        runnable = runnable_prefix(phases, self.config)   # progress counts the phases that can run
         for index, phase in enumerate(phases):
             if phase in completed:
                 continue
@@ -201,7 +203,8 @@ class Pipeline:
                 self._check_handoff(session_id, phase - 1, phase, inputs)
             ids, metrics = self._run_phase(session_id, phase, controller_cls, inputs, tracker)
             completed[phase] = {"model_ids": ids, "metrics": metrics}
-            self.registry.update_session_progress(session_id, phase, 100.0 * (index + 1) / len(phases))
+            progress = 100.0 * (index + 1) / max(len(runnable), index + 1)
+            self.registry.update_session_progress(session_id, phase, progress)
         last = phases[-1]
         return RunReport(session_id, "completed", sorted(completed), completed[last]["model_ids"],
                          f"session {session_id}: completed phase{'s' if len(phases) > 1 else ''} "

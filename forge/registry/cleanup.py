@@ -34,6 +34,7 @@ class CleanupPolicy:
     max_sessions_total: keep at most this many sessions (running ones are never deleted).
     max_models_per_session: keep the newest N models of each session.
     keep_last_n_checkpoints: keep the newest N models tagged `checkpoint_tag` per session and phase.
+    remove_superseded: delete models a rerun of their phase replaced (after a rollback and resume).
     file_root: files are deleted only under this folder (default: the database's folder).
     """
     max_session_age_days: float | None = None
@@ -41,6 +42,7 @@ class CleanupPolicy:
     max_models_per_session: int | None = None
     keep_last_n_checkpoints: int | None = None
     checkpoint_tag: str = "checkpoint"
+    remove_superseded: bool = False
     file_root: Path | None = None
 
     def __post_init__(self) -> None:
@@ -116,7 +118,10 @@ def plan_cleanup(conn: sqlite3.Connection, policy: CleanupPolicy, now: datetime)
     for (session_id, _), row in schema.completed_phase_rows(conn).items():
         outputs[session_id] |= set(json.loads(row["model_ids"]))
     session_of = {m["id"]: m["session_id"] for m in models}
-    plan = CleanupPlan(_session_candidates(sessions, policy, now), _model_candidates(models, tagged, policy))
+    candidates = _model_candidates(models, tagged, policy)
+    if policy.remove_superseded:
+        candidates |= schema.superseded_model_ids(conn)
+    plan = CleanupPlan(_session_candidates(sessions, policy, now), candidates)
     while True:
         gone = plan.model_ids | {m for m, s in session_of.items() if s in plan.session_ids}
         kept = set(session_of) - gone

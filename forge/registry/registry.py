@@ -357,6 +357,10 @@ class ModelRegistry:
         sql = f"SELECT {_MODEL_COLUMNS} FROM models{where} ORDER BY phase, created_at, rowid"
         return self._read(lambda conn: self._model_dicts(conn, conn.execute(sql, params).fetchall()))
 
+    def superseded_ids(self) -> set[str]:
+        """Ids of models a rerun of their phase replaced (schema.superseded_model_ids)."""
+        return self._read(schema.superseded_model_ids)
+
     def lineage(self, model_id: str) -> list[dict]:
         """This model and all its ancestors, nearest first, back to Phase 1."""
         sql = ("WITH RECURSIVE ancestry(id, depth) AS (SELECT ?, 0 UNION "

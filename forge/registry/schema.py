@@ -11,6 +11,7 @@ convert older files with a one-time ``VACUUM``.
 """
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import time
@@ -292,3 +293,19 @@ def completed_phase_rows(conn: sqlite3.Connection, session_id: str | None = None
     for row in conn.execute(sql + " ORDER BY id", params):
         latest[(row[0], row[1])] = row   # later rows (reruns) replace earlier ones
     return latest
+
+
+def superseded_model_ids(conn: sqlite3.Connection) -> set[str]:
+    """Models a later run of their phase replaced: the phase of their session has a completed result recorded
+    after the model was registered that does not list it (a rollback and resume redid the phase, in a -rK
+    folder). A model registered after its phase's latest completed result (a rerun still going, or killed
+    before it finished and waiting to be adopted on resume) is not superseded."""
+    latest = completed_phase_rows(conn)
+    out = set()
+    for model_id, session_id, phase, created_at in conn.execute(
+            "SELECT id, session_id, phase, created_at FROM models"):
+        row = latest.get((session_id, phase))
+        if row is not None and created_at < row["recorded_at"] and model_id not in json.loads(row["model_ids"]):
+            out.add(model_id)
+    return out
+

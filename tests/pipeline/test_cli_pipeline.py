@@ -17,9 +17,14 @@ def test_run_status_models_rollback_resume(tmp_path):
     run = forge(tmp_path, "run", *SETS)
     assert run.returncode == 0, run.stderr
     assert "phase 3 (quietstar) is not implemented yet; stopped after phase 2 (evomerge)" in run.stdout
+    assert "phases 1..2 (phase 3 is not implemented yet; the run stops there)" in run.stdout
     (session,) = [p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert "1 cognate" in run.stdout and "margin_over_baseline" in run.stdout and "2 evomerge" in run.stdout
+    (champion,) = [w for w in run.stdout.split() if w.startswith("p2-champion-")][:1]
+    assert f"final model {champion}:" in run.stdout and "forge.load_model(" in run.stdout
     status = forge(tmp_path, "status")
     assert status.returncode == 0 and session in status.stdout and "completed" in status.stdout
+    assert "phase 2  100%" in status.stdout
     models = forge(tmp_path, "models", "--phase", "1")
     assert models.returncode == 0 and len(models.stdout.splitlines()) == 3
     assert all("phase 1" in line for line in models.stdout.splitlines())
@@ -31,7 +36,14 @@ def test_run_status_models_rollback_resume(tmp_path):
     assert "phase 2: completed" not in detail.stdout
     resume = forge(tmp_path, "resume", session)
     assert resume.returncode == 0, resume.stderr
-    assert len(forge(tmp_path, "models", "--phase", "2", "--session", session).stdout.splitlines()) == 2
+    listed = forge(tmp_path, "models", "--phase", "2", "--session", session).stdout.splitlines()
+    assert len(listed) == 2 and "1 superseded model(s) not shown" in listed[1] and "fitness" in listed[0]
+    everything = forge(tmp_path, "models", "--phase", "2", "--all").stdout.splitlines()
+    assert len(everything) == 2 and [line.endswith("(superseded)") for line in everything] == [True, False]
+    assert champion in everything[0] and "phase2_evomerge-r1" in everything[1]
+    clean = forge(tmp_path, "clean")
+    assert "deleted 0 session(s), 1 model(s), 2 checkpoint file(s)" in clean.stdout, clean.stdout
+    assert len(forge(tmp_path, "models", "--all").stdout.splitlines()) == 4
     first = sorted((tmp_path / "runs" / session / "phase1_cognate").glob("*.safetensors"))
     first[0].write_bytes(first[1].read_bytes())
     refused = forge(tmp_path, "rollback", session, "1")

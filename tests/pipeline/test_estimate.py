@@ -35,3 +35,21 @@ def test_the_curriculum_estimate_counts_the_climb_and_its_control():
     base = estimate(load_config(), [5], COSTS)[5]
     more = estimate(load_config(overrides=("phases.phase5.steps=2400", "phases.phase5.eval_every=50")), [5], COSTS)[5]
     assert more - base == pytest.approx(2 * 1200 * 0.05)    # twice the steps, the same number of checks
+
+
+def test_the_step_costs_are_counted_work_not_a_timing(monkeypatch):
+    """Two dry runs give the same estimate whatever the machine is doing: no clock is read, and the costs
+    follow parameters x tokens."""
+    import time
+
+    from forge.pipeline import estimate as module
+
+    monkeypatch.setattr(time, "perf_counter", lambda: (_ for _ in ()).throw(AssertionError("timed")))
+    config = load_config()
+    costs = module.measure(config)
+    assert costs == module.measure(config) and estimate(config, [1, 2]) == estimate(config, [1, 2])
+    parameters = module._parameters(config)
+    width = module._typical_width(config)
+    assert costs["train_step_s"] == pytest.approx(6 * parameters * 64 * width / module.REFERENCE_FLOPS_PER_S)
+    wider = load_config(overrides=("phases.phase1.model.dim=256",))
+    assert module.measure(wider)["train_step_s"] > 2 * costs["train_step_s"]

@@ -42,7 +42,7 @@ def test_run_all_registers_every_phase_and_stops_at_the_first_unimplemented(tmp_
     assert report.completed == [1, 2]
     assert "phase 3 (quietstar) is not implemented yet; stopped after phase 2" in report.message
     session = registry.get_session(report.session_id)
-    assert session["status"] == "completed"
+    assert session["status"] == "completed" and (session["current_phase"], session["progress"]) == (2, 100.0)
     p1 = registry.list_models(session_id=report.session_id, phase=1)
     p2 = registry.list_models(session_id=report.session_id, phase=2)
     assert len(p1) == 3 and len(p2) == 1

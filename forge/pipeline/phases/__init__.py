@@ -8,6 +8,7 @@ what, which checks it must pass) and the helpers only it uses.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from forge.phase_table import LAST_PHASE, PHASES, phase_name, phase_range_text
 from forge.pipeline.controller import PhaseController, PipelineError
@@ -33,7 +34,16 @@ def load_controller_class(phase: int) -> type[PhaseController] | None:
 
 
 def is_implemented(phase: int) -> bool:
-    return load_controller_class(phase) is not None
+    """True when the phase table names a controller whose module exists. Found without importing it (a phase's
+    training code imports torch, peft and more: seconds), so listing phases stays fast; a module that fails to
+    import, or lacks its class, still fails when the phase is loaded to run."""
+    target = PHASES[phase][1]
+    if target is None:
+        return False
+    try:
+        return importlib.util.find_spec(target.partition(":")[0]) is not None
+    except ModuleNotFoundError:      # a parent package is missing
+        return False
 
 
 def is_enabled(phase: int, config) -> bool:
@@ -48,6 +58,28 @@ def why_not_runnable(phase: int, config) -> str | None:
     if not is_enabled(phase, config):
         return f"is switched off (phases.phase{phase}.enabled: false)"
     return None
+
+
+def runnable_prefix(plan: list[int], config) -> list[int]:
+    """The phases of `plan` a run gets through: up to the first that is not implemented or switched off."""
+    runnable = []
+    for phase in plan:
+        if why_not_runnable(phase, config) is not None:
+            break
+        runnable.append(phase)
+    return runnable
+
+
+def plan_text(plan: list[int], config) -> str:
+    """'phases 1..6 (7: not implemented yet; the run stops there)': what a run of `plan` will do."""
+    runnable = runnable_prefix(plan, config)
+    if not runnable:
+        return f"phase {plan[0]} {why_not_runnable(plan[0], config)}: nothing can run"
+    text = f"phase {runnable[0]}" if len(runnable) == 1 else f"phases {runnable[0]}..{runnable[-1]}"
+    if len(runnable) < len(plan):
+        stop = plan[len(runnable)]
+        text += f" (phase {stop} {why_not_runnable(stop, config)}; the run stops there)"
+    return text
 
 
 def make_plan(from_phase: int = 1, only: int | None = None) -> list[int]:
