@@ -73,18 +73,30 @@ def outputs(model, examples, tokenizer, persona_id: str | None = None):
                     model.config.max_len)
 
 
-def adherence(model, persona_id: str, examples, tokenizer, prompted: bool) -> float:
-    """Share of closed greedy outputs showing the persona's behaviour, with or without its prompt."""
+def _adherence_of(outs, persona_id: str, tokenizer) -> float:
     persona = get_prompt(persona_id)
     marker_ids = {m: tokenizer.token_id(m) for m in persona.markers}
-    outs = outputs(model, examples, tokenizer, persona_id if prompted else None)
     return sum(o.closed and adheres(o.ids, persona, marker_ids) for o in outs) / max(1, len(outs))
+
+
+def adherence(model, persona_id: str, examples, tokenizer, prompted: bool) -> float:
+    """Share of closed greedy outputs showing the persona's behaviour, with or without its prompt."""
+    return _adherence_of(outputs(model, examples, tokenizer, persona_id if prompted else None), persona_id, tokenizer)
 
 
 def accuracy(model, examples, tokenizer) -> float:
     """Share of right answers (calculator on, markers and calls left out of the answer's text)."""
-    outs = outputs(model, examples, tokenizer)
+    return _accuracy_of(outputs(model, examples, tokenizer), examples, tokenizer)
+
+
+def _accuracy_of(outs, examples, tokenizer) -> float:
     return sum(o.correct(ex, tokenizer) for o, ex in zip(outs, examples)) / max(1, len(examples))
+
+
+def unprompted_scores(model, persona_id: str, examples, tokenizer) -> tuple[float, float]:
+    """(adherence, accuracy) without the prompt, from one generation over `examples`."""
+    outs = outputs(model, examples, tokenizer)
+    return _adherence_of(outs, persona_id, tokenizer), _accuracy_of(outs, examples, tokenizer)
 
 
 def bake(model, persona_id: str, examples, tokenizer, cfg, seed: int):
@@ -99,9 +111,8 @@ def persona_cycle(model, make_opt, persona_id: str, data: dict, tokenizer, fmt: 
     questions), "held_out", "calls" (examples -> the call kept for each, or None). Returns {"model": the model
     to go on with (baked at half_baking_strength), "format": the new format, "metrics": per-persona numbers}."""
     train, held = data["train"], data["held_out"]
-    m = {"prompted_adherence_before": adherence(model, persona_id, held, tokenizer, prompted=True),
-         "adherence_before": adherence(model, persona_id, held, tokenizer, prompted=False),
-         "accuracy_before": accuracy(model, held, tokenizer)}
+    m = {"prompted_adherence_before": adherence(model, persona_id, held, tokenizer, prompted=True)}
+    m["adherence_before"], m["accuracy_before"] = unprompted_scores(model, persona_id, held, tokenizer)
     m["taught"] = m["prompted_adherence_before"] < cfg.min_teacher_adherence
     if m["taught"]:
         teach(model, make_opt(model), persona_id, train, data["calls"](model, train), tokenizer, fmt,
@@ -110,10 +121,12 @@ def persona_cycle(model, make_opt, persona_id: str, data: dict, tokenizer, fmt: 
     m["prompted_adherence"] = adherence(model, persona_id, held, tokenizer, prompted=True)
     result = bake(model, persona_id, train, tokenizer, cfg, seed)
     half = interpolate(model, result.model, 0.5).eval()
-    handed = interpolate(model, result.model, cfg.half_baking_strength).eval()
+    fully = cfg.half_baking_strength == 1.0
+    handed = result.model.eval() if fully else interpolate(model, result.model, cfg.half_baking_strength).eval()
+    handed_adherence, accuracy_after = unprompted_scores(handed, persona_id, held, tokenizer)
     m.update(kl_before=result.kl_before, kl_after=result.kl_after, kl_reduction=result.kl_reduction,
-             adherence=adherence(result.model, persona_id, held, tokenizer, prompted=False),
+             adherence=handed_adherence if fully else adherence(result.model, persona_id, held, tokenizer, False),
              half_baked_adherence=adherence(half, persona_id, held, tokenizer, prompted=False),
-             accuracy_after=accuracy(handed, held, tokenizer))
+             accuracy_after=accuracy_after)
     m["adherence_gap"] = m["prompted_adherence"] - m["adherence"]
     return {"model": handed, "format": fmt.plus(get_prompt(persona_id)), "metrics": m}

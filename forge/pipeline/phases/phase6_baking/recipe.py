@@ -24,8 +24,8 @@ from forge.nn import resize_vocab
 from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult, require_one_input
 from forge.pipeline.phases.phase6_baking.cycles import run_cycles
 from forge.pipeline.phases.phase6_baking.personas import Format, adherence, persona_cycle
-from forge.pipeline.phases.phase6_baking.toolformer import (filter_calls, format_scorer, tool_levels, tool_rows,
-                                                            tool_scores, train_rows)
+from forge.pipeline.phases.phase6_baking.toolformer import (filter_calls, format_scorer, mean, tool_levels,
+                                                            tool_rows, tool_scores, train_rows)
 from forge.pipeline.training import make_optimizer
 
 BASE_QUESTIONS = 512   # held-out questions of the incoming tasks' default difficulty (as Phases 4 and 5 measure)
@@ -163,14 +163,14 @@ def final_metrics(run: _Run, incoming, log: list[dict], data: dict, tokenizer, m
     """The phase's metrics: tool use on the beyond-ability test set, base accuracy, personas, the cycle log."""
     test, base = data["test"], data["base"]
     m = tool_scores(run.model, test, tokenizer, max_len, data["test_levels"])
-    m["incoming_accuracy_beyond"] = _mean(exact_matches(incoming, test, tokenizer, max_len))
+    m["incoming_accuracy_beyond"] = mean(exact_matches(incoming, test, tokenizer, max_len))
     m["tool_lift"] = m["tool_accuracy"] - m["no_tool_accuracy"]
     outs = answer_with_tool(run.model, base, tokenizer, max_len)
-    m["input_accuracy"] = _mean(exact_matches(incoming, base, tokenizer, max_len))
-    m["accuracy"] = m["val_accuracy"] = _mean(o.correct(ex, tokenizer) for o, ex in zip(outs, base))
+    m["input_accuracy"] = mean(exact_matches(incoming, base, tokenizer, max_len))
+    m["accuracy"] = m["val_accuracy"] = mean(o.correct(ex, tokenizer) for o, ex in zip(outs, base))
     m["base_accuracy_drop"] = m["input_accuracy"] - m["accuracy"]
     for task in sorted({ex.task for ex in base}):
-        m[f"base_call_rate/{task}"] = _mean(o.called(tokenizer) for o, ex in zip(outs, base) if ex.task == task)
+        m[f"base_call_rate/{task}"] = mean(o.called(tokenizer) for o, ex in zip(outs, base) if ex.task == task)
     for persona, pm in run.personas.items():
         for key, value in pm.items():
             m[f"persona_{key}/{persona}"] = float(value)
@@ -184,8 +184,3 @@ def final_metrics(run: _Run, incoming, log: list[dict], data: dict, tokenizer, m
     m.update(cycles_completed=len(log), cycle_log=log, calls_kept=run.kept[-1]["kept"] if run.kept else 0,
              calls_considered=run.kept[-1]["considered"] if run.kept else 0, call_filter_log=run.kept)
     return m
-
-
-def _mean(flags) -> float:
-    flags = list(flags)
-    return sum(flags) / max(1, len(flags))

@@ -177,13 +177,13 @@ def tool_scores(model, examples: list[Example], tokenizer, max_len: int, levels:
     right = [o.correct(ex, tokenizer) for o, ex in zip(with_tool, examples)]
     right_alone = [o.correct(ex, tokenizer) for o, ex in zip(without, examples)]
     called = [o.called(tokenizer) for o in with_tool]
-    out = {"tool_accuracy": _mean(right), "no_tool_accuracy": _mean(right_alone), "call_rate": _mean(called),
+    out = {"tool_accuracy": mean(right), "no_tool_accuracy": mean(right_alone), "call_rate": mean(called),
            "call_error_rate": sum(o.errors for o in with_tool) / max(1, sum(o.calls + o.errors for o in with_tool))}
     for task in sorted({ex.task for ex in examples}):
         pick = [i for i, ex in enumerate(examples) if ex.task == task]
-        out[f"tool_accuracy/{task}"] = _mean(right[i] for i in pick)
-        out[f"no_tool_accuracy/{task}"] = _mean(right_alone[i] for i in pick)
-        out[f"call_rate/{task}"] = _mean(called[i] for i in pick)
+        out[f"tool_accuracy/{task}"] = mean(right[i] for i in pick)
+        out[f"no_tool_accuracy/{task}"] = mean(right_alone[i] for i in pick)
+        out[f"call_rate/{task}"] = mean(called[i] for i in pick)
     if levels is not None:
         for key, flags in (("tool_level_accuracy", right), ("no_tool_level_accuracy", right_alone)):
             out[key] = _table(examples, levels, flags)
@@ -194,9 +194,10 @@ def _table(examples, levels, flags) -> dict:
     cells: dict[str, dict[str, list[bool]]] = {}
     for ex, lv, ok in zip(examples, levels, flags):
         cells.setdefault(ex.task, {}).setdefault(str(lv), []).append(ok)
-    return {t: {lv: _mean(v) for lv, v in row.items()} for t, row in cells.items()}
+    return {t: {lv: mean(v) for lv, v in row.items()} for t, row in cells.items()}
 
 
-def _mean(flags) -> float:
+def mean(flags) -> float:
+    """The mean of an iterable of numbers or booleans (0.0 for none)."""
     flags = list(flags)
     return sum(flags) / max(1, len(flags))
