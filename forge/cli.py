@@ -1,5 +1,5 @@
 """The `forge` command: the Agent Forge pipeline (`run`, `resume`, `status`, `phases`, `models`,
-`rollback`, `clean`, `generate`) and the kernel tools (`bench`, `backends`).
+`rollback`, `clean`, `generate`), the dashboard (`ui`) and the kernel tools (`bench`, `backends`).
 
 Errors print one `forge <command>: error: <reason>` line to stderr and exit non-zero: 2 for a bad
 request (config, arguments, unknown session or phase), 1 when a run fails. A bad request writes
@@ -257,6 +257,17 @@ def _remove_session_folders(run_root: Path, session_ids: list[str]) -> int:
     return freed
 
 
+def _ui(args) -> int:
+    from forge.ui.server import check_installed, serve
+
+    missing = check_installed()
+    if missing:
+        raise UsageError(missing)
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    return serve(args.run_root, args.port)
+
+
 def _phase_number(text: str) -> int:
     from forge.phase_table import PHASES, phase_range_text
 
@@ -297,11 +308,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="+", help="e.g. \"12+7=\"")
     gen.add_argument("--raw", action="store_true", help="print everything written, thoughts, calls and markers")
     gen.add_argument("--max-new-tokens", type=int, default=None)
+    ui = sub.add_parser("ui", help="the dashboard: sessions, phases, models (Streamlit, on 127.0.0.1)")
+    ui.add_argument("--run-root", type=Path, default=Path("runs/"), help="folder of the runs (default runs/)")
+    ui.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
     return parser
 
 
 COMMANDS = {"backends": _backends, "phases": _phases, "run": _run, "resume": _resume, "rollback": _rollback,
-            "status": _status, "models": _models, "clean": _clean, "generate": _generate}
+            "status": _status, "models": _models, "clean": _clean, "generate": _generate, "ui": _ui}
 
 
 def main(argv: list[str] | None = None) -> int:
