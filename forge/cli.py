@@ -175,7 +175,9 @@ def _status(args) -> int:
         if args.session is None:
             sessions = registry.list_sessions()
             for s in sessions:
-                print(f"{s['id']}  {s['status']:<11} phase {s['current_phase']}  {s['progress']:.0f}%")
+                done = sorted(registry.completed_phases(s["id"]))
+                ran = f"phases {done[0]}..{done[-1]} done" if len(done) > 1 else f"phase {done[0]} done" if done else ""
+                print(f"{s['id']}  {s['status']:<11} phase {s['current_phase']}  {s['progress']:3.0f}%  {ran}".rstrip())
             if not sessions:
                 print("no sessions")
             return 0

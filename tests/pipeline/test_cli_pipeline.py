@@ -24,7 +24,7 @@ def test_run_status_models_rollback_resume(tmp_path):
     assert f"final model {champion}:" in run.stdout and "forge.load_model(" in run.stdout
     status = forge(tmp_path, "status")
     assert status.returncode == 0 and session in status.stdout and "completed" in status.stdout
-    assert "phase 2  100%" in status.stdout
+    assert "phase 2  100%  phases 1..2 done" in status.stdout
     models = forge(tmp_path, "models", "--phase", "1")
     assert models.returncode == 0 and len(models.stdout.splitlines()) == 3
     assert all("phase 1" in line for line in models.stdout.splitlines())
