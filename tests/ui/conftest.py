@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("streamlit", reason="the dashboard needs the `ui` extra: pip install -e '.[ui]'")
 pytest.importorskip("plotly", reason="the dashboard needs the `ui` extra: pip install -e '.[ui]'")
 
+from _tiny_run import TINY_SETS
 from _ui_run import SETS, app_test, run_driver, wait_for
 
 
@@ -51,3 +52,30 @@ def recorded(run_root):
         (session,) = registry.list_sessions()
         return {"session": session, "phases": registry.completed_phases(session["id"]),
                 "models": registry.list_models(), "handoffs": registry.list_phase_handoffs(session["id"])}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """What a tiny real run of phases 1-6 records (_tiny_run.py), read back through the dashboard's data layer:
+    {"config", "phase_results": {"1": ...}, "models", "records"} (the phase-view tests draw from it)."""
+    import subprocess
+    import sys
+
+    from forge.pipeline.config import Phase7Config
+    from forge.ui import data
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    stop_after_6 = ["phases.phase7.enabled=false"] if "enabled" in Phase7Config.model_fields else []
+    sets = [a for s in ("run_root=runs", *TINY_SETS, *stop_after_6) for a in ("--set", s)]
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "_tiny_run.py"), "run", *sets],
+                          cwd=folder, capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = data.RunRoot.open(folder / "runs")
+    try:
+        session_id = data.list_sessions(run)[0]["id"]
+        results = {str(p): data.phase_results(run, session_id, p) for p in range(1, 7)}
+        return {"config": data.session_config(run, session_id), "models": data.list_models(run, session_id),
+                "phase_results": {k: v for k, v in results.items() if v is not None},
+                "records": data.read_metrics_file(run, session_id).records}
+    finally:
+        run.close()

@@ -1,11 +1,8 @@
-"""The phase figures on what phases 1-6 really record. data/real_run.json holds the registry results, model
-metadata and metrics.jsonl of a tiny real `forge run` of phases 1-6 (a few dozen steps each, so the phases'
-pass checks were switched off for that recording; the keys and values are the pipeline's own). Each test
-checks that a figure draws exactly those values, so a figure fed made-up numbers fails."""
+"""The phase figures on what phases 1-6 really record: the `tiny_run` fixture runs a tiny real `forge run` of
+phases 1-6 (a few dozen steps each, so the phases' pass checks are switched off; the keys and values are the
+pipeline's own) and reads back its registry results, model metadata and metrics.jsonl. Each test checks that a
+figure draws exactly those values, so a figure fed made-up numbers fails."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 
@@ -18,7 +15,13 @@ from forge.ui.phase_views import (
     training_curves,
 )
 
-RECORDED = json.loads((Path(__file__).parent / "data" / "real_run.json").read_text())
+RECORDED: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def recorded_run(tiny_run):
+    RECORDED.clear()
+    RECORDED.update(tiny_run)
 
 
 def phase_data(phase: int) -> PhaseData:
