@@ -6,6 +6,7 @@
 #include "cpu/bitnet.h"
 #include "cpu/grokfast.h"
 #include "cpu/kl_div.h"
+#include "cpu/seedlm.h"
 #include "cpu/symmetric.h"
 
 namespace py = pybind11;
@@ -41,5 +42,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lse_t"), py::arg("row_scale"), py::arg("grad"), py::arg("rows"), py::arg("vocab"),
         py::arg("s_stride"), py::arg("t_stride"), py::arg("g_stride"), py::arg("dtype"), py::arg("inv_t"),
         py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("seedlm_search", &forge::seedlm_search_cpu, py::arg("blocks"), py::arg("n"), py::arg("C"), py::arg("P"),
+        py::arg("K"), py::arg("taps_mask"), py::arg("num_seeds"), py::arg("seeds"), py::arg("q"), py::arg("e"),
+        py::arg("err"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("seedlm_decode", &forge::seedlm_decode_cpu, py::arg("seeds"), py::arg("q"), py::arg("e"), py::arg("n"),
+        py::arg("C"), py::arg("P"), py::arg("walk"), py::arg("position"), py::arg("out"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("seedlm_linear", &forge::seedlm_linear_cpu, py::arg("x"), py::arg("m"), py::arg("k"), py::arg("n_out"),
+        py::arg("seeds"), py::arg("q"), py::arg("e"), py::arg("C"), py::arg("P"), py::arg("walk"),
+        py::arg("position"), py::arg("y"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("vq_decode", &forge::vq_decode_cpu, py::arg("idx"), py::arg("codebook"), py::arg("res_idx"),
+        py::arg("res_codebook"), py::arg("scale"), py::arg("out"), py::arg("in"), py::arg("v"), py::arg("w"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("vq_linear", &forge::vq_linear_cpu, py::arg("x"), py::arg("m"), py::arg("idx"), py::arg("codebook"),
+        py::arg("res_idx"), py::arg("res_codebook"), py::arg("scale"), py::arg("out"), py::arg("in"), py::arg("v"),
+        py::arg("y"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.attr("ABI_VERSION") = 1;
 }

@@ -22,6 +22,16 @@ void kl_div_forward_cuda(uintptr_t s, uintptr_t t, uintptr_t mask, uintptr_t los
 void kl_div_backward_cuda(uintptr_t s, uintptr_t t, uintptr_t ls, uintptr_t lt, uintptr_t scale, uintptr_t g,
                           int64_t rows, int64_t vocab, int64_t ss, int64_t ts, int64_t gs, int dtype, float inv_t,
                           uintptr_t stream);
+void seedlm_search_cuda(uintptr_t w, int64_t n, int C, int P, uintptr_t ut, uintptr_t pinv, int64_t num_seeds,
+                        uintptr_t best, uintptr_t q, uintptr_t e, uintptr_t err, uintptr_t stream);
+void seedlm_decode_cuda(uintptr_t walk, uintptr_t pos, uintptr_t seeds, uintptr_t q, uintptr_t e, int64_t n, int C,
+                        int P, uintptr_t out, uintptr_t stream);
+void seedlm_linear_cuda(uintptr_t x, int64_t m, int64_t k, int64_t n_out, uintptr_t walk, uintptr_t pos,
+                        uintptr_t seeds, uintptr_t q, uintptr_t e, int C, int P, uintptr_t y, uintptr_t stream);
+void vq_decode_cuda(uintptr_t idx, uintptr_t book, uintptr_t res, uintptr_t res_book, uintptr_t scale, int64_t n_out,
+                    int64_t n_in, int v, uintptr_t w, uintptr_t stream);
+void vq_linear_cuda(uintptr_t x, int64_t m, uintptr_t idx, uintptr_t book, uintptr_t res, uintptr_t res_book,
+                    uintptr_t scale, int64_t n_out, int64_t n_in, int v, uintptr_t y, uintptr_t stream);
 }  // namespace forge
 
 namespace py = pybind11;
@@ -53,5 +63,18 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("lse_t"), py::arg("row_scale"), py::arg("grad"), py::arg("rows"), py::arg("vocab"),
         py::arg("s_stride"), py::arg("t_stride"), py::arg("g_stride"), py::arg("dtype"), py::arg("inv_t"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("seedlm_search", &forge::seedlm_search_cuda, py::arg("w"), py::arg("n"), py::arg("C"), py::arg("P"),
+        py::arg("ut"), py::arg("pinv"), py::arg("num_seeds"), py::arg("best"), py::arg("q"), py::arg("e"),
+        py::arg("err"), py::arg("stream"));
+  m.def("seedlm_decode", &forge::seedlm_decode_cuda, py::arg("walk"), py::arg("pos"), py::arg("seeds"), py::arg("q"),
+        py::arg("e"), py::arg("n"), py::arg("C"), py::arg("P"), py::arg("out"), py::arg("stream"));
+  m.def("seedlm_linear", &forge::seedlm_linear_cuda, py::arg("x"), py::arg("m"), py::arg("k"), py::arg("n_out"),
+        py::arg("walk"), py::arg("pos"), py::arg("seeds"), py::arg("q"), py::arg("e"), py::arg("C"), py::arg("P"),
+        py::arg("y"), py::arg("stream"));
+  m.def("vq_decode", &forge::vq_decode_cuda, py::arg("idx"), py::arg("book"), py::arg("res"), py::arg("res_book"),
+        py::arg("scale"), py::arg("n_out"), py::arg("n_in"), py::arg("v"), py::arg("w"), py::arg("stream"));
+  m.def("vq_linear", &forge::vq_linear_cuda, py::arg("x"), py::arg("m"), py::arg("idx"), py::arg("book"),
+        py::arg("res"), py::arg("res_book"), py::arg("scale"), py::arg("n_out"), py::arg("n_in"), py::arg("v"),
+        py::arg("y"), py::arg("stream"));
   m.attr("ABI_VERSION") = 1;
 }

@@ -18,6 +18,8 @@ from forge.ops.fused_linear_kl import fused_linear_kl
 from forge.ops.grokfast import grokfast_ema_, grokfast_ema_reference, grokfast_ma_, grokfast_ma_reference
 from forge.ops.kl_div import kl_div_logits, kl_div_logits_reference
 from forge.ops.newton_schulz import newton_schulz, newton_schulz_reference
+from forge.ops.seedlm import seedlm_decode, seedlm_linear, seedlm_search
+from forge.ops.vq import vq_decode, vq_linear
 
 __all__ = [
     "BackendUnavailableError",
@@ -40,4 +42,9 @@ __all__ = [
     "kl_div_logits",
     "kl_div_logits_reference",
     "fused_linear_kl",
+    "seedlm_search",
+    "seedlm_decode",
+    "seedlm_linear",
+    "vq_decode",
+    "vq_linear",
 ]
