@@ -14,7 +14,7 @@ PHASES: dict[int, tuple[str, str | None]] = {
     4: ("bitnet", "forge.pipeline.phases.phase4_bitnet:BitNetPhase"),
     5: ("curriculum", "forge.pipeline.phases.phase5_curriculum:CurriculumPhase"),
     6: ("baking", "forge.pipeline.phases.phase6_baking:BakingPhase"),
-    7: ("experts", None),
+    7: ("experts", "forge.pipeline.phases.phase7_experts.recipe:ExpertsPhase"),
     8: ("compression", None),
 }
 FIRST_PHASE, LAST_PHASE = min(PHASES), max(PHASES)

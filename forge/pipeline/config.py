@@ -312,18 +312,43 @@ class Phase6Config(Section):
         return personas
 
 
-# -- phases 7..8: not implemented yet; the original system's settings scaled to a tiny model ----------
 class Phase7Config(Section):
-    min_experts: int = Field(3, ge=1)
-    max_experts: int = Field(6, ge=1)
-    svf_singular_values: int = Field(16, ge=1)
-    svf_lr: float = Field(1e-4, gt=0)
-    svf_steps: int = Field(200, ge=1)
-    adas_generations: int = Field(10, ge=1)
-    adas_population: int = Field(8, ge=2)
-    mutation_rate: float = Field(0.1, ge=0, le=1)
-    crossover_rate: float = Field(0.7, ge=0, le=1)
-    tournament_size: int = Field(3, ge=2)
+    """Transformer² experts (forge.pipeline.phases.phase7_experts): discovery from the model's errors, SVF
+    z-vectors trained per cluster, the prompt router, CEM few-shot mixing and the NSGA-II mixture search."""
+    enabled: bool = False   # off by default until it fits its 3-minute budget and passes on a default run's
+                            # Phase 6 model (benchmarks/RESULTS.md "Phase 7"); true runs it after phase 6
+    min_experts: int = Field(2, ge=1)          # fewest clusters tried (seed PHASE7_MIN_EXPERTS_DISCOVERED: 2)
+    max_experts: int = Field(3, ge=1)          # most clusters tried (seed: 10)
+    solved_accuracy: float = Field(0.95, ge=0, le=1)   # cells answered at least this well stay with the base
+    discovery_questions: int = Field(8, ge=1)  # held-out (val) questions per task and level for discovery
+    eval_questions: int = Field(8, ge=1)       # held-out (test) questions per task and level for the reports
+    train_questions: int = Field(64, ge=1)     # training questions per cell of a cluster
+    svf_singular_values: int = Field(16, ge=1)  # top singular values adapted per MLP matrix (seed: 32)
+    max_mult: float = Field(2.0, gt=1)         # z = sigmoid(p) * max_mult; p starts where z = 1
+    method: Literal["reinforce", "cross_entropy"] = "reinforce"   # how the experts handed on are trained
+    compare_methods: bool = True               # also train every expert the other way and report both
+    svf_lr: float = Field(0.1, gt=0)           # z-vector rate (AdamW path; paper 2e-3 over far more steps)
+    svf_steps: int = Field(30, ge=1)           # training steps per expert (seed: 5 epochs)
+    svf_batch_size: int = Field(16, ge=1)      # questions per step (paper: 256)
+    max_grad_norm: float = Field(1.0, gt=0)    # gradient-norm clip on the z-vectors (paper: 1e-3 with its lr)
+    eval_every: int = Field(10, ge=1)          # steps between validation checks; the best expert is kept
+    router_steps: int = Field(300, ge=1)       # softmax-regression steps of the prompt router
+    few_shot_task: Literal["addition", "multiplication", "modular", "copy", "reversal", "sorting", "word_problems",
+                           None] = None        # CEM's target task; null: the task the base model does worst
+    few_shot_questions: int = Field(16, ge=1)  # the handful of target-task examples CEM scores on (val split)
+    cem_population: int = Field(8, ge=2)       # CEM samples per iteration (paper: 32)
+    cem_elites: int = Field(2, ge=1)           # CEM elites (paper: 20 %)
+    cem_iterations: int = Field(3, ge=1)       # CEM iterations (paper: 50)
+    layer_groups: int = Field(3, ge=1)         # NSGA-II mixes per group of consecutive blocks
+    adas_questions: int = Field(32, ge=1)      # validation questions NSGA-II's accuracy is measured on
+    adas_generations: int = Field(3, ge=1)     # NSGA-II generations (seed: 100)
+    adas_population: int = Field(6, ge=2)      # NSGA-II population (seed: 50)
+    mutation_rate: float = Field(0.1, ge=0, le=1)    # polynomial mutation probability per variable (seed: 0.1)
+    crossover_rate: float = Field(0.7, ge=0, le=1)   # SBX crossover probability (seed: 0.7)
+    min_expert_gain: float = Field(0.0, ge=-1, le=1)   # check: every expert beats the base on its cluster by more
+    min_routing_gain: float = Field(0.0, ge=-1, le=1)  # check: routed minus base accuracy on the held-out set
+    min_gain_over_random: float = Field(0.0, ge=-1, le=1)   # check: routed minus random-expert accuracy there
+    seed: int = Field(0, ge=0)                 # seeds the questions, the sampling and the searches
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(
         grokfast_lamb=0.15, qk_clip_threshold=28.0, kl_coefficient=0.05))
 
@@ -331,9 +356,12 @@ class Phase7Config(Section):
     def _expert_range(self) -> "Phase7Config":
         if self.max_experts < self.min_experts:
             raise ValueError(f"max_experts ({self.max_experts}) must be >= min_experts ({self.min_experts})")
+        if self.cem_elites > self.cem_population:
+            raise ValueError(f"cem_elites ({self.cem_elites}) must be <= cem_population ({self.cem_population})")
         return self
 
 
+# -- phase 8: not implemented yet; the original system's settings scaled to a tiny model ----------
 class Phase8Config(Section):
     seedlm_block_size: int = Field(64, ge=1)
     seedlm_seed_bits: int = Field(8, ge=1, le=32)

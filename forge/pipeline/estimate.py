@@ -14,7 +14,7 @@ import math
 
 from forge.pipeline.config import PipelineConfig
 
-_FORMULAS = (1, 2, 3, 4, 5, 6)   # the phases with a time formula
+_FORMULAS = (1, 2, 3, 4, 5, 6, 7)   # the phases with a time formula
 VOCAB_ESTIMATE = 100        # the character vocabulary of forge.data is under 100 tokens
 EVAL_BATCH = 256            # forge.data.evaluate's default batch (one teacher-forced pass per batch)
 REFERENCE_FLOPS_PER_S = 6.0e10
@@ -50,7 +50,7 @@ def _typical_width(config: PipelineConfig) -> int:
 
 
 def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] | None = None) -> dict[int, float]:
-    """Estimated seconds for each of `phases` that has a formula (phases 1 to 6)."""
+    """Estimated seconds for each of `phases` that has a formula (phases 1 to 7)."""
     if not set(_FORMULAS) & set(phases):
         return {}
     costs = costs or measure(config)
@@ -93,6 +93,8 @@ def _later_phases(config: PipelineConfig, phases: list[int], step_s: float, eval
         out[5] = climbs + checks + tables + self_model + p5.baking_steps * step_s
     if 6 in phases:
         out[6] = _phase6(config, step_s, evaluation)
+    if 7 in phases:
+        out[7] = _phase7(config, step_s, evaluation)
     return out
 
 
@@ -109,3 +111,24 @@ def _phase6(config: PipelineConfig, step_s: float, evaluation) -> float:
     generation = 30 * (4 * evaluation(beyond * p6.val_questions) + 2 * evaluation(beyond * p6.eval_questions)
                        + evaluation(512) + 8 * evaluation(p6.persona_eval_questions))
     return train + filtering + generation
+
+
+def _phase7(config: PipelineConfig, step_s: float, evaluation) -> float:
+    """Every answer is generated with the calculator, re-running its batch once per written token (about 30
+    passes). Cells: the incoming tasks times 10 levels. Each expert (max_experts at most, twice with
+    compare_methods) trains svf_steps steps that each sample a batch (30 small passes, counted as one phase-1 step
+    each at svf_batch_size / batch_size) and train on it (one step), with eval_every checks on its cluster; the
+    held-out set is answered about 6 times (base, experts, routed, random, handed on); CEM and NSGA-II answer
+    their questions once per candidate."""
+    p1, p7 = config.phases.phase1, config.phases.phase7
+    cells = 10 * len({t for m in p1.models for t, w in m.task_weights.items() if w > 0})
+    runs = p7.max_experts * (2 if p7.compare_methods else 1)
+    small = step_s * p7.svf_batch_size / p1.batch_size
+    per_cluster = cells * p7.discovery_questions // max(1, p7.max_experts)
+    training = runs * (p7.svf_steps * 31 * small + (p7.svf_steps // p7.eval_every + 1) * 30 * evaluation(
+        per_cluster))
+    held_out = 30 * (6 * evaluation(cells * p7.eval_questions) + evaluation(cells * p7.discovery_questions))
+    cem = (1 + p7.cem_population * p7.cem_iterations + p7.max_experts) * 30 * evaluation(p7.few_shot_questions)
+    nsga = p7.adas_population * p7.adas_generations * 30 * evaluation(p7.adas_questions)
+    return training + held_out + cem + nsga
+

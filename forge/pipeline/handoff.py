@@ -11,8 +11,8 @@ phase's config section, so `--set phases.phase1.min_margin_over_baseline=0.3` ti
 This table is the one home of every phase's pass checks. They are evaluated by one function at two
 gates: when a phase ends (`check_phase_end`, from PhaseController.validate_output, so the last phase of
 a run fails its own checks too) and when its models are handed on (`check_handoff`, which also guards
-models taken from another session with `--only N --source-session`). Rules 6->7 onward guard phases
-that are not implemented yet and are provisional.
+models taken from another session with `--only N --source-session`). Rule 8's successor does not exist;
+the rules up to 7->8 guard implemented phases.
 """
 from __future__ import annotations
 
@@ -132,7 +132,19 @@ _RULES = (
                                     "with it")),
                 notes="seed: at least one cycle completed; the calculator lifts accuracy beyond the model's own, "
                       "no loss on the incoming tasks, every persona baked (KL -80%, adherence as prompted)"),
-    HandoffRule(7, 8, 1, ("num_experts",), (MetricBound("num_experts", low=2),), notes="provisional"),
+    HandoffRule(7, 8, 1, ("num_experts", "experts", "router"),
+                (MetricBound("num_experts", low=2,
+                             reason="discovery found too few clusters of errors to train experts on"),
+                 MetricBound("min_expert_gain", low="min_expert_gain", strict=True, phase_end_only=True,
+                             reason="an expert does not beat the base model on its own cluster's held-out questions"),
+                 MetricBound("routing_gain", low="min_routing_gain", strict=True, phase_end_only=True,
+                             reason="the routed model ({routed_accuracy:.3f}) does not beat the base model "
+                                    "({base_accuracy:.3f}) on the whole held-out set"),
+                 MetricBound("routing_over_random", low="min_gain_over_random", strict=True, phase_end_only=True,
+                             reason="routing ({routed_accuracy:.3f}) does not beat a random expert choice "
+                                    "({random_expert_accuracy:.3f})")),
+                notes="seed: PHASE7_MIN_EXPERTS_DISCOVERED = 2; every expert beats the base on its cluster, the "
+                      "routed model beats the base and a random expert choice on the held-out set"),
 )
 HANDOFF_RULES: dict[tuple[int, int], HandoffRule] = {(rule.source, rule.target): rule for rule in _RULES}
 

@@ -26,7 +26,17 @@ def test_each_phase_scales_with_its_own_steps():
 def test_only_the_planned_phases_are_estimated():
     assert set(estimate(load_config(), [3], COSTS)) == {3}
     assert set(estimate(load_config(), [5, 6], COSTS)) == {5, 6}
-    assert estimate(load_config(), [7, 8], COSTS) == {}
+    assert estimate(load_config(), [8], COSTS) == {}
+    assert set(estimate(load_config(), [7, 8], COSTS)) == {7}
+
+
+def test_the_experts_estimate_follows_training_and_search_sizes():
+    """Phase 7: each expert's training (max_experts, twice when both methods are compared) and NSGA-II's
+    candidates, each answered with the calculator token by token."""
+    base = estimate(load_config(), [7], COSTS)[7]
+    one = estimate(load_config(overrides=("phases.phase7.compare_methods=false",)), [7], COSTS)[7]
+    more = estimate(load_config(overrides=("phases.phase7.adas_generations=8",)), [7], COSTS)[7]
+    assert 0 < one < base and more - base == pytest.approx(6 * 5 * 30 * 0.01)
 
 
 def test_the_curriculum_estimate_counts_the_climb_and_its_control():
