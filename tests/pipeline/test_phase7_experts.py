@@ -91,14 +91,15 @@ def _cfg(**changes):
 
 def test_reinforce_raises_the_reward_of_a_cluster(trained):
     """Addition at level 2 (base accuracy 0.36 on 64 val questions). Measured over seeds 0, 1, 2: the kept
-    expert's greedy accuracy (its reward, +1 right / -1 wrong) 0.41 / 0.45 / 0.45, gains of 3, 6, 6 questions."""
+    expert's greedy accuracy (its reward, +1 right / -1 wrong) 0.41 / 0.45 / 0.45, gains of 3, 6, 6 questions:
+    a margin of a few questions, so the test asks for a real gain (at least one question), not a size of it."""
     model, tokenizer = trained
     train, val = level_examples("addition", 2, 256, "train", 0), level_examples("addition", 2, 64, "val", 0)
     cfg = _cfg(svf_steps=60, svf_batch_size=16, svf_lr=0.1, eval_every=10, svf_singular_values=16)
     out = train_expert(add_svf(model, 16), model, train, val, tokenizer, cfg, method="reinforce", true_rows=None,
                        seed=0)
     assert len(out["rewards"]) == 60 and all(r in (-1.0, 1.0) or -1 < r < 1 for r in out["rewards"])
-    assert out["val_accuracy"] >= out["base_val_accuracy"] + 0.04 and out["best_step"] > 0, out
+    assert out["val_accuracy"] > out["base_val_accuracy"] and out["best_step"] > 0, out
     assert any(not torch.allclose(z, torch.ones_like(z)) for z in out["expert"].values())
     svf = add_svf(model, 16)
     set_expert(svf, out["expert"])          # the kept expert is what was measured
