@@ -27,6 +27,7 @@ from forge.pipeline.phases import (load_controller_class, make_plan, phase_name,
 from forge.registry.checkpoint import load_checkpoint, save_checkpoint
 from forge.registry.schema import RegistryIOError
 from forge.registry.registry import safe_name
+from forge.tracking.metrics import flat_numbers
 
 @dataclass
 class RunReport:
@@ -304,7 +305,7 @@ class Pipeline:
                                                   time.perf_counter() - started)
                 raise
         result.duration_s = result.duration_s or time.perf_counter() - started
-        tracker.log({f"phase{phase}/{k}": v for k, v in _flat(result.metrics).items()})
+        tracker.log({f"phase{phase}/{k}": v for k, v in flat_numbers(result.metrics).items()})
         return result
 
     def _save_outputs(self, phase: int, phase_dir: Path, result: PhaseResult, inputs) -> dict:
@@ -359,18 +360,6 @@ def _model_paths(phase_dir: Path, outputs) -> list[Path]:
         seen[path.name.casefold()] = (output.name, path)
         paths.append(path)
     return paths
-
-
-def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """Nested numeric metrics as one level of 'a/b' keys (what trackers log)."""
-    out = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
 
 
 class _ProgressBar:

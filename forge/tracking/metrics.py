@@ -338,3 +338,16 @@ class MetricContinuityTracker:
                 if _is_worse(spec, old, new, tolerance):
                     found.append(Regression(name, p_old, p_new, old, new))
         return found
+
+
+def flat_numbers(metrics: Mapping, prefix: str = "") -> dict[str, float]:
+    """Nested numeric metrics as one level of 'a/b' keys (what trackers log; lists, text and booleans are left
+    out). The pipeline logs a phase's metrics this way and the dashboard reads them back the same way."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_numbers(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out

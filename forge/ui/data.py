@@ -16,6 +16,7 @@ from urllib.parse import quote
 from forge.phase_table import PHASE_NAMES
 from forge.registry.checkpoint import file_sha256, metadata_path_for
 from forge.registry.registry import safe_name
+from forge.tracking.metrics import flat_numbers  # noqa: F401 (the views read it from here)
 from forge.registry.schema import SQLITE_HEADER
 from forge.tracking.tracker import METRICS_FILE
 
@@ -284,18 +285,6 @@ def metric_points(records: list[dict], phase: int) -> list[dict]:
                 points.append({"step": record.get("step"), "time": record.get("time"), "metric": name,
                                "value": float(value)})
     return points
-
-
-def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """Nested numeric metrics as one level of 'a/b' keys (lists and text are left out)."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_numbers(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
 
 
 def flat_values(metrics: dict, prefix: str = "") -> dict:

@@ -131,12 +131,12 @@ def test_every_metric_phases_1_and_2_log_is_in_the_catalogue(phase1, tmp_path):
     metric name is missing from the catalogue (a per-task family needs its pattern entry)."""
     from _catalogue import uncatalogued
 
-    from forge.pipeline.orchestrator import _flat
+    from forge.tracking.metrics import flat_numbers
 
     pipeline, registry, session_id, records = phase1
     assert uncatalogued(pipeline.session_dir(session_id)) == []
     ctx = _phase2_context(pipeline, registry, session_id, records, tmp_path)
     result = EvoMergePhase().execute(ctx)
-    ctx.tracker.log({f"phase2/{k}": v for k, v in _flat(result.metrics).items()})
+    ctx.tracker.log({f"phase2/{k}": v for k, v in flat_numbers(result.metrics).items()})
     ctx.tracker.close()
     assert uncatalogued(tmp_path) == []
