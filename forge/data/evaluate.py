@@ -178,3 +178,9 @@ def trivial_baseline(train_examples: Sequence[Example], eval_examples: Sequence[
     scores = {k: v / len(eval_examples) for k, v in scores.items()}
     best = max(scores, key=scores.get)
     return {"accuracy": scores[best], "strategy": best, **scores}
+
+
+def mean(flags) -> float:
+    """The mean of an iterable of numbers or booleans, 0.0 for none: the share of right answers."""
+    flags = list(flags)
+    return sum(flags) / max(1, len(flags))

@@ -17,6 +17,7 @@ import random
 import time
 
 from forge.data import CharTokenizer, exact_matches, make_examples
+from forge.data.evaluate import mean
 from forge.data.levels import level_examples
 from forge.data.tools import add_tool_tokens, answer_with_tool
 from forge.baking.prompts import persona_markers
@@ -24,8 +25,8 @@ from forge.nn import resize_vocab
 from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult, require_one_input
 from forge.pipeline.phases.phase6_baking.cycles import run_cycles
 from forge.pipeline.phases.phase6_baking.personas import Format, adherence, persona_cycle
-from forge.pipeline.phases.phase6_baking.toolformer import (filter_calls, format_scorer, mean, tool_levels,
-                                                            tool_rows, tool_scores, train_rows)
+from forge.pipeline.phases.phase6_baking.toolformer import (filter_calls, format_scorer, tool_levels, tool_rows,
+                                                            tool_scores, train_rows)
 from forge.pipeline.training import make_optimizer
 
 BASE_QUESTIONS = 512   # held-out questions of the incoming tasks' default difficulty (as Phases 4 and 5 measure)

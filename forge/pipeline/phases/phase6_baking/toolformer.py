@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from forge.data import IGNORE_INDEX, Example
 from forge.data.calculator import CalculatorError, calculate
+from forge.data.evaluate import mean
 from forge.data.levels import level_examples
 from forge.data.tools import answer_with_tool, call_ids, encode_rows, sequence
 from forge.pipeline.training import answer_nll, optimize
@@ -197,7 +198,3 @@ def _table(examples, levels, flags) -> dict:
     return {t: {lv: mean(v) for lv, v in row.items()} for t, row in cells.items()}
 
 
-def mean(flags) -> float:
-    """The mean of an iterable of numbers or booleans (0.0 for none)."""
-    flags = list(flags)
-    return sum(flags) / max(1, len(flags))

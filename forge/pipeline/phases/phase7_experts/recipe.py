@@ -29,6 +29,7 @@ import numpy as np
 
 from forge.data import CharTokenizer
 from forge.data.calculator import calculate
+from forge.data.evaluate import mean
 from forge.data.levels import NUM_LEVELS, level_examples
 from forge.data.tools import add_tool_tokens, call_ids, encode_rows, sequence
 from forge.nn import resize_vocab
@@ -71,9 +72,6 @@ class Questions:
         return encode_rows([self.row(ex) for ex in examples], self.tokenizer.pad_id, self.max_len)
 
 
-def _accuracy(flags) -> float:
-    flags = list(flags)
-    return sum(flags) / max(1, len(flags))
 
 
 class ExpertsPhase(PhaseController):
@@ -167,14 +165,14 @@ class _Run:
              "cluster_size": {}, "cluster_error_rate": {}}
         for cluster, expert in zip(clusters, self.experts):
             test = [ex for c in cluster.cells for ex in self.qs.test[tuple(c)]]
-            base, own = _accuracy(self.flags(None, test)), _accuracy(self.flags(expert, test))
+            base, own = mean(self.flags(None, test)), mean(self.flags(expert, test))
             m["expert_base_accuracy"][cluster.name], m["expert_accuracy"][cluster.name] = base, own
             m["expert_gain"][cluster.name] = own - base
             m["cluster_size"][cluster.name], m["cluster_error_rate"][cluster.name] = cluster.size, cluster.error_rate
             for method in ("reinforce", "cross_entropy"):
                 out = self.training.get((cluster.name, method))
                 if out is not None:
-                    acc = own if method == self.cfg.method else _accuracy(self.flags(out["expert"], test))
+                    acc = own if method == self.cfg.method else mean(self.flags(out["expert"], test))
                     m.setdefault(f"{method}_accuracy", {})[cluster.name] = acc
         m["min_expert_gain"] = min(m["expert_gain"].values(), default=0.0)
         for method in ("reinforce", "cross_entropy"):
@@ -197,12 +195,12 @@ class _Run:
         random_pick = [rng.randrange(len(clusters)) if clusters else 0 for _ in test]
         options = self.experts + [None]
         examples = [ex for ex, _ in test]
-        base = _accuracy(self.flags(None, examples))
+        base = mean(self.flags(None, examples))
         routed = self._assigned(options, examples, chosen)
         random_acc = self._assigned(options, examples, random_pick) if clusters else base
         return {"base_accuracy": base, "routed_accuracy": routed, "accuracy": routed, "random_expert_accuracy":
                 random_acc, "routing_gain": routed - base, "routing_over_random": routed - random_acc,
-                "routing_accuracy": _accuracy(c == y for c, (_, y) in zip(chosen, test)),
+                "routing_accuracy": mean(c == y for c, (_, y) in zip(chosen, test)),
                 "held_out_questions": len(test)}
 
     def _assigned(self, options, examples, choice) -> float:
@@ -226,7 +224,7 @@ class _Run:
         model answered worst at discovery); on its test questions, the CEM mixture against the best single expert
         (picked on the same few-shot examples) and the base."""
         cfg, qs = self.cfg, self.qs
-        task = cfg.few_shot_task or min(sorted({c.task for c in self.cells}), key=lambda t: _accuracy(
+        task = cfg.few_shot_task or min(sorted({c.task for c in self.cells}), key=lambda t: mean(
             f for c in self.cells if c.task == t for f in c.correct))
         cells, self.few_shot_task = [c for c in qs.cells if c[0] == task], task
         if not cells:
@@ -234,16 +232,16 @@ class _Run:
         shots = random.Random(cfg.seed).sample([ex for c in cells for ex in qs.discovery[c]],
                                                min(cfg.few_shot_questions, sum(len(qs.discovery[c]) for c in cells)))
         test = [ex for c in cells for ex in qs.test[c]]
-        score = lambda alpha: _accuracy(self.flags(mix_experts(self.experts, list(alpha)), shots))
+        score = lambda alpha: mean(self.flags(mix_experts(self.experts, list(alpha)), shots))
         found = cem(score, len(self.experts), population=cfg.cem_population, elites=cfg.cem_elites,
                     iterations=cfg.cem_iterations, seed=cfg.seed)
-        singles = [_accuracy(self.flags(e, shots)) for e in self.experts]
+        singles = [mean(self.flags(e, shots)) for e in self.experts]
         best_single = self.experts[int(np.argmax(singles))]
-        cem_acc = _accuracy(self.flags(mix_experts(self.experts, list(found["alpha"])), test))
-        single_acc = _accuracy(self.flags(best_single, test))
+        cem_acc = mean(self.flags(mix_experts(self.experts, list(found["alpha"])), test))
+        single_acc = mean(self.flags(best_single, test))
         return {"few_shot_task_index": sorted({c[0] for c in qs.cells}).index(task), "cem_accuracy": cem_acc,
                 "best_single_expert_accuracy": single_acc, "cem_gain_over_best_single": cem_acc - single_acc,
-                "few_shot_base_accuracy": _accuracy(self.flags(None, test)), "cem_alpha": {
+                "few_shot_base_accuracy": mean(self.flags(None, test)), "cem_alpha": {
                     str(i): float(a) for i, a in enumerate(found["alpha"])}}
 
     def search_metrics(self) -> dict:
@@ -256,13 +254,13 @@ class _Run:
         sizes = [sum(svf_layers(self.svf)[n].k for n in g) for g in groups]
         pool = [ex for c in self.qs.cells for ex in self.qs.discovery[c]]
         val = random.Random(cfg.seed + 7).sample(pool, min(cfg.adas_questions, len(pool)))
-        accuracy = lambda x: _accuracy(self.flags(mix_experts(self.experts, group_weights(x, groups, len(
+        accuracy = lambda x: mean(self.flags(mix_experts(self.experts, group_weights(x, groups, len(
             self.experts))), val))
         out = nsga2_search(accuracy, sizes, len(self.experts), population=cfg.adas_population,
                            generations=cfg.adas_generations, crossover_rate=cfg.crossover_rate,
                            mutation_rate=cfg.mutation_rate, seed=cfg.seed)
         best = max(out["front"], key=lambda p: (p["accuracy"], -p["parameters"]))
-        base_val = _accuracy(self.flags(None, val))
+        base_val = mean(self.flags(None, val))
         if best["accuracy"] > base_val:
             weights = group_weights(np.array(best["x"]), groups, len(self.experts))
             self.handed_on = fold_svf(self.svf, mix_experts(self.experts, weights)).eval()
@@ -276,4 +274,4 @@ class _Run:
                               self.qs.max_len)
         return {"params_per_expert": svf_parameter_count(self.svf),
                 "lora_r8_params": lora_parameter_count(self.svf, 8), "solved_cells": len(solved),
-                "handed_on_accuracy": _accuracy(flags)}
+                "handed_on_accuracy": mean(flags)}

@@ -23,6 +23,7 @@ from torch import nn
 
 from forge.data import IGNORE_INDEX
 from forge.data.batching import prompt_ids
+from forge.data.evaluate import mean
 from forge.data.tools import CALL_ERROR, END_RESULT, RESULT, encode_rows, generate
 from forge.nn.losses import kl_to_teacher
 from forge.nn.svf import expert_of, set_expert, svf_layers
@@ -125,5 +126,4 @@ def train_expert(model, base, train, val, tokenizer, cfg, *, method: str, true_r
 
 def _accuracy(model, examples, tokenizer, max_len: int) -> float:
     set_expert(model, None)
-    flags = correct_flags(model, examples, tokenizer, max_len)
-    return sum(flags) / max(1, len(flags))
+    return mean(correct_flags(model, examples, tokenizer, max_len))
