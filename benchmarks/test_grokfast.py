@@ -5,7 +5,7 @@ import pytest
 from conftest import DEVICE, QUICK, run_benchmark
 from forge.bench import default_cases
 
-CASES = [c for c in default_cases(DEVICE, quick=QUICK) if c.op == "grokfast_ema"]
+CASES = default_cases(DEVICE, quick=QUICK, only=["grokfast_ema"])
 PARAMS = [pytest.param(case, impl, id=f"{case.name}-{impl}") for case in CASES for impl in case.impls]
 
 

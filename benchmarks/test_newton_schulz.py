@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICE, QUICK, run_benchmark
 from forge.bench import default_cases
 
-CASES = [c for c in default_cases(DEVICE, quick=QUICK) if c.op == "newton_schulz"]
+CASES = default_cases(DEVICE, quick=QUICK, only=["newton_schulz"])
 PARAMS = [pytest.param(case, impl, id=f"{case.name}-{impl}") for case in CASES for impl in case.impls]
 
 

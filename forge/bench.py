@@ -12,12 +12,24 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from forge.ops import available_backends, grokfast_ema_, newton_schulz, newton_schulz_reference
+from forge.ops import (
+    available_backends,
+    grokfast_ema_,
+    newton_schulz,
+    newton_schulz_reference,
+    seedlm_decode,
+    seedlm_linear,
+    seedlm_search,
+    vq_decode,
+    vq_linear,
+)
+from forge.ops import seedlm as seedlm_ops
 from forge.ops._dispatch import runs_on
 
 
@@ -64,6 +76,13 @@ def time_interleaved(impls: dict[str, Callable], device: torch.device, rounds: i
         for label, fn in impls.items():
             samples[label].append(_time_once(fn, device))
     return samples
+
+
+def fast_backends(op: str, device: torch.device) -> list[str]:
+    """The backends of `op` other than the torch reference that run tensors on `device` here (Triton only on
+    a GPU: on the CPU it would time the interpreter)."""
+    return [b for b in available_backends(op) if b != "torch" and runs_on(b, device)
+            and (b != "triton" or device.type == "cuda")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +157,8 @@ def grokfast_case(device: torch.device, shapes, name: str) -> Case:
     emas = [torch.zeros_like(g) for g in grads]
     numel = sum(g.numel() for g in grads)
     impls = {"published eager": lambda: published_ema(grads, emas), "torch foreach": lambda: foreach_ema(grads, emas)}
-    for backend in available_backends("grokfast_ema"):
-        if backend != "torch" and runs_on(backend, device) and (backend != "triton" or device.type == "cuda"):
-            impls[f"forge.{backend}"] = lambda b=backend: grokfast_ema_(grads, emas, backend=b)
+    for backend in fast_backends("grokfast_ema", device):
+        impls[f"forge.{backend}"] = lambda b=backend: grokfast_ema_(grads, emas, backend=b)
     src = torch.rand(2 * numel, device=device)
     dst = torch.empty_like(src)
     impls["probe: copy"] = lambda: dst.copy_(src)
@@ -157,7 +175,7 @@ def decoder_params(layers: int, width: int, vocab: int, device, dtype) -> tuple[
     """(matrices, others) shaped like a decoder's parameters: q, k, v, o, two MLP matrices a layer;
     the embedding, norms and biases go to AdamW."""
     matrices = [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)]
-    make = lambda s: torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02)  # noqa: E731
+    make = lambda s: torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02)
     mats = [make(s) for _ in range(layers) for s in matrices]
     others = [make((vocab, width))] + [make((width,)) for _ in range(3 * layers)]
     for p in mats + others:
@@ -208,6 +226,96 @@ def optimizer_case(device: torch.device, layers: int, width: int, dtype: torch.d
 
 
 # ---------------------------------------------------------------------------------------------
+# Compression codecs (Phase 8): SeedLM and VQ
+# ---------------------------------------------------------------------------------------------
+
+SEEDLM_K, SEEDLM_C, SEEDLM_P = 16, 8, 3  # the paper's 4-bit setting
+
+
+def error_against(expected: torch.Tensor) -> Callable[[torch.Tensor], dict]:
+    """Relative Frobenius distance (float64) of a result to `expected`."""
+    expected = expected.double()
+
+    def measure(out: torch.Tensor) -> dict:
+        return {"rel_err_vs_dense": ((out.double() - expected).norm() / expected.norm()).item()}
+
+    return measure
+
+
+def seedlm_search_case(device: torch.device, n_blocks: int, num_seeds: int | None) -> Case:
+    """The seed search over Gaussian blocks against the torch reference search (precomputed pseudo-inverses,
+    batched matmuls; it computes on the CPU whatever the blocks' device). Quality: the summed squared error
+    of the chosen codes over the blocks' energy (the same for every backend)."""
+    K, C, P = SEEDLM_K, SEEDLM_C, SEEDLM_P
+    seeds = num_seeds or (1 << K) - 1
+    blocks = torch.randn(n_blocks, C, device=device)
+    seedlm_ops._search_tables(K, C, P, seeds)  # built once per (K, C, P, seeds), not timed
+    impls = {"torch reference": lambda: seedlm_search(blocks, K, P, num_seeds, backend="torch")}
+    for b in fast_backends("seedlm_search", device):
+        impls[f"forge.{b}"] = lambda b=b: seedlm_search(blocks, K, P, num_seeds, backend=b)
+    energy = blocks.double().square().sum().item()
+    return Case("seedlm_search", f"{n_blocks}blk-{seeds}seeds", impls, "torch reference",
+                lambda out: {"rel_sq_err": out[3].double().sum().item() / energy},
+                info={"blocks": n_blocks, "seeds": seeds})
+
+
+def seedlm_linear_case(device: torch.device, n: int, batch: int) -> Case:
+    """y = x W^T for an n x n SeedLM weight (random valid codes: the time does not depend on their values)
+    against decoding W with the torch reference then F.linear, and a dense F.linear on the decoded W."""
+    K, C, P = SEEDLM_K, SEEDLM_C, SEEDLM_P
+    n_blocks = -(-n * n // C)
+    codes = (torch.randint(1, 1 << K, (n_blocks,), dtype=torch.int32, device=device),
+             torch.randint(-8, 8, (n_blocks, P), dtype=torch.int8, device=device),
+             torch.randint(-8, -3, (n_blocks,), dtype=torch.int8, device=device))
+    x = torch.randn(batch, n, device=device)
+    decoded = lambda: seedlm_ops.blocks_to_weight(seedlm_decode(*codes, K, C, backend="torch"), (n, n))
+    w = decoded()
+    impls = {"decode + F.linear": lambda: F.linear(x, decoded()), "dense F.linear": lambda: F.linear(x, w)}
+    for b in fast_backends("seedlm_linear", device):
+        impls[f"forge.{b}"] = lambda b=b: seedlm_linear(x, *codes, n, K, C, backend=b)
+    info = {"dense_weight_bytes": n * n * 4, "code_bytes": n_blocks * (K + 4 + 4 * P) // 8}
+    return Case("seedlm_linear", f"{n}x{n}-batch{batch}", impls, "decode + F.linear", error_against(F.linear(x, w)),
+                info=info)
+
+
+def vq_codes(n: int, device: torch.device, v: int = 8, k: int = 256, k_res: int = 16) -> dict:
+    """Random VQ codes of an n x n weight: vectors of v, a k-entry codebook and a k_res-entry residual one."""
+    groups = -(-n // v)
+    return {"idx": torch.randint(0, k, (groups, n), dtype=torch.int32, device=device),
+            "codebook": torch.randn(k, v, device=device) * 0.02, "scale": torch.rand(n, device=device) + 0.5,
+            "res_idx": torch.randint(0, k_res, (groups, n), dtype=torch.int32, device=device),
+            "res_codebook": torch.randn(k_res, v, device=device) * 0.002}
+
+
+def vq_linear_case(device: torch.device, n: int, batch: int) -> Case:
+    """y = x W^T for an n x n VQ weight against decoding W with the torch reference then F.linear, and a
+    dense F.linear on the decoded W."""
+    codes = vq_codes(n, device)
+    x = torch.randn(batch, n, device=device)
+    w = vq_decode(out_features=n, backend="torch", **codes)
+    impls = {"decode + F.linear": lambda: F.linear(x, vq_decode(out_features=n, backend="torch", **codes)),
+             "dense F.linear": lambda: F.linear(x, w)}
+    for b in fast_backends("vq_linear", device):
+        impls[f"forge.{b}"] = lambda b=b: vq_linear(x, out_features=n, backend=b, **codes)
+    return Case("vq_linear", f"{n}x{n}-batch{batch}", impls, "decode + F.linear", error_against(F.linear(x, w)),
+                info={"dense_weight_bytes": n * n * 4})
+
+
+def codec_groups(device: torch.device, quick: bool) -> dict[str, Callable[[], list[Case]]]:
+    """The codec cases by op, built when called. The SeedLM torch references gather their bases on the CPU
+    (the search computes there too, whatever the device), so their sizes keep a reference call to seconds."""
+    cuda = device.type == "cuda"
+    n_seedlm, n_vq = (512, 512) if quick else (2048, 4096 if cuda else 2048)
+    if quick:
+        searches = [(256, 4096)]
+    else:
+        searches = [(4096, 4096), (128, None)] if cuda else [(1024, 4096), (32, None)]
+    return {"seedlm_search": lambda: [seedlm_search_case(device, b, s) for b, s in searches],
+            "seedlm_linear": lambda: [seedlm_linear_case(device, n_seedlm, batch) for batch in (1, 8)],
+            "vq_linear": lambda: [vq_linear_case(device, n_vq, batch) for batch in (1, 8)]}
+
+
+# ---------------------------------------------------------------------------------------------
 # Running and reporting
 # ---------------------------------------------------------------------------------------------
 
@@ -229,16 +337,35 @@ def run_case(case: Case, device: torch.device, rounds: int) -> list[dict]:
     return rows
 
 
-def default_cases(device: torch.device, quick: bool) -> list[Case]:
+def case_groups(device: torch.device, quick: bool) -> dict[str, Callable[[], list[Case]]]:
+    """Every case of `forge bench` by op, in running order; a group's tensors are made when it is called."""
     if device.type == "cuda":
-        ns = newton_schulz_cases(device, torch.bfloat16, [(4096, 4096), (1024, 4096), (24, 768, 3072)])
-        grok = grokfast_case(device, [(1 << 24,)] * (16 if quick else 60), "1e9-values" if not quick else "2.7e8-values")
-        return ns + [grok, optimizer_case(device, 12, 768, torch.bfloat16)]
-    shapes = [(512, 512), (256, 1024)] if quick else [(1024, 1024), (1024, 4096), (12, 768, 768)]
-    layers = 2 if quick else 12
-    return newton_schulz_cases(device, torch.float32, shapes) + [
-        grokfast_case(device, transformer_shapes(layers), f"transformer-{layers}x768"),
-        optimizer_case(device, 2 if quick else 6, 128 if quick else 384, torch.float32)]
+        values = 1 << 24
+        groups = {
+            "newton_schulz": lambda: newton_schulz_cases(device, torch.bfloat16,
+                                                         [(4096, 4096), (1024, 4096), (24, 768, 3072)]),
+            "grokfast_ema": lambda: [grokfast_case(device, [(values,)] * (16 if quick else 60),
+                                                   "2.7e8-values" if quick else "1e9-values")],
+            "optimizer_step": lambda: [optimizer_case(device, 12, 768, torch.bfloat16)]}
+    else:
+        shapes = [(512, 512), (256, 1024)] if quick else [(1024, 1024), (1024, 4096), (12, 768, 768)]
+        layers = 2 if quick else 12
+        groups = {
+            "newton_schulz": lambda: newton_schulz_cases(device, torch.float32, shapes),
+            "grokfast_ema": lambda: [grokfast_case(device, transformer_shapes(layers), f"transformer-{layers}x768")],
+            "optimizer_step": lambda: [optimizer_case(device, 2 if quick else 6, 128 if quick else 384,
+                                                      torch.float32)]}
+    return {**groups, **codec_groups(device, quick)}
+
+
+def default_cases(device: torch.device, quick: bool, only: list[str] | None = None) -> list[Case]:
+    """The cases of `forge bench`; `only`: just the ops whose names start with one of these (e.g. `seedlm`)."""
+    groups = case_groups(device, quick)
+    unknown = [name for name in only or () if not any(op.startswith(name) for op in groups)]
+    if unknown:
+        raise ValueError(f"no benchmarked op starts with {unknown}; the ops: {', '.join(groups)}")
+    chosen = [op for op in groups if only is None or any(op.startswith(name) for name in only)]
+    return [case for op in chosen for case in groups[op]()]
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -247,6 +374,10 @@ def format_rows(rows: list[dict]) -> str:
         extra = []
         if "rel_err_vs_fp64" in r:
             extra.append(f"err {r['rel_err_vs_fp64']:.1e} orth {r['orth_err']:.3f}")
+        if "rel_err_vs_dense" in r:
+            extra.append(f"err vs dense {r['rel_err_vs_dense']:.1e}")
+        if "rel_sq_err" in r:
+            extra.append(f"rel sq err {r['rel_sq_err']:.4f}")
         if "GB_per_s" in r:
             extra.append(f"{r['GB_per_s']:.1f} GB/s" + (f" ({r['pct_of_copy']:.0f}% of copy, {r['pct_of_inplace']:.0f}% of in-place)" if "pct_of_copy" in r else ""))
         lines.append(f"{r['op']:<14} {r['case']:<22} {r['impl']:<18} {r['median_ms']:>10.2f} {r['speedup_vs_ref']:>6.2f}x  {'; '.join(extra)}")
@@ -267,12 +398,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes, few rounds (about a minute on 2 cores)")
     parser.add_argument("--rounds", type=int, default=None, help="timed calls per implementation (median reported)")
     parser.add_argument("--json", default=None, help="also write the rows and machine info to this file")
+    parser.add_argument("--only", default=None, metavar="OPS",
+                        help="comma-separated op names or name prefixes (e.g. seedlm,vq_linear): only their cases; "
+                             "a name that matches no op lists the ops")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rounds = args.rounds or (3 if args.quick else 9)
+    only = [name.strip() for name in (args.only or "").split(",") if name.strip()] or None
     print(f"forge bench on {device}: {machine_info(device)}", flush=True)
+    try:
+        cases = default_cases(device, args.quick, only)
+    except ValueError as err:
+        parser.error(str(err))
     rows = []
-    for case in default_cases(device, args.quick):
+    for case in cases:
         print(f"  running {case.op} {case.name} ({', '.join(case.impls)}) ...", flush=True)
         rows += run_case(case, device, rounds)
         print(format_rows(rows[-len(case.impls):]), flush=True)

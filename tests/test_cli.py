@@ -1,10 +1,15 @@
 """The `forge` command, run as a user runs it: in a subprocess."""
 import json
+import math
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
+
+from forge.ops import available_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +40,36 @@ def test_bench_quick_runs_and_reports_ratios(tmp_path):
         assert r["median_ms"] > 0 and r["speedup_vs_ref"] > 0
         if r["op"] == "newton_schulz" and r["impl"] == "forge.cpu":
             assert r["rel_err_vs_fp64"] < 1e-3
+
+
+def test_bench_only_codecs_times_the_fused_cpu_kernels_against_decode_then_linear(tmp_path):
+    out = tmp_path / "bench.json"
+    result = forge("bench", "--quick", "--rounds", "1", "--only", "seedlm,vq_linear", "--json", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["op"], r["case"]) for r in rows} == {
+        ("seedlm_search", "256blk-4096seeds"), ("seedlm_linear", "512x512-batch1"), ("seedlm_linear", "512x512-batch8"),
+        ("vq_linear", "512x512-batch1"), ("vq_linear", "512x512-batch8")}
+    impls = {(r["op"], r["impl"]) for r in rows}
+    for op in ("seedlm_search", "seedlm_linear", "vq_linear"):  # an absent backend is left out, not an error
+        assert (op, "forge.cpu") in impls or "cpu" not in available_backends(op)
+    assert {("seedlm_search", "torch reference"), ("seedlm_linear", "decode + F.linear"),
+            ("seedlm_linear", "dense F.linear"), ("vq_linear", "decode + F.linear"), ("vq_linear", "dense F.linear")} <= impls
+    assert not any(impl.endswith("triton") for _, impl in impls)  # the Triton interpreter is not timed on the CPU
+    for r in rows:
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0 and math.isfinite(r["speedup_vs_ref"])
+        if r["op"] == "seedlm_search":  # every backend finds codes of the same quality (Gaussian blocks: ~0.035)
+            assert 0 < r["rel_sq_err"] < 0.1
+        else:  # the fused kernels compute the decoded weight's product to float32 rounding
+            assert r["rel_err_vs_dense"] < 1e-5
+    search = {r["impl"]: r["rel_sq_err"] for r in rows if r["op"] == "seedlm_search"}
+    assert all(err == pytest.approx(search["torch reference"], rel=1e-4) for err in search.values())
+
+
+def test_bench_only_rejects_an_unknown_op():
+    result = forge("bench", "--only", "newton,nope", timeout=60)
+    assert result.returncode == 2
+    assert "no benchmarked op starts with ['nope']" in result.stderr and "seedlm_search" in result.stderr
 
 
 def test_phases_lists_every_phase_7_switched_off_and_8_not_implemented_yet():

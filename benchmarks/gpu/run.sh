@@ -26,14 +26,18 @@ python3 -c "import forge.ops as F, forge._native as N; print('backends', F.avail
 echo "== GPU tests"
 FORGE_TEST_GPU=1 timeout 300 python3 -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider --rootdir="$REPO" \
   -o addopts="" 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+echo "== Codec GPU tests (SeedLM, VQ: the triton and cuda backends against the references, one line each;"
+echo "   also in the run above, whose tail may hide them)"
+FORGE_TEST_GPU=1 timeout 300 python3 -m pytest "$REPO/tests/ops/test_seedlm.py" "$REPO/tests/ops/test_vq.py" -m gpu -v -rs \
+  -p no:cacheprovider --rootdir="$REPO" -o addopts="" 2>&1 | tail -25 | tee "$OUT/gpu_tests_codecs.txt"
 
 if [ -z "${SKIP_SWEEP:-}" ]; then
   echo "== Triton symmetric-product tile sweep"
   timeout 120 python3 "$REPO/benchmarks/gpu/sweep_ns.py" 2>&1 | tee "$OUT/sweep_ns.txt"
 fi
 
-echo "== GPU benchmarks"
-timeout 300 python3 -m forge.bench --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
+echo "== GPU benchmarks (forge bench: Newton-Schulz, Grokfast, optimizer step, SeedLM search and linear, VQ linear)"
+timeout 420 python3 -m forge.bench --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
 
 echo "== BitNet GPU benchmarks (bf16)"
 timeout 300 python3 -m pytest "$REPO/benchmarks/test_bitnet.py" --benchmark-only -q -p no:cacheprovider \
@@ -41,3 +45,7 @@ timeout 300 python3 -m pytest "$REPO/benchmarks/test_bitnet.py" --benchmark-only
 echo "== KL baking loss benchmarks (bf16: kl_div_logits and fused_linear_kl, time and peak memory)"
 timeout 300 python3 -m pytest "$REPO/benchmarks/test_kl_div.py" --benchmark-only -q -p no:cacheprovider \
   --rootdir="$REPO" -o addopts="" --benchmark-columns=median,rounds 2>&1 | tail -30 | tee "$OUT/bench_kl_gpu.txt"
+echo "== Codec GPU benchmarks (SeedLM search and linear, VQ decode and linear: fused backends against the torch references)"
+timeout 300 python3 -m pytest "$REPO/benchmarks/test_seedlm.py" "$REPO/benchmarks/test_vq.py" --benchmark-only -q \
+  -p no:cacheprovider --rootdir="$REPO" -o addopts="" --benchmark-columns=median,rounds 2>&1 | tail -60 \
+  | tee "$OUT/bench_codecs_gpu.txt"
