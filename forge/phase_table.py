@@ -15,7 +15,7 @@ PHASES: dict[int, tuple[str, str | None]] = {
     5: ("curriculum", "forge.pipeline.phases.phase5_curriculum:CurriculumPhase"),
     6: ("baking", "forge.pipeline.phases.phase6_baking:BakingPhase"),
     7: ("experts", "forge.pipeline.phases.phase7_experts.recipe:ExpertsPhase"),
-    8: ("compression", None),
+    8: ("compression", "forge.pipeline.phases.phase8_compression:CompressionPhase"),
 }
 FIRST_PHASE, LAST_PHASE = min(PHASES), max(PHASES)
 PHASE_NAMES: dict[int, str] = {number: name for number, (name, _) in PHASES.items()}

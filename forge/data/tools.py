@@ -45,7 +45,7 @@ class ToolOutput:
 
     def answer(self, tokenizer: CharTokenizer) -> str:
         """The text written after the last call (special tokens left out)."""
-        ends = [tokenizer.token_id(t) for t in (END_CALL, END_RESULT, CALL_ERROR)]
+        ends = [tokenizer.token_id(t) for t in (END_CALL, END_RESULT, CALL_ERROR) if t in tokenizer.special_tokens]
         last = max((i for i, tok in enumerate(self.ids) if tok in ends), default=-1)
         return tokenizer.decode(self.ids[last + 1:])
 
@@ -134,6 +134,11 @@ def _generate(model, seqs, tokenizer, max_len, tool, max_new, temperature, gener
             out.ids.extend(written)
             done[b] = len(seqs[b]) >= limits[b]
     return outputs
+
+
+def calculator_for(tokenizer: CharTokenizer) -> Tool | None:
+    """The calculator where the vocabulary has the call tokens (a model from Phase 6 on), else None."""
+    return calculate if CALL in tokenizer.special_tokens else None
 
 
 def answer_with_tool(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int, *,

@@ -361,15 +361,42 @@ class Phase7Config(Section):
         return self
 
 
-# -- phase 8: not implemented yet; the original system's settings scaled to a tiny model ----------
+# -- phase 8: SeedLM -> VPTQ -> hyper-compression, each stage gated -----------------------------------
+Stage = Literal["seedlm", "vptq", "hyper"]
+STAGE_ORDER = ("seedlm", "vptq", "hyper")
+
+
 class Phase8Config(Section):
-    seedlm_block_size: int = Field(64, ge=1)
-    seedlm_seed_bits: int = Field(8, ge=1, le=32)
-    vptq_codebook_size: int = Field(256, ge=2)
-    vptq_vector_dim: int = Field(8, ge=1)
-    hyper_params_per_curve: int = Field(8, ge=1)
-    min_stage_retention: float = Field(0.95, ge=0, le=1)
-    min_final_retention: float = Field(0.84, ge=0, le=1)
+    """Final compression (forge.pipeline.phases.phase8_compression): SeedLM, VPTQ and hyper-compression stages,
+    each kept only when it holds accuracy and shrinks the file (see the recipe's docstring)."""
+    stages: list[Stage] = Field(default_factory=lambda: ["seedlm", "vptq", "hyper"], min_length=1)
+    preserve_layers: list[str] = Field(default_factory=lambda: ["embed", "norm", "head"])   # kept float32
+    seedlm_block_size: int = Field(8, ge=1, le=64)     # C: weights per LFSR block (seed: 64; paper/replication: 8)
+    seedlm_coefficients: int = Field(3, ge=1, le=16)   # P: 4-bit mantissas per block ((K + 4 + 4P) / C bits a weight)
+    seedlm_seed_bits: int = Field(16, ge=2, le=24)     # K: LFSR bits, the paper's taps (seed: 8)
+    seedlm_seeds: int | None = Field(None, ge=1)       # seeds tried per block; null: all 2^K - 1 (the paper's search)
+    vptq_vector_dim: int = Field(8, ge=1, le=64)       # v: weights per vector (seed: 8)
+    vptq_codebook_size: int = Field(64, ge=2, le=65536)    # k: codewords per layer (seed: 256)
+    vptq_residual_codebook_size: int = Field(0, ge=0, le=65536)   # residual codewords per layer; 0: none
+    vptq_kmeans_iters: int = Field(25, ge=1)           # Lloyd iterations of the codebook k-means (seed: 50)
+    vptq_finetune_steps: int = Field(1200, ge=0)       # distillation steps on the stored floats; 0: none
+    vptq_finetune_lr: float = Field(1e-3, gt=0)        # AdamW rate of that fine-tuning
+    finetune_examples: int = Field(4096, ge=1)         # training questions the Phase 7 model answers for it
+    finetune_batch_size: int = Field(32, ge=1)         # sequences per fine-tuning step
+    calibration_samples: int = Field(128, ge=1)        # training prompts whose activations give each Hessian
+    hyper_dims: int = Field(2, ge=1, le=8)             # values per trajectory point
+    hyper_bits: int = Field(12, ge=1, le=24)           # trajectory index bits (2^bits points)
+    eval_examples: int = Field(256, ge=1)              # held-out (test) questions every stage is scored on
+    min_stage_retention: float = Field(0.95, ge=0, le=1)   # gate: accuracy kept from the stage before (seed: 0.95)
+    min_final_retention: float = Field(0.84, ge=0, le=1)   # gate and check: accuracy kept overall (seed: 0.84)
+    max_size_vs_ternary: float = Field(1.0, gt=0)      # check: final file / Phase 4's packed ternary file
+    seed: int = Field(0, ge=0)                         # seeds the questions and the k-means
+
+    @model_validator(mode="after")
+    def _distinct_stages(self) -> "Phase8Config":
+        if len(set(self.stages)) != len(self.stages) or self.stages != sorted(self.stages, key=STAGE_ORDER.index):
+            raise ValueError(f"stages must be distinct and in the order {list(STAGE_ORDER)}; got {self.stages}")
+        return self
 
 
 class PhasesConfig(Section):

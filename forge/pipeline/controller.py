@@ -39,6 +39,7 @@ class ModelOutput:
     metadata: dict
     metrics: dict
     tags: tuple = ()
+    derived_from: str | None = None   # an earlier model of the same phase it was made from (its registry parent)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import math
 
 from forge.pipeline.config import PipelineConfig
 
-_FORMULAS = (1, 2, 3, 4, 5, 6, 7)   # the phases with a time formula
+_FORMULAS = (1, 2, 3, 4, 5, 6, 7, 8)   # the phases with a time formula
 VOCAB_ESTIMATE = 100        # the character vocabulary of forge.data is under 100 tokens
 EVAL_BATCH = 256            # forge.data.evaluate's default batch (one teacher-forced pass per batch)
 REFERENCE_FLOPS_PER_S = 6.0e10
@@ -50,7 +50,7 @@ def _typical_width(config: PipelineConfig) -> int:
 
 
 def estimate(config: PipelineConfig, phases: list[int], costs: dict[str, float] | None = None) -> dict[int, float]:
-    """Estimated seconds for each of `phases` that has a formula (phases 1 to 7)."""
+    """Estimated seconds for each of `phases` that has a formula (phases 1 to 8)."""
     if not set(_FORMULAS) & set(phases):
         return {}
     costs = costs or measure(config)
@@ -95,6 +95,8 @@ def _later_phases(config: PipelineConfig, phases: list[int], step_s: float, eval
         out[6] = _phase6(config, step_s, evaluation)
     if 7 in phases:
         out[7] = _phase7(config, step_s, evaluation)
+    if 8 in phases:
+        out[8] = _phase8(config, step_s, evaluation)
     return out
 
 
@@ -132,3 +134,33 @@ def _phase7(config: PipelineConfig, step_s: float, evaluation) -> float:
     nsga = p7.adas_population * p7.adas_generations * 30 * evaluation(p7.adas_questions)
     return training + held_out + cem + nsga
 
+
+
+def _phase8(config: PipelineConfig, step_s: float, evaluation) -> float:
+    """The held-out set answered with the calculator (about 30 passes) by the input and each stage; the VPTQ
+    fine-tuning's teacher answers its questions once and each distillation step is about one phase-1 step at its
+    batch size; the SeedLM search's 2C(P + 1) FLOP per block and seed at REFERENCE_FLOPS_PER_S / 20 (the fused
+    kernel's scalar rate; about 8 s exhaustive on the default model)."""
+    p1, p8 = config.phases.phase1, config.phases.phase8
+    answers = 30 * (1 + len(p8.stages)) * evaluation(p8.eval_examples)
+    tuning = 0.0
+    if "vptq" in p8.stages and p8.vptq_finetune_steps:
+        tuning = 30 * evaluation(p8.finetune_examples) + p8.vptq_finetune_steps * step_s * p8.finetune_batch_size \
+            / p1.batch_size
+    seeds = p8.seedlm_seeds or 2 ** p8.seedlm_seed_bits - 1
+    flops = _block_weights(config) * seeds * 2 * (p8.seedlm_coefficients + 1)     # C weights per block
+    search = flops / (REFERENCE_FLOPS_PER_S / 20) if "seedlm" in p8.stages else 0.0
+    return answers + tuning + search
+
+
+def _block_weights(config: PipelineConfig) -> int:
+    """Weights of the transformer blocks' Linear layers (what Phase 8 compresses by default)."""
+    from torch import nn
+
+    from forge.nn import build_model
+
+    shape = config.phases.phase1.model
+    model = build_model({"vocab_size": VOCAB_ESTIMATE, "dim": shape.dim, "n_layers": shape.n_layers,
+                         "n_heads": shape.n_heads, "max_len": shape.max_len})
+    return sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.startswith("blocks."))

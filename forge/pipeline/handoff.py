@@ -12,7 +12,7 @@ This table is the one home of every phase's pass checks. They are evaluated by o
 gates: when a phase ends (`check_phase_end`, from PhaseController.validate_output, so the last phase of
 a run fails its own checks too) and when its models are handed on (`check_handoff`, which also guards
 models taken from another session with `--only N --source-session`). Rule 8's successor does not exist;
-the rules up to 7->8 guard implemented phases.
+the last phase's own checks are LAST_PHASE_CHECKS.
 """
 from __future__ import annotations
 
@@ -147,6 +147,15 @@ _RULES = (
                       "routed model beats the base and a random expert choice on the held-out set"),
 )
 HANDOFF_RULES: dict[tuple[int, int], HandoffRule] = {(rule.source, rule.target): rule for rule in _RULES}
+# The last phase hands nothing on; its own checks, evaluated as it ends (thresholds: fields of phases.phase8)
+LAST_PHASE_CHECKS: tuple[MetricBound, ...] = (
+    MetricBound("stages_kept", low=1, reason="every compression stage was rolled back: no compressed model"),
+    MetricBound("final_retention", low="min_final_retention",
+                reason="the final model keeps too little of the Phase 7 model's accuracy {input_accuracy:.3f}"),
+    MetricBound("size_vs_ternary", high="max_size_vs_ternary", optional=True,
+                reason="the final file ({final_bytes} B) is not smaller than Phase 4's packed ternary file "
+                       "({ternary_size_bytes} B)"),
+)
 
 
 def resolve(threshold: Threshold, section) -> float:
@@ -224,12 +233,11 @@ def check_phase_end(phase: int, result, section) -> None:
     """The outgoing rule's metric bounds on a phase's result, as the phase ends: on each model's metrics
     over the phase's (or on the phase's alone when it made no model). `section`: the phase's config."""
     rule = outgoing_rule(phase)
-    if rule is None:
-        return
+    bounds = rule.metrics if rule is not None else LAST_PHASE_CHECKS if phase == max(PHASES) else ()
     scopes = [(f"phase {phase}: model {output.name!r}", {**result.metrics, **output.metrics})
               for output in result.models] or [(f"phase {phase}", result.metrics)]
     for who, metrics in scopes:
-        check_bounds(rule.metrics, metrics, who, section, at_phase_end=True)
+        check_bounds(bounds, metrics, who, section, at_phase_end=True)
 
 
 def _check_model(rule: HandoffRule, item: LoadedModel, config: "PipelineConfig") -> dict:

@@ -18,8 +18,15 @@ from pathlib import Path
 from torch import nn
 
 from forge.data import CharTokenizer
-from forge.data.calculator import calculate
-from forge.data.tools import CALL, CALL_ERROR, END_CALL, END_RESULT, ToolOutput, generate
+from forge.data.tools import (
+    CALL,
+    CALL_ERROR,
+    END_CALL,
+    END_RESULT,
+    ToolOutput,
+    calculator_for,
+    generate,
+)
 from forge.pipeline.models import build_from_metadata
 
 _ANSWER_STARTS_AFTER = ("</think>", END_CALL, END_RESULT, CALL_ERROR)
@@ -51,8 +58,8 @@ class ForgeModel:
         if len(prefix) >= max_len:
             raise ValueError(f"prompt {prompt!r} takes {len(prefix)} tokens with <bos> and <sep>; this model reads "
                              f"at most {max_len}")
-        tool = calculate if self.uses_calculator else None
-        return generate(self.model, [prefix], self.tokenizer, max_len, tool=tool, max_new=max_new_tokens)[0]
+        return generate(self.model, [prefix], self.tokenizer, max_len, tool=calculator_for(self.tokenizer),
+                        max_new=max_new_tokens)[0]
 
     def generate(self, prompt: str, max_new_tokens: int | None = None) -> str:
         """Everything the model (and its calculator) wrote after the prompt, special tokens included."""
@@ -83,7 +90,7 @@ def load_model(model: str | Path, run_root: str | Path = "runs", registry_path: 
                                                expected_metadata=record["metadata"])
     if "tokenizer" not in metadata:
         raise ValueError(f"{record['path']}: its metadata has no tokenizer; it is not a pipeline model")
-    network = build_from_metadata(metadata)
+    network = build_from_metadata(metadata, state_dict)
     network.load_state_dict(state_dict, strict=True)
     return ForgeModel(network.to(device).eval(), CharTokenizer.from_dict(metadata["tokenizer"]), metadata,
                       Path(record["path"]), record["sha256"], record["id"])

@@ -132,7 +132,7 @@ class Pipeline:
                 raise PipelineError(f"model {model_id!r} is not in the registry")
             state_dict, metadata = load_checkpoint(Path(record["path"]), expected_sha256=record["sha256"],
                                                    expected_metadata=record["metadata"])
-            model = build_from_metadata(metadata)
+            model = build_from_metadata(metadata, state_dict)
             model.load_state_dict(state_dict, strict=True)
             out.append(LoadedModel(model.eval(), record, metadata))
         return out
@@ -207,9 +207,15 @@ class Pipeline:
             progress = 100.0 * (index + 1) / max(len(runnable), index + 1)
             self.registry.update_session_progress(session_id, phase, progress)
         last = phases[-1]
-        return RunReport(session_id, "completed", sorted(completed), completed[last]["model_ids"],
+        final = self._final_ids(completed[last]["model_ids"])
+        return RunReport(session_id, "completed", sorted(completed), final,
                          f"session {session_id}: completed phase{'s' if len(phases) > 1 else ''} "
-                         f"{phases[0]}..{last}; final models {', '.join(completed[last]['model_ids'])}")
+                         f"{phases[0]}..{last}; final models {', '.join(final)}")
+
+    def _final_ids(self, ids: list[str]) -> list[str]:
+        """The models a phase tagged "final" (Phase 8's last kept stage), else all it made."""
+        tagged = [i for i in ids if "final" in (self.registry.get_model(i) or {}).get("tags", [])]
+        return tagged or ids
 
     def _stopped(self, session_id: str, phases: list[int], phase: int, completed: dict, reason: str) -> RunReport:
         done = [p for p in phases if p in completed]
@@ -315,8 +321,9 @@ class Pipeline:
             metadata = {**output.metadata, "parameter_count": sum(p.numel() for p in output.model.parameters()),
                         "phase": phase, "phase_name": phase_name(phase), "name": output.name}
             info = save_checkpoint(output.model.state_dict(), path, metadata)
-            entries.append({"name": output.name, "file": path.name, "sha256": info.sha256,
-                            "metadata": metadata, "metrics": output.metrics, "tags": list(output.tags)})
+            entries.append({"name": output.name, "file": path.name, "sha256": info.sha256, "metadata": metadata,
+                            "metrics": output.metrics, "tags": list(output.tags),
+                            "derived_from": output.derived_from})
         manifest = {"phase": phase, "models": entries, "metrics": result.metrics,
                     "duration_s": result.duration_s, "parent_ids": [item.model_id for item in inputs]}
         files.write_json(phase_dir / files.MANIFEST, manifest)
@@ -326,16 +333,17 @@ class Pipeline:
         """Register the manifest's models (step 4); models registered before a crash are adopted."""
         known = {(str(Path(r["path"]).resolve()), r["sha256"]): r
                  for r in self.registry.list_models(session_id=session_id, phase=phase)}
-        ids = []
+        ids, by_name = [], {}
         for entry in manifest["models"]:
             path = phase_dir / entry["file"]
             # refuses a checkpoint or sidecar changed since saving
             load_checkpoint(path, expected_sha256=entry["sha256"], expected_metadata=entry["metadata"])
             record = known.get((str(path.resolve()), entry["sha256"]))
             if record is None:
+                parents = [by_name[entry["derived_from"]]] if entry.get("derived_from") else manifest["parent_ids"]
                 model_id = self.registry.register_model(
                     session_id, phase_name(phase), entry["name"], path, entry["metadata"], phase=phase,
-                    metrics=entry["metrics"], tags=entry["tags"], parent_ids=manifest["parent_ids"])
+                    metrics=entry["metrics"], tags=entry["tags"], parent_ids=parents)
             else:            # registered by an attempt that was killed before it finished the phase
                 model_id = record["id"]
             if record is None or not record["artifacts"]:
@@ -343,6 +351,7 @@ class Pipeline:
                 if artifact is not None:
                     self.registry.register_artifact(model_id, *artifact)
             ids.append(model_id)
+            by_name[entry["name"]] = model_id
         return ids
 
 

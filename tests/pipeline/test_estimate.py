@@ -26,8 +26,19 @@ def test_each_phase_scales_with_its_own_steps():
 def test_only_the_planned_phases_are_estimated():
     assert set(estimate(load_config(), [3], COSTS)) == {3}
     assert set(estimate(load_config(), [5, 6], COSTS)) == {5, 6}
-    assert estimate(load_config(), [8], COSTS) == {}
-    assert set(estimate(load_config(), [7, 8], COSTS)) == {7}
+    assert set(estimate(load_config(), [8], COSTS)) == {8}
+    assert set(estimate(load_config(), [7, 8], COSTS)) == {7, 8}
+
+
+def test_the_compression_estimate_follows_fine_tuning_search_and_stages():
+    """Phase 8: each distillation step is a phase-1 step at its batch size; the SeedLM search scales with the seeds
+    tried; every stage answers the held-out set once more."""
+    base = estimate(load_config(), [8], COSTS)[8]
+    steps = estimate(load_config(overrides=("phases.phase8.vptq_finetune_steps=2200",)), [8], COSTS)[8]
+    assert steps - base == pytest.approx(1000 * 0.05 * 32 / 64)
+    fewer = estimate(load_config(overrides=("phases.phase8.seedlm_seeds=255",)), [8], COSTS)[8]
+    one = estimate(load_config(overrides=("phases.phase8.stages=[seedlm]",)), [8], COSTS)[8]
+    assert 0 < fewer < base and 0 < one < base
 
 
 def test_the_experts_estimate_follows_training_and_search_sizes():

@@ -16,12 +16,14 @@ from forge.pipeline.config import load_config
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext
 from forge.pipeline.phases.phase6_baking import BakingPhase
 from forge.pipeline.phases.phase6_baking.cycles import plateaued, run_cycles
-from forge.pipeline.phases.phase6_baking.personas import Format, formatted, persona_cycle
+from forge.pipeline.phases.phase6_baking.personas import (
+    Format,
+    formatted,
+    persona_cycle,
+)
 from forge.pipeline.phases.phase6_baking.recipe import grown_model
 from forge.pipeline.training import make_optimizer
 from forge.tracking import Tracker
-
-from _small_model import small_trained_model
 
 TASKS = {"addition": 1.0, "copy": 1.0}
 SMALL = ("wandb.mode=disabled", "phases.phase6.tool_tasks=[multiplication,addition]",
@@ -39,9 +41,10 @@ LENIENT = ("phases.phase6.min_tool_lift=-1", "phases.phase6.max_base_accuracy_dr
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(addition_copy_model):
     """A dim-64 two-layer model trained on addition and copy."""
-    return small_trained_model(TASKS, examples=2000, steps=600, max_len=48)
+    model, tokenizer = addition_copy_model
+    return copy.deepcopy(model), CharTokenizer.from_dict(tokenizer.to_dict())
 
 
 def _cfg(**changes):

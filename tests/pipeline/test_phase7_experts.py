@@ -15,10 +15,14 @@ from forge.nn import add_svf, fold_svf, resize_vocab
 from forge.nn.svf import expert_of, mix_experts, set_expert
 from forge.pipeline.config import load_config
 from forge.pipeline.phases.phase7_experts.discovery import cluster_cells, measure_cells
-from forge.pipeline.phases.phase7_experts.dispatch import Router, cem, dominates, nsga2_search, prompt_features
+from forge.pipeline.phases.phase7_experts.dispatch import (
+    Router,
+    cem,
+    dominates,
+    nsga2_search,
+    prompt_features,
+)
 from forge.pipeline.phases.phase7_experts.training import train_expert
-
-from _small_model import small_trained_model
 
 TASKS = {"addition": 1.0, "copy": 1.0}
 
@@ -76,9 +80,9 @@ def test_discovery_clusters_follow_the_errors_not_the_tasks():
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(addition_copy_model):
     """The dim-64 two-layer model of the Phase 6 tests (addition and copy), grown by the call format's tokens."""
-    model, tokenizer = small_trained_model(TASKS, examples=2000, steps=600, max_len=48)
+    model, tokenizer = addition_copy_model
     tokenizer = CharTokenizer.from_dict(tokenizer.to_dict())
     add_tool_tokens(tokenizer)
     return resize_vocab(copy.deepcopy(model), tokenizer.vocab_size).eval(), tokenizer

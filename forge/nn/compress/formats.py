@@ -7,6 +7,8 @@ is in a section, so nothing of the file goes uncounted:
 - vq: indices (and residual indices) as ceil(log2 k)-bit fields, codebooks and scales as float16
   (the VPTQ encoder rounds them to float16 before its GPTQ loop, so the file holds exactly what was evaluated);
 - hyper: the ergodic-trajectory indices through `hyper.entropy_code` (lzma); the scale as float32;
+- hvq (Phase 8's hyper stage): a VQ weight whose codebooks are hyper codes (as above) and whose indices are
+  bytes through lzma (`hyper.index_code`); the column scales float16;
 - raw: float32 (tensors a stage keeps uncompressed: embeddings, norms, the head under preserve_layers).
 `load_codes(save_codes(...))` gives back codes whose decode is bit-identical to the codes saved.
 """
@@ -22,8 +24,11 @@ import torch
 
 from forge.nn.compress.hyper import (
     HyperCodes,
+    HyperVQCodes,
     entropy_code,
     entropy_decode,
+    index_code,
+    index_decode,
     pack_bits,
     unpack_bits,
 )
@@ -102,6 +107,35 @@ def _decode_hyper(p, s) -> HyperCodes:
                       p["dims"], p["bits"], tuple(p["shape"]))
 
 
+def _encode_hvq(c: HyperVQCodes):
+    vq, (k, v) = c.vq, c.vq.codebook.shape
+    params = {"out": vq.out_features, "in": int(vq.idx.shape[1]), "k": k, "v": v, "dims": c.codebook.dims,
+              "bits": c.codebook.bits, "k_res": 0 if c.res_codebook is None else int(vq.res_codebook.shape[0])}
+    sections = {"idx": index_code(vq.idx, k), "scale": _half(vq.scale)}
+    for name, book in (("codebook", c.codebook), ("res_codebook", c.res_codebook)):
+        if book is not None:
+            sections[name] = entropy_code(book.indices, book.bits, book.dims)
+            sections[f"{name}_scale"] = struct.pack("<f", book.scale)
+    if params["k_res"]:
+        sections["res_idx"] = index_code(vq.res_idx, params["k_res"])
+    return params, sections
+
+
+def _decode_hvq(p, s) -> HyperVQCodes:
+    groups, inp, v = -(-p["out"] // p["v"]), p["in"], p["v"]
+    books = {}
+    for name, k in (("codebook", p["k"]), ("res_codebook", p["k_res"])):
+        if k:
+            indices = entropy_decode(s[name], p["bits"], p["dims"], -(-k * v // p["dims"]))
+            books[name] = HyperCodes(indices, struct.unpack("<f", s[f"{name}_scale"])[0], p["dims"], p["bits"], (k, v))
+    res = books.get("res_codebook")
+    vq = VQCodes(index_decode(s["idx"], p["k"], (groups, inp)), books["codebook"].decode(),
+                 _read_half(s["scale"], (inp,)), p["out"],
+                 index_decode(s["res_idx"], p["k_res"], (groups, inp)) if res else None,
+                 res.decode() if res else None)
+    return HyperVQCodes(vq, books["codebook"], res)
+
+
 def _encode_raw(t: torch.Tensor):
     return {"shape": list(t.shape)}, {"values": t.detach().float().contiguous().numpy().tobytes()}
 
@@ -111,20 +145,35 @@ def _decode_raw(p, s) -> torch.Tensor:
 
 
 CODECS = {SeedLMCodes: ("seedlm", _encode_seedlm), VQCodes: ("vq", _encode_vq), HyperCodes: ("hyper", _encode_hyper),
+          HyperVQCodes: ("hvq", _encode_hvq),
           torch.Tensor: ("raw", _encode_raw)}
-DECODERS = {"seedlm": _decode_seedlm, "vq": _decode_vq, "hyper": _decode_hyper, "raw": _decode_raw}
+DECODERS = {"seedlm": _decode_seedlm, "vq": _decode_vq, "hyper": _decode_hyper, "hvq": _decode_hvq,
+            "raw": _decode_raw}
+
+
+def encode_codes(name: str, codes) -> tuple[str, dict, dict[str, bytes]]:
+    """(codec name, params, {section: bytes}) of one tensor's codes or float tensor."""
+    kind = next((k for k in CODECS if isinstance(codes, k)), None)
+    if kind is None:
+        raise TypeError(f"tensors[{name!r}] must be {', '.join(k.__name__ for k in CODECS)}; "
+                        f"got {type(codes).__name__}")
+    codec, encode = CODECS[kind]
+    params, sections = encode(codes)
+    return codec, params, sections
+
+
+def decode_codes(codec: str, params: dict, sections: dict[str, bytes]):
+    """The codes (or float tensor) that `encode_codes` turned into (codec, params, sections)."""
+    if codec not in DECODERS:
+        raise ValueError(f"unknown codec {codec!r}; known: {sorted(DECODERS)}")
+    return DECODERS[codec](params, sections)
 
 
 def save_codes(path, tensors: dict) -> int:
     """Writes {name: codes or float tensor} to `path`; returns the file's size in bytes."""
     entries, blobs, offset = [], [], 0
     for name, codes in tensors.items():
-        kind = next((k for k in CODECS if isinstance(codes, k)), None)
-        if kind is None:
-            raise TypeError(f"tensors[{name!r}] must be SeedLMCodes, VQCodes, HyperCodes or a tensor; "
-                            f"got {type(codes).__name__}")
-        codec, encode = CODECS[kind]
-        params, sections = encode(codes)
+        codec, params, sections = encode_codes(name, codes)
         table = []
         for section, data in sections.items():
             table.append([section, offset, len(data)])
@@ -149,7 +198,7 @@ def load_codes(path) -> dict:
     out = {}
     for entry in header["tensors"]:
         sections = {name: bytes(body[off:off + n]) for name, off, n in entry["sections"]}
-        out[entry["name"]] = DECODERS[entry["codec"]](entry["params"], sections)
+        out[entry["name"]] = decode_codes(entry["codec"], entry["params"], sections)
     return out
 
 

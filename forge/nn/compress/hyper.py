@@ -6,6 +6,9 @@ over n = 0 .. 2^bits - 1: one integer (the "hyperfunction" parameter theta = n) 
 mapped into the torus by w -> w / (2 s) + 1/2 with s = max|w| per tensor. The indices then go through lossless
 entropy coding (`entropy_code`: ranks by distance to the center, byte planes, the standard library's lzma),
 which gains where the index distribution is uneven (Gaussian weights crowd the center).
+`hyper_vq` applies it to a VQ-coded weight's codebooks (Phase 8's third stage: the weights the VPTQ stage decoded,
+kept in their factored form scale * codebook[idx]; the codebooks become trajectory indices, the VQ indices go
+through lzma), so the stage shrinks the previous stage's file instead of re-coding its weights at 5+ bits.
 Simplified against the authors' code: no inner square with outlier classes; one scale per tensor.
 """
 from __future__ import annotations
@@ -17,6 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from forge.nn.compress.vptq import VQCodes
+
+LZMA = {"format": lzma.FORMAT_RAW, "filters": [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]}
+# raw LZMA2 (no xz container: its 60-byte header and checksum would be paid per tensor)
 DIRECTIONS = tuple(float(np.sqrt(p)) for p in (2, 3, 5, 7, 11, 13, 17, 19))
 
 
@@ -55,6 +62,42 @@ def hyper_encode(weight: torch.Tensor, dims: int = 2, bits: int = 12, chunk: int
     return HyperCodes(indices, scale, dims, bits, tuple(weight.shape))
 
 
+@dataclass
+class HyperVQCodes:
+    """A VQ-coded weight whose codebooks are hyper-compressed: `vq` holds the decoded codebooks (what runs and
+    what a gate evaluates), `codebook` / `res_codebook` their trajectory codes (what the file stores)."""
+    vq: VQCodes
+    codebook: HyperCodes
+    res_codebook: HyperCodes | None = None
+
+    def decode(self, backend: str = "auto") -> torch.Tensor:
+        return self.vq.decode(backend)
+
+    def linear(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        return self.vq.linear(x, backend)
+
+
+def hyper_vq(codes: VQCodes, dims: int = 2, bits: int = 12) -> HyperVQCodes:
+    """`codes` with each codebook replaced by its hyper-compressed form (the same indices and scales)."""
+    book = hyper_encode(codes.codebook, dims, bits)
+    res = None if codes.res_codebook is None else hyper_encode(codes.res_codebook, dims, bits)
+    vq = VQCodes(codes.idx, book.decode(), codes.scale, codes.out_features, codes.res_idx,
+                 None if res is None else res.decode())
+    return HyperVQCodes(vq, book, res)
+
+
+def index_code(idx: torch.Tensor, k: int) -> bytes:
+    """Lossless coding of VQ indices (< k): one byte each (two, little-endian, when k > 256), through lzma."""
+    dtype = np.uint8 if k <= 256 else np.dtype("<u2")
+    return lzma.compress(idx.numpy().astype(dtype).tobytes(), **LZMA)
+
+
+def index_decode(data: bytes, k: int, shape) -> torch.Tensor:
+    dtype = np.uint8 if k <= 256 else np.dtype("<u2")
+    values = np.frombuffer(lzma.decompress(data, **LZMA), dtype=dtype).astype(np.int32)
+    return torch.from_numpy(values.reshape(shape).copy())
+
+
 def pack_bits(values: np.ndarray, width: int) -> bytes:
     """Unsigned integers (< 2^width) as a little-endian bit stream, width bits each, zero-padded to a byte."""
     v = np.asarray(values, dtype=np.uint64)
@@ -85,11 +128,11 @@ def entropy_code(indices: torch.Tensor, bits: int, dims: int) -> bytes:
     planes go through lzma (xz, preset 9 | extreme)."""
     ranks = _center_ranks(dims, bits)[indices].numpy().astype(np.uint32)
     planes = [((ranks >> (8 * b)) & 0xFF).astype(np.uint8) for b in reversed(range(-(-bits // 8)))]
-    return lzma.compress(np.concatenate(planes).tobytes(), preset=9 | lzma.PRESET_EXTREME)
+    return lzma.compress(np.concatenate(planes).tobytes(), **LZMA)
 
 
 def entropy_decode(data: bytes, bits: int, dims: int, count: int) -> torch.Tensor:
-    planes = np.frombuffer(lzma.decompress(data), dtype=np.uint8).reshape(-1, count).astype(np.uint32)
+    planes = np.frombuffer(lzma.decompress(data, **LZMA), dtype=np.uint8).reshape(-1, count).astype(np.uint32)
     ranks = np.zeros(count, dtype=np.uint32)
     for plane in planes:
         ranks = (ranks << 8) | plane

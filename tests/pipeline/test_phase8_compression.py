@@ -1,0 +1,216 @@
+"""Phase 8 (SeedLM -> VPTQ -> hyper-compression): each stage's file decodes to exactly the model its gate
+evaluated, the stages chain in the registry, a stage that loses accuracy is rolled back with the reason recorded,
+the final model loads and answers through forge.load_model, the phase survives a rollback to 7 and a SIGKILL, and
+its own checks hold it to Phase 4's packed ternary file."""
+import copy
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import forge
+from forge.data import make_examples
+from forge.nn.compress.coded import CodedLinear, coded_layers
+from forge.pipeline.config import load_config
+from forge.pipeline.controller import (
+    ModelOutput,
+    PhaseController,
+    PhaseResult,
+    PipelineError,
+)
+from forge.pipeline.models import build_from_metadata
+from forge.pipeline.phases.phase8_compression.recipe import held_out_accuracy
+from forge.pipeline.phases.phase8_compression.stages import (
+    hyper_stage,
+    seedlm_stage,
+    vptq_stage,
+)
+from forge.registry import ModelRegistry, new_session_id, save_checkpoint
+from forge.registry.checkpoint import load_checkpoint
+
+TASKS = {"addition": 1.0, "copy": 1.0}
+SMALL = ("wandb.mode=disabled", "phases.phase8.eval_examples=64", "phases.phase8.vptq_finetune_steps=60",
+         "phases.phase8.finetune_examples=256", "phases.phase8.calibration_samples=32",
+         "phases.phase8.min_stage_retention=0.5", "phases.phase8.min_final_retention=0.5")
+EXPERTS = {"num_experts": 2, "min_expert_gain": 0.1, "routing_gain": 0.1, "routing_over_random": 0.1}
+
+
+@pytest.fixture(scope="module")
+def trained(addition_copy_model):
+    model, tokenizer = addition_copy_model
+    return copy.deepcopy(model).eval(), tokenizer
+
+
+def _accuracy(model, tokenizer, n=64, seed=0):
+    return held_out_accuracy(model, make_examples(TASKS, n, "test", seed), tokenizer, 48)
+
+
+def test_stage_files_decode_to_the_models_the_gates_evaluated(trained, tmp_path):
+    model, tokenizer = trained
+    cfg = load_config(overrides=SMALL).phases.phase8
+    preserve, quiet = cfg.preserve_layers, lambda *_: None
+    tokens = torch.randint(4, tokenizer.vocab_size, (16, 48))
+    first = seedlm_stage(model, preserve, cfg, quiet)
+    second = vptq_stage(first, preserve, cfg, tokens, quiet)
+    third = hyper_stage(second, preserve, cfg, quiet)
+    assert [type(m.codes).__name__ for m in coded_layers(third).values()] == ["HyperVQCodes"] * len(coded_layers(third))
+    for i, stage in enumerate((first, second, third)):
+        info = save_checkpoint(stage.state_dict(), tmp_path / f"s{i}.safetensors", {"model_config": model.config.to_dict()})
+        state, meta = load_checkpoint(info.path, expected_sha256=info.sha256)
+        back = build_from_metadata(meta, state)
+        back.load_state_dict(state, strict=True)
+        for name, layer in coded_layers(stage).items():
+            assert torch.equal(coded_layers(back)[name].decoded_weight(), layer.decoded_weight())
+        assert _accuracy(back, tokenizer) == _accuracy(stage, tokenizer)
+    # each stage starts from the one before: VPTQ quantizes SeedLM's decoded weights, hyper keeps VPTQ's indices
+    name = next(iter(coded_layers(second)))
+    assert torch.equal(coded_layers(third)[name].codes.vq.idx, coded_layers(second)[name].codes.idx)
+
+
+def _hand_on_class():
+    """A stand-in Phase 7 that hands its input on as an expert model, so a test reaches Phase 8 in one session."""
+    class _HandOn(PhaseController):
+        phase, name = 7, "experts"
+
+        def execute(self, ctx):
+            item = ctx.inputs[0]
+            meta = {**item.metadata, **EXPERTS, "experts": {}, "router": None}
+            return PhaseResult(True, [ModelOutput("experts", item.model, meta, dict(EXPERTS))], dict(EXPERTS))
+    return _HandOn
+
+
+HandOnAsExperts = _hand_on_class()    # importable as test_phase8_compression:HandOnAsExperts
+
+
+def _source(registry, model, tokenizer, tmp_path, phase: int, ternary_bytes: int) -> str:
+    """A session holding a Phase 4 record (the packed ternary size) and its child, a Phase `phase` model."""
+    source = registry.create_session(new_session_id("src"), {})
+    meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(), "task_weights": TASKS,
+            "tools": ["calculator"], "personas": [], "answer_format": {"before": [], "after": []}}
+    checks = {6: {"cycles_completed": 1, "tool_lift": 1.0, "base_accuracy_drop": 0.0, "min_persona_kl_reduction": 1.0,
+                  "max_persona_adherence_gap": 0.0}, 7: EXPERTS}[phase]
+    ternary = {**meta, "packed_size_bytes": ternary_bytes}
+    p4 = registry.register_model(source, "bitnet", "bitnet", save_checkpoint(
+        model.state_dict(), tmp_path / "phase4.safetensors", ternary).path, ternary, phase=4)
+    meta = {**meta, **checks, **({"experts": {}, "router": None} if phase == 7 else {})}
+    path = save_checkpoint(model.state_dict(), tmp_path / f"phase{phase}.safetensors", meta).path
+    model_id = registry.register_model(source, f"phase{phase}", f"phase{phase}", path, meta, phase=phase,
+                                       metrics=checks, parent_ids=[p4])
+    registry.record_phase_result(source, phase, "completed", [model_id], checks, 1.0)
+    return source
+
+
+def test_phase8_through_the_pipeline_chains_registers_loads_and_resumes_after_a_rollback(trained, tmp_path,
+                                                                                          monkeypatch):
+    from _catalogue import uncatalogued
+
+    from forge.pipeline.orchestrator import Pipeline
+    from forge.pipeline.phases import PHASES
+    from forge.tracking import read_metrics
+
+    monkeypatch.setitem(PHASES, 7, ("experts", "test_phase8_compression:HandOnAsExperts"))
+    model, tokenizer = trained
+    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, "phases.phase7.enabled=true"))
+    registry = ModelRegistry(config.registry_path())
+    source = _source(registry, model, tokenizer, tmp_path, 6, ternary_bytes=10**7)
+    pipeline = Pipeline(config, registry, log=lambda _msg: None, progress_bars=False)
+    report = pipeline.run(from_phase=7, source_session=source)
+    sid = report.session_id
+    assert report.status == "completed" and report.completed == [7, 8], report.message
+    (p7,) = registry.list_models(session_id=sid, phase=7)
+    stages = {r["name"]: r for r in registry.list_models(session_id=sid, phase=8)}
+    assert set(stages) == {"seedlm", "vptq", "hyper"}
+    metrics = pipeline.completed(sid)[8]["metrics"]
+    kept = [s for s in ("seedlm", "vptq", "hyper") if metrics["stage_kept"][s]]
+    assert kept == ["seedlm", "vptq", "hyper"], {s: stages[s]["metadata"]["gate"] for s in stages}
+    assert stages["seedlm"]["parent_ids"] == [p7["id"]]
+    assert stages["vptq"]["parent_ids"] == [stages["seedlm"]["id"]]
+    assert stages["hyper"]["parent_ids"] == [stages["vptq"]["id"]]
+    assert report.final_model_ids == [stages["hyper"]["id"]] and "final" in stages["hyper"]["tags"]
+    sizes = [metrics["stage_file_bytes"][s] for s in kept]
+    assert sizes == sorted(sizes, reverse=True)
+    for name, record in stages.items():       # the recorded size is the file's, every byte
+        assert Path(record["path"]).stat().st_size == metrics["stage_file_bytes"][name]
+    assert metrics["final_bytes"] == sizes[-1] and metrics["size_vs_ternary"] == sizes[-1] / 10**7
+    assert metrics["compression_ratio"] == Path(p7["path"]).stat().st_size / sizes[-1]
+    # the final model loads through the README's lines, runs from its codes and scores what the gate scored
+    final = forge.load_model(stages["hyper"]["id"], run_root=tmp_path / "runs")
+    assert coded_layers(final.model) and all(isinstance(m, CodedLinear) for m in coded_layers(final.model).values())
+    assert _accuracy(final.model, final.tokenizer) == metrics["stage_accuracy"]["hyper"]
+    assert final.answer("12+7=") == final.answer("12+7=") and isinstance(final.answer("abc"), str)
+    names = [name for line in read_metrics(pipeline.session_dir(sid)) for name in line["metrics"]]
+    assert names.count("phase8/final_retention") == 1 and uncatalogued(pipeline.session_dir(sid)) == []
+    pipeline.rollback(sid, 7)
+    pipeline.resume(sid)
+    timed = ("stage_encode_seconds", "stage_eval_seconds")
+    again = pipeline.completed(sid)[8]["metrics"]
+    assert {k: v for k, v in again.items() if k not in timed} == {k: v for k, v in metrics.items() if k not in timed}
+    assert len(registry.list_models(session_id=sid, phase=8)) == 6
+    registry.close()
+
+
+def test_a_stage_that_loses_accuracy_is_rolled_back_and_the_registry_says_why(trained, tmp_path):
+    from forge.pipeline.orchestrator import Pipeline
+
+    model, tokenizer = trained
+    assert _accuracy(model, tokenizer) >= 0.3       # enough to lose
+    wreck = ("phases.phase8.vptq_codebook_size=2", "phases.phase8.vptq_vector_dim=8", "phases.phase8.vptq_finetune_steps=0")
+    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, *wreck))
+    with ModelRegistry(config.registry_path()) as registry:
+        source = _source(registry, model, tokenizer, tmp_path, 7, ternary_bytes=10**7)
+        report = Pipeline(config, registry, log=lambda _m: None, progress_bars=False).run(only=8, source_session=source)
+        stages = {r["name"]: r for r in registry.list_models(session_id=report.session_id, phase=8)}
+    assert stages["seedlm"]["metadata"]["gate"] == "kept"
+    assert stages["vptq"]["metadata"]["gate"].startswith("rolled back: accuracy")
+    assert "rolled-back" in stages["vptq"]["tags"] and stages["vptq"]["metrics"]["kept"] == 0.0
+    # the hyper stage starts from SeedLM's model (the last kept); coding its weights directly does not shrink it
+    assert stages["hyper"]["parent_ids"] == [stages["seedlm"]["id"]]
+    assert "not smaller than seedlm's" in stages["hyper"]["metadata"]["gate"]
+    assert report.final_model_ids == [stages["seedlm"]["id"]]
+
+
+def test_the_final_file_must_beat_the_packed_ternary_file(trained, tmp_path):
+    from forge.pipeline.orchestrator import Pipeline
+
+    model, tokenizer = trained
+    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, "phases.phase8.stages=[seedlm]"))
+    with ModelRegistry(config.registry_path()) as registry:
+        source = _source(registry, model, tokenizer, tmp_path, 7, ternary_bytes=1000)
+        with pytest.raises(PipelineError, match="size_vs_ternary .* not smaller than Phase 4's packed ternary file"):
+            Pipeline(config, registry, log=lambda _m: None, progress_bars=False).run(only=8, source_session=source)
+
+
+def test_a_run_killed_mid_phase8_resumes_and_registers_once(trained, tmp_path):
+    """`forge run --only 8` killed with SIGKILL while the VPTQ stage runs, then `forge resume`."""
+    model, tokenizer = trained
+    runs = tmp_path / "runs"
+    with ModelRegistry(runs / "registry.db") as registry:
+        source = _source(registry, model, tokenizer, tmp_path, 7, ternary_bytes=10**7)
+    script = Path(sys.executable).with_name("forge")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "forge.cli"]
+    sets = [a for s in (f"run_root={runs}", *SMALL) for a in ("--set", s)]
+    proc = subprocess.Popen([*command, "run", "--only", "8", "--source-session", source, *sets], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "vptq" in line:
+            break
+    assert proc.poll() is None, "".join(seen)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    with ModelRegistry(runs / "registry.db") as registry:
+        (session,) = [s for s in registry.list_sessions() if s["id"] != source]
+        assert registry.list_models(session_id=session["id"]) == [] and session["status"] == "running"
+    resumed = subprocess.run([*command, "resume", session["id"], "--set", f"run_root={runs}"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    with ModelRegistry(runs / "registry.db") as registry:
+        assert sorted(r["name"] for r in registry.list_models(session_id=session["id"], phase=8)) == [
+            "hyper", "seedlm", "vptq"]
+        assert registry.get_session(session["id"])["status"] == "completed"
