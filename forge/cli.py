@@ -74,7 +74,7 @@ def _phases(_args) -> int:
         if not is_implemented(number):
             state = "not implemented yet"
         elif why_not_runnable(number, config):
-            state = f"implemented, switched off (--set phases.phase{number}.enabled=true)"
+            state = f"implemented, switched off: runs skip it (--set phases.phase{number}.enabled=true)"
         else:
             state = "implemented"
         print(f"{number}  {name:<12} {state}")
@@ -84,9 +84,9 @@ def _phases(_args) -> int:
 def _dry_run(config, plan: list[int]) -> int:
     from forge.pipeline.estimate import estimate
     from forge.pipeline.handoff import validate_table
-    from forge.pipeline.phases import phase_name, plan_text, runnable_prefix, why_not_runnable
+    from forge.pipeline.phases import is_implemented, phase_name, plan_text, runnable_phases, why_not_runnable
 
-    runnable = runnable_prefix(plan, config)
+    runnable = runnable_phases(plan, config)
     print(f"config ok; plan: {plan_text(plan, config)}")
     for rule in validate_table(config):
         print(f"  handoff {rule}")
@@ -94,9 +94,14 @@ def _dry_run(config, plan: list[int]) -> int:
     for phase in plan:
         note = f"~{seconds[phase]:.0f} s" if phase in seconds else (
             "implemented" if phase in runnable else why_not_runnable(phase, config) or "not reached")
+        if phase not in runnable and is_implemented(phase):
+            note += ": skipped"
         print(f"  phase {phase} {phase_name(phase):<12} {note}")
-    if runnable != plan:
-        print(f"a run would stop after phase {runnable[-1]}" if runnable else "no phase of this plan can run yet")
+    stop = next((p for p in plan if not is_implemented(p)), None)
+    if not runnable:
+        print("no phase of this plan can run")
+    elif stop is not None:
+        print(f"a run would stop after phase {runnable[-1]}")
     print(f"estimated total ~{sum(seconds.values()):.0f} s on a 2-core CPU like benchmarks/RESULTS.md's (counted work, "
           "not a timing: a faster or busier machine differs); nothing was written")
     return 0
@@ -106,12 +111,12 @@ def _run(args) -> int:
     from forge.pipeline.phases import make_plan
 
     config = _config(args)
-    plan = make_plan(args.from_phase, args.only)
+    plan = make_plan(args.from_phase, args.only, args.to_phase)
     if args.dry_run:
         return _dry_run(config, plan)
     with _registry(config, must_exist=False) as registry:
         pipeline = _pipeline(config, registry)
-        _summary(pipeline, pipeline.run(args.from_phase, args.only, args.source_session))
+        _summary(pipeline, pipeline.run(args.from_phase, args.only, args.source_session, args.to_phase))
         if config.cleanup.auto_cleanup:
             _cleanup(config, registry)
     return 0
@@ -290,6 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run the pipeline in a new session")
     run.add_argument("--from-phase", type=_phase_number, default=1)
     run.add_argument("--only", type=_phase_number)
+    run.add_argument("--to-phase", type=_phase_number, help="the last phase to run (default: the last phase)")
     run.add_argument("--source-session", help="session whose models feed --from-phase/--only (default: newest)")
     run.add_argument("--dry-run", action="store_true", help="validate and estimate; run and write nothing")
     for name, text in (("resume", "continue a failed, killed or rolled-back session"),

@@ -186,7 +186,7 @@ class Phase2Config(Section):
 
 # -- phase 3: quietstar ---------------------------------------------------------------------------
 class Phase3Config(Section):
-    enabled: bool = True    # false skips phases 3 onward (a run stops after phase 2)
+    enabled: bool = True    # false: runs skip Phase 3 (Phase 4 quantizes Phase 2's champion)
     thinking_tokens: int = Field(6, ge=2, le=12)     # <think>, </think> + strategy tokens
     warmup_steps: int = Field(1200, ge=0)
     warmup_lr: float = Field(2e-3, gt=0)
@@ -229,7 +229,7 @@ class Phase4Config(Section):
 
 # -- phase 5: curriculum ------------------------------------------------------------------------
 class Phase5Config(Section):
-    enabled: bool = True    # false stops a run after phase 4
+    enabled: bool = True    # false: runs skip Phase 5 (Phase 6 takes Phase 4's model)
     num_levels: int = Field(10, ge=2, le=10)       # forge.data.levels.NUM_LEVELS is 10
     questions_per_level: int = Field(200, ge=1)
     target_accuracy: float = Field(0.75, gt=0, le=1)
@@ -270,7 +270,7 @@ PersonaId = Literal["phase6_reasoning_specialist", "phase6_creative_thinker", "p
 
 
 class Phase6Config(Section):
-    enabled: bool = True    # false stops a run after phase 5
+    enabled: bool = True    # false: runs skip Phase 6 (the next phase takes Phase 5's model)
     tool_tasks: list[Literal["addition", "multiplication", "modular"]] = Field(
         default_factory=lambda: ["addition", "multiplication", "modular"], min_length=1)
     tool_questions_per_level: int = Field(40, ge=1)
@@ -315,8 +315,8 @@ class Phase6Config(Section):
 class Phase7Config(Section):
     """Transformer² experts (forge.pipeline.phases.phase7_experts): discovery from the model's errors, SVF
     z-vectors trained per cluster, the prompt router, CEM few-shot mixing and the NSGA-II mixture search."""
-    enabled: bool = False   # off by default until it fits its 3-minute budget and passes on a default run's
-                            # Phase 6 model (benchmarks/RESULTS.md "Phase 7"); true runs it after phase 6
+    enabled: bool = False   # off by default (runs skip it: Phase 8 compresses Phase 6's model) until it fits its
+                            # 3-minute budget and passes on a default run's Phase 6 model (RESULTS "Phase 7")
     min_experts: int = Field(2, ge=1)          # fewest clusters tried (seed PHASE7_MIN_EXPERTS_DISCOVERED: 2)
     max_experts: int = Field(3, ge=1)          # most clusters tried (seed: 10)
     solved_accuracy: float = Field(0.95, ge=0, le=1)   # cells answered at least this well stay with the base

@@ -22,8 +22,8 @@ from forge.pipeline.config import PipelineConfig
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext, PhaseResult, PipelineError
 from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
 from forge.pipeline.models import build_from_metadata
-from forge.pipeline.phases import (load_controller_class, make_plan, phase_name, plan_text, runnable_prefix,
-                                   why_not_runnable)
+from forge.pipeline.phases import (is_implemented, load_controller_class, make_plan, phase_name, plan_text,
+                                   runnable_phases, why_not_runnable)
 from forge.registry.checkpoint import load_checkpoint, save_checkpoint
 from forge.registry.schema import RegistryIOError
 from forge.registry.registry import safe_name
@@ -65,13 +65,14 @@ class Pipeline:
         self.progress_bars = progress_bars    # None: tqdm decides (shown on a terminal)
 
     # -- entry points ---------------------------------------------------------------------------
-    def run(self, from_phase: int = 1, only: int | None = None, source_session: str | None = None) -> RunReport:
-        """Start a new session over make_plan(from_phase, only). A plan that starts after phase 1
+    def run(self, from_phase: int = 1, only: int | None = None, source_session: str | None = None,
+            to_phase: int | None = None) -> RunReport:
+        """Start a new session over make_plan(from_phase, only, to_phase). A plan that starts after phase 1
         takes its inputs from `source_session` (default: the newest session that completed the
         phase before)."""
         from forge.registry import new_session_id
 
-        plan = make_plan(from_phase, only)
+        plan = make_plan(from_phase, only, to_phase)
         source = self._find_source(plan[0], source_session) if plan[0] > 1 else None
         session_id = new_session_id()
         session_dir = self.session_dir(session_id)
@@ -191,26 +192,39 @@ class Pipeline:
     def _run_plan(self, session_id: str, plan: dict, tracker) -> RunReport:
         phases = plan["phases"]
         completed = self.completed(session_id)
-        runnable = runnable_prefix(phases, self.config)   # progress counts the phases that can run
-        for index, phase in enumerate(phases):
+        runnable = runnable_phases(phases, self.config)   # progress counts the phases that run
+        for phase in phases:
             if phase in completed:
                 continue
-            reason = why_not_runnable(phase, self.config)
-            if reason is not None:
-                return self._stopped(session_id, phases, phase, completed, reason)
+            if not is_implemented(phase):
+                return self._stopped(session_id, phases, phase, completed, why_not_runnable(phase, self.config))
+            if phase not in runnable:
+                self.log(f"phase {phase} ({phase_name(phase)}) {why_not_runnable(phase, self.config)}: skipped")
+                continue
             controller_cls = load_controller_class(phase)
-            inputs = self._inputs(session_id, phase, plan, completed)
+            source = self._input_phase(phase, phases, completed)
+            inputs = self._inputs(session_id, phase, source, plan, completed)
             if phase > 1:
-                self._check_handoff(session_id, phase - 1, phase, inputs)
+                self._check_handoff(session_id, source, phase, inputs)
             ids, metrics = self._run_phase(session_id, phase, controller_cls, inputs, tracker)
             completed[phase] = {"model_ids": ids, "metrics": metrics}
-            progress = 100.0 * (index + 1) / max(len(runnable), index + 1)
+            progress = 100.0 * (runnable.index(phase) + 1) / len(runnable)
             self.registry.update_session_progress(session_id, phase, progress)
-        last = phases[-1]
+        if not runnable:
+            return self._stopped(session_id, phases, phases[0], completed, why_not_runnable(phases[0], self.config))
+        last = runnable[-1]
         final = self._final_ids(completed[last]["model_ids"])
+        span = f"phase {phases[0]}" if len(phases) == 1 else f"phases {phases[0]}..{phases[-1]}"
         return RunReport(session_id, "completed", sorted(completed), final,
-                         f"session {session_id}: completed phase{'s' if len(phases) > 1 else ''} "
-                         f"{phases[0]}..{last}; final models {', '.join(final)}")
+                         f"session {session_id}: completed {span}; final models {', '.join(final)}")
+
+    def _input_phase(self, phase: int, phases: list[int], completed: dict) -> int | None:
+        """The phase whose models feed `phase`: the last one before it that ran in this session (switched-off
+        phases are skipped), else the phase before the plan's first, in the source session (None: no inputs)."""
+        done = [p for p in completed if phases[0] <= p < phase]
+        if done:
+            return max(done)
+        return phases[0] - 1 if phases[0] > 1 else None
 
     def _final_ids(self, ids: list[str]) -> list[str]:
         """The models a phase tagged "final" (Phase 8's last kept stage), else all it made."""
@@ -225,15 +239,18 @@ class Pipeline:
                    f"stopped {after}" + (f"; final models {', '.join(final)}" if final else ""))
         return RunReport(session_id, "completed", done, final, message)
 
-    def _inputs(self, session_id: str, phase: int, plan: dict, completed: dict) -> list[LoadedModel]:
-        if phase == 1:
+    def _inputs(self, session_id: str, phase: int, source: int | None, plan: dict, completed: dict
+                ) -> list[LoadedModel]:
+        if source is None:
+            if phase > 1:
+                raise PipelineError(f"phase {phase} has no inputs: no phase before it ran (phase 1 is switched off)")
             return []
-        if phase - 1 in completed:
-            return self.load_models(completed[phase - 1]["model_ids"])
-        source = plan.get("source_session")
-        if phase == plan["phases"][0] and source:
-            return self.load_models(self.completed(source)[phase - 1]["model_ids"])
-        raise PipelineError(f"phase {phase} has no inputs: phase {phase - 1} is not completed in session {session_id}")
+        if source in completed:
+            return self.load_models(completed[source]["model_ids"])
+        origin = plan.get("source_session")
+        if origin and source in self.completed(origin):
+            return self.load_models(self.completed(origin)[source]["model_ids"])
+        raise PipelineError(f"phase {phase} has no inputs: phase {source} is not completed in session {session_id}")
 
     def _check_handoff(self, session_id: str, source: int, target: int, inputs: list[LoadedModel]) -> None:
         """Check the handoff rule and register the outcome once per set of models."""
@@ -249,8 +266,9 @@ class Pipeline:
             state["handoffs"][key] = {"model_ids": ids, "handoff_id": recorded[-1]["id"]}
             files.write_state(session_dir, state)
             return
+        rule = HANDOFF_RULES.get((source, target)) or HANDOFF_RULES[(source, source + 1)]   # a phase was skipped
         try:
-            metrics = check_handoff(HANDOFF_RULES[(source, target)], inputs, self.config)
+            metrics = check_handoff(rule, inputs, self.config)
         except HandoffError as error:
             self.registry.register_phase_handoff(session_id, source, target, ids, "failed", {"error": str(error)})
             raise

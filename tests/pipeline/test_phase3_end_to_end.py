@@ -136,8 +136,7 @@ def test_phases_3_and_4_through_the_pipeline_register_track_and_resume(trained, 
     model, tokenizer = trained
     config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, "phases.phase4.eval_examples=128",
                                     "phases.phase4.train_examples=1000", "phases.phase4.fine_tune_steps=40",
-                                    "phases.phase4.batch_size=32", "phases.phase4.max_accuracy_drop=1.0",
-                                    "phases.phase5.enabled=false"))
+                                    "phases.phase4.batch_size=32", "phases.phase4.max_accuracy_drop=1.0"))
     registry = ModelRegistry(config.registry_path())
     source = registry.create_session(new_session_id("src"), {})
     meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(), "task_weights": TASKS,
@@ -147,7 +146,7 @@ def test_phases_3_and_4_through_the_pipeline_register_track_and_resume(trained, 
                                        metrics={"fitness_gain": 0.1})
     registry.record_phase_result(source, 2, "completed", [champion], {"fitness_gain": 0.1}, 1.0)
     pipeline = Pipeline(config, registry, log=lambda _msg: None, progress_bars=False)
-    report = pipeline.run(from_phase=3, source_session=source)
+    report = pipeline.run(from_phase=3, source_session=source, to_phase=4)
     assert report.status == "completed" and report.completed == [3, 4], report.message
     sid = report.session_id
     (p3,), (p4,) = registry.list_models(session_id=sid, phase=3), registry.list_models(session_id=sid, phase=4)

@@ -238,8 +238,7 @@ def test_phases_4_and_5_through_the_pipeline_register_track_and_resume(trained, 
                                     "phases.phase4.train_examples=1000", "phases.phase4.fine_tune_steps=40",
                                     "phases.phase4.batch_size=32", "phases.phase4.max_accuracy_drop=1.0",
                                     "phases.phase5.min_curriculum_gain=-1", "phases.phase5.max_forgetting=1",
-                                    "phases.phase5.min_self_model_z=0", "phases.phase5.max_tasks_not_advanced=2",
-                                    "phases.phase6.enabled=false"))
+                                    "phases.phase5.min_self_model_z=0", "phases.phase5.max_tasks_not_advanced=2"))
     registry = ModelRegistry(config.registry_path())
     source = registry.create_session(new_session_id("src"), {})
     checks = {"thought_gain": 0.1, "gain_over_input": 0.1, "content_gain": 0.1, "distinct_thoughts": 1.0}
@@ -249,9 +248,8 @@ def test_phases_4_and_5_through_the_pipeline_register_track_and_resume(trained, 
     thinker = registry.register_model(source, "quietstar", "quietstar", path, meta, phase=3, metrics=checks)
     registry.record_phase_result(source, 3, "completed", [thinker], checks, 1.0)
     pipeline = Pipeline(config, registry, log=lambda _msg: None, progress_bars=False)
-    report = pipeline.run(from_phase=4, source_session=source)
+    report = pipeline.run(from_phase=4, source_session=source, to_phase=5)
     assert report.status == "completed" and report.completed == [4, 5], report.message
-    assert "phase 6 (baking) is switched off" in report.message
     sid = report.session_id
     (p4,), (p5,) = registry.list_models(session_id=sid, phase=4), registry.list_models(session_id=sid, phase=5)
     assert p5["parent_ids"] == [p4["id"]]

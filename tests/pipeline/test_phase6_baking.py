@@ -210,13 +210,12 @@ def test_phases_5_and_6_through_the_pipeline_register_track_and_resume(trained, 
     from forge.tracking import read_metrics
 
     model, tokenizer = trained
-    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, *LENIENT, *PHASE5,
-                                    "phases.phase7.enabled=false"))
+    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, *LENIENT, *PHASE5))
     registry = ModelRegistry(config.registry_path())
     source, _ = _registered(registry, model, tokenizer, tmp_path, phase=4,
                             checks={"compression_ratio": 10.0, "accuracy_drop": 0.0, "accuracy_retention": 1.0})
     pipeline = Pipeline(config, registry, log=lambda _msg: None, progress_bars=False)
-    report = pipeline.run(from_phase=5, source_session=source)
+    report = pipeline.run(from_phase=5, source_session=source, to_phase=6)
     assert report.status == "completed" and report.completed == [5, 6], report.message
     sid = report.session_id
     (p5,), (p6,) = registry.list_models(session_id=sid, phase=5), registry.list_models(session_id=sid, phase=6)

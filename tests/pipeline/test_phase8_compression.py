@@ -154,16 +154,24 @@ def test_phase8_through_the_pipeline_chains_registers_loads_and_resumes_after_a_
 
 
 def test_a_stage_that_loses_accuracy_is_rolled_back_and_the_registry_says_why(trained, tmp_path):
+    """Phase 7 is switched off (the default): the run skips it and Phase 8 compresses Phase 6's model."""
     from forge.pipeline.orchestrator import Pipeline
 
     model, tokenizer = trained
     assert _accuracy(model, tokenizer) >= 0.3       # enough to lose
     wreck = ("phases.phase8.vptq_codebook_size=2", "phases.phase8.vptq_vector_dim=8", "phases.phase8.vptq_finetune_steps=0")
     config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, *wreck))
+    lines = []
     with ModelRegistry(config.registry_path()) as registry:
-        source = _source(registry, model, tokenizer, tmp_path, 7, ternary_bytes=10**7)
-        report = Pipeline(config, registry, log=lambda _m: None, progress_bars=False).run(only=8, source_session=source)
+        source = _source(registry, model, tokenizer, tmp_path, 6, ternary_bytes=10**7)
+        report = Pipeline(config, registry, log=lines.append, progress_bars=False).run(from_phase=7,
+                                                                                       source_session=source)
         stages = {r["name"]: r for r in registry.list_models(session_id=report.session_id, phase=8)}
+        (handoff,) = registry.list_phase_handoffs(report.session_id)
+        (p6,) = registry.list_models(session_id=source, phase=6)
+    assert report.completed == [8] and "phase 7 (experts) is switched off (phases.phase7.enabled: false): skipped" in lines
+    assert (handoff["source_phase"], handoff["target_phase"], handoff["model_ids"]) == (6, 8, [p6["id"]])
+    assert stages["seedlm"]["parent_ids"] == [p6["id"]]
     assert stages["seedlm"]["metadata"]["gate"] == "kept"
     assert stages["vptq"]["metadata"]["gate"].startswith("rolled back: accuracy")
     assert "rolled-back" in stages["vptq"]["tags"] and stages["vptq"]["metrics"]["kept"] == 0.0
@@ -214,3 +222,23 @@ def test_a_run_killed_mid_phase8_resumes_and_registers_once(trained, tmp_path):
         assert sorted(r["name"] for r in registry.list_models(session_id=session["id"], phase=8)) == [
             "hyper", "seedlm", "vptq"]
         assert registry.get_session(session["id"])["status"] == "completed"
+
+
+def test_a_tiny_forge_run_goes_through_all_eight_phases_to_a_completed_session(tmp_path):
+    """The real CLI from phase 1 to 8 at test size (tests/ui/_tiny_run.py: phases 1-7's own checks off, Phase 8's
+    on); the session completes with Phase 8's final stage, which loads and answers."""
+    ui = Path(__file__).resolve().parents[1] / "ui"
+    sys.path.insert(0, str(ui))
+    from _tiny_run import TINY_PHASES_7_8, TINY_SETS
+
+    sets = [a for s in ("run_root=runs", *TINY_SETS, *TINY_PHASES_7_8) for a in ("--set", s)]
+    done = subprocess.run([sys.executable, str(ui / "_tiny_run.py"), "run", *sets], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=1500, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with ModelRegistry(tmp_path / "runs" / "registry.db") as registry:
+        (session,) = registry.list_sessions()
+        completed = registry.completed_phases(session["id"])
+        final = [r for r in registry.list_models(session_id=session["id"], phase=8) if "final" in r["tags"]]
+    assert session["status"] == "completed" and sorted(completed) == list(range(1, 9))
+    assert len(final) == 1 and f"final models {final[0]['id']}" in done.stdout
+    assert isinstance(forge.load_model(final[0]["id"], run_root=tmp_path / "runs").answer("12+7="), str)

@@ -1,6 +1,6 @@
-"""A tiny real `forge run` of phases 1-6 for the phase-view tests: the real CLI and the real phases, a few dozen
-steps each, so the phases' own pass checks and the handoff gates are switched off (a model this small cannot
-pass them); the keys and values recorded are the pipeline's own. Run as a script: `_tiny_run.py run --set ...`."""
+"""A tiny real `forge run` for the phase-view tests (phases 1-6) and the eight-phase test (TINY_PHASES_7_8): the
+real CLI and the real phases, a few dozen steps each, so the pass checks of phases 1-7 and the handoff gates are
+switched off (a model this small cannot pass them); the keys and values recorded are the pipeline's own. Run as a script: `_tiny_run.py run --set ...`."""
 import sys
 
 TINY_SETS = [
@@ -22,6 +22,17 @@ TINY_SETS = [
     "phases.phase6.max_cycles=2", "phases.phase6.baking_steps=5",
 ]
 
+TINY_PHASES_7_8 = [
+    "phases.phase7.enabled=true", "phases.phase7.svf_steps=4", "phases.phase7.eval_every=2",
+    "phases.phase7.discovery_questions=4", "phases.phase7.eval_questions=4", "phases.phase7.train_questions=8",
+    "phases.phase7.svf_batch_size=8", "phases.phase7.compare_methods=false", "phases.phase7.router_steps=50",
+    "phases.phase7.cem_population=2", "phases.phase7.cem_elites=1", "phases.phase7.cem_iterations=1",
+    "phases.phase7.adas_population=2", "phases.phase7.adas_generations=1", "phases.phase7.adas_questions=8",
+    "phases.phase8.seedlm_seeds=256", "phases.phase8.eval_examples=32", "phases.phase8.vptq_finetune_steps=20",
+    "phases.phase8.finetune_examples=64", "phases.phase8.calibration_samples=16",
+    "phases.phase8.min_stage_retention=0", "phases.phase8.min_final_retention=0",
+]
+
 
 def main(argv: list[str]) -> int:
     from forge import cli
@@ -29,7 +40,7 @@ def main(argv: list[str]) -> int:
     from forge.pipeline.controller import HandoffError
     from forge.pipeline.phases import load_controller_class
 
-    for phase in range(1, 7):
+    for phase in range(1, 8):       # Phase 8's own checks stay (TINY_PHASES_7_8 sets gates a tiny model passes)
         load_controller_class(phase).validate_output = lambda self, result, ctx: None
     real_check = orchestrator.check_handoff
 

@@ -61,13 +61,11 @@ def tiny_run(tmp_path_factory) -> dict:
     import subprocess
     import sys
 
-    from forge.pipeline.config import Phase7Config
     from forge.ui import data
 
     folder = tmp_path_factory.mktemp("tiny-run")
-    stop_after_6 = ["phases.phase7.enabled=false"] if "enabled" in Phase7Config.model_fields else []
-    sets = [a for s in ("run_root=runs", *TINY_SETS, *stop_after_6) for a in ("--set", s)]
-    done = subprocess.run([sys.executable, str(Path(__file__).parent / "_tiny_run.py"), "run", *sets],
+    sets = [a for s in ("run_root=runs", *TINY_SETS) for a in ("--set", s)]
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "_tiny_run.py"), "run", "--to-phase", "6", *sets],
                           cwd=folder, capture_output=True, text=True, timeout=1200, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     run = data.RunRoot.open(folder / "runs")

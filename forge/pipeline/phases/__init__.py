@@ -2,6 +2,7 @@
 
 Controllers load lazily, so listing phases imports no training code, and a controller module that is
 not there yet reads as "not implemented yet" (any other import error is a real error and propagates).
+A run stops at a phase that is not implemented and skips one that is switched off (`enabled: false`).
 Each phase is a package `phase<n>_<name>/` holding its controller (the recipe: what it trains, on
 what, which checks it must pass) and the helpers only it uses.
 """
@@ -60,33 +61,49 @@ def why_not_runnable(phase: int, config) -> str | None:
     return None
 
 
-def runnable_prefix(plan: list[int], config) -> list[int]:
-    """The phases of `plan` a run gets through: up to the first that is not implemented or switched off."""
+def runnable_phases(plan: list[int], config) -> list[int]:
+    """The phases of `plan` a run executes: a switched-off phase is skipped (the next phase takes the models of
+    the last one that ran), and the run stops at the first phase that is not implemented."""
     runnable = []
     for phase in plan:
-        if why_not_runnable(phase, config) is not None:
+        if not is_implemented(phase):
             break
-        runnable.append(phase)
+        if is_enabled(phase, config):
+            runnable.append(phase)
     return runnable
 
 
+def _span(phases: list[int]) -> str:
+    """[1, 2, 3, 4, 5, 6, 8] -> 'phases 1..6, 8'."""
+    runs, start = [], phases[0]
+    for prev, phase in zip(phases, phases[1:] + [None]):
+        if phase != prev + 1:
+            runs.append(f"{start}" if start == prev else f"{start}..{prev}")
+            start = phase
+    return ("phase " if len(phases) == 1 else "phases ") + ", ".join(runs)
+
+
 def plan_text(plan: list[int], config) -> str:
-    """'phases 1..6 (7: not implemented yet; the run stops there)': what a run of `plan` will do."""
-    runnable = runnable_prefix(plan, config)
+    """'phases 1..6, 8 (phase 7 is switched off ...: skipped)': what a run of `plan` will do."""
+    runnable = runnable_phases(plan, config)
+    stop = next((p for p in plan if not is_implemented(p)), None)
     if not runnable:
         return f"phase {plan[0]} {why_not_runnable(plan[0], config)}: nothing can run"
-    text = f"phase {runnable[0]}" if len(runnable) == 1 else f"phases {runnable[0]}..{runnable[-1]}"
-    if len(runnable) < len(plan):
-        stop = plan[len(runnable)]
-        text += f" (phase {stop} {why_not_runnable(stop, config)}; the run stops there)"
-    return text
+    notes = [f"phase {p} {why_not_runnable(p, config)}: skipped" for p in plan
+             if p not in runnable and (stop is None or p < stop)]
+    if stop is not None:
+        notes.append(f"phase {stop} {why_not_runnable(stop, config)}; the run stops there")
+    return _span(runnable) + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def make_plan(from_phase: int = 1, only: int | None = None) -> list[int]:
-    """The phases a run covers: from `from_phase` to the last phase, or just `only`."""
-    for label, value in (("from_phase", from_phase), ("only", only)):
+def make_plan(from_phase: int = 1, only: int | None = None, to_phase: int | None = None) -> list[int]:
+    """The phases a run covers: from `from_phase` to `to_phase` (default: the last phase), or just `only`."""
+    for label, value in (("from_phase", from_phase), ("only", only), ("to_phase", to_phase)):
         if value is not None and (isinstance(value, bool) or value not in PHASES):
             raise PipelineError(f"unknown phase {value!r} for {label}; phases are {phase_range_text()}")
     if only is not None:
         return [only]
-    return list(range(from_phase, LAST_PHASE + 1))
+    last = LAST_PHASE if to_phase is None else to_phase
+    if last < from_phase:
+        raise PipelineError(f"to_phase {last} comes before from_phase {from_phase}")
+    return list(range(from_phase, last + 1))
