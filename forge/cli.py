@@ -205,6 +205,17 @@ def _headline(metrics: dict) -> str:
     return ", ".join(shown[:3]) or "-"
 
 
+def _model_line(m: dict, superseded: bool) -> str:
+    """id, phase, name, parameters, file size, headline metrics, lineage and tags (Phase 8's chain: each stage
+    from the one it started from, kept / rolled-back / final), hash and path."""
+    params = m.get("parameter_count")
+    lineage = f"  from {', '.join(m['parent_ids'])}" if m.get("parent_ids") else ""
+    tags = f"  [{', '.join(m['tags'])}]" if m.get("tags") else ""
+    return (f"{m['id']}  phase {m['phase']}  {m['name']:<14} {params if params is not None else '?':>9} params"
+            f"  {m['size_bytes'] / 1e3:>8.1f} kB  {_headline(m['metrics'])}{lineage}{tags}  sha256 {m['sha256'][:12]}"
+            f"  {m['path']}{'  (superseded)' if superseded else ''}")
+
+
 def _models(args) -> int:
     with _registry(_config(args), must_exist=True) as registry:
         models = registry.list_models(session_id=args.session, phase=args.phase)
@@ -213,10 +224,7 @@ def _models(args) -> int:
         for m in models:
             if m["id"] in superseded and not args.all:
                 continue
-            params = m.get("parameter_count")
-            mark = "  (superseded)" if m["id"] in superseded else ""
-            print(f"{m['id']}  phase {m['phase']}  {m['name']:<14} {params if params is not None else '?':>9} params"
-                  f"  {_headline(m['metrics'])}  sha256 {m['sha256'][:12]}  {m['path']}{mark}")
+            print(_model_line(m, m["id"] in superseded))
         if not models:
             print("no models")
         if hidden:

@@ -151,7 +151,7 @@ HANDOFF_RULES: dict[tuple[int, int], HandoffRule] = {(rule.source, rule.target):
 LAST_PHASE_CHECKS: tuple[MetricBound, ...] = (
     MetricBound("stages_kept", low=1, reason="every compression stage was rolled back: no compressed model"),
     MetricBound("final_retention", low="min_final_retention",
-                reason="the final model keeps too little of the Phase 7 model's accuracy {input_accuracy:.3f}"),
+                reason="the final model keeps too little of the incoming model's accuracy {input_accuracy:.3f}"),
     MetricBound("size_vs_ternary", high="max_size_vs_ternary", optional=True,
                 reason="the final file ({final_bytes} B) is not smaller than Phase 4's packed ternary file "
                        "({ternary_size_bytes} B)"),
@@ -229,11 +229,18 @@ def outgoing_rule(phase: int) -> HandoffRule | None:
     return HANDOFF_RULES.get((phase, phase + 1))
 
 
+def phase_end_bounds(phase: int) -> tuple[MetricBound, ...]:
+    """The bounds a phase is held to as it ends: its outgoing rule's, or LAST_PHASE_CHECKS for the last phase."""
+    rule = outgoing_rule(phase)
+    if rule is not None:
+        return rule.metrics
+    return LAST_PHASE_CHECKS if phase == max(PHASES) else ()
+
+
 def check_phase_end(phase: int, result, section) -> None:
     """The outgoing rule's metric bounds on a phase's result, as the phase ends: on each model's metrics
     over the phase's (or on the phase's alone when it made no model). `section`: the phase's config."""
-    rule = outgoing_rule(phase)
-    bounds = rule.metrics if rule is not None else LAST_PHASE_CHECKS if phase == max(PHASES) else ()
+    bounds = phase_end_bounds(phase)
     scopes = [(f"phase {phase}: model {output.name!r}", {**result.metrics, **output.metrics})
               for output in result.models] or [(f"phase {phase}", result.metrics)]
     for who, metrics in scopes:

@@ -20,3 +20,11 @@ def build_from_metadata(metadata: dict, state_dict: dict | None = None) -> nn.Mo
         if is_coded_state(state_dict):
             return coded_model_from_state(model, state_dict)
     return model
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The model's parameters: its float tensors plus the weights its CodedLinear layers encode (Phase 8)."""
+    from forge.nn.compress.coded import coded_layers
+
+    coded = sum(m.in_features * m.out_features for m in coded_layers(model).values())
+    return sum(p.numel() for p in model.parameters()) + coded

@@ -21,7 +21,7 @@ from forge.pipeline import state as files
 from forge.pipeline.config import PipelineConfig
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext, PhaseResult, PipelineError
 from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
-from forge.pipeline.models import build_from_metadata
+from forge.pipeline.models import build_from_metadata, parameter_count
 from forge.pipeline.phases import (is_implemented, load_controller_class, make_plan, phase_name, plan_text,
                                    runnable_phases, why_not_runnable)
 from forge.registry.checkpoint import load_checkpoint, save_checkpoint
@@ -336,7 +336,7 @@ class Pipeline:
         """Save every model (step 2), then the manifest naming them (step 3)."""
         entries = []
         for output, path in zip(result.models, _model_paths(phase_dir, result.models)):
-            metadata = {**output.metadata, "parameter_count": sum(p.numel() for p in output.model.parameters()),
+            metadata = {**output.metadata, "parameter_count": parameter_count(output.model),
                         "phase": phase, "phase_name": phase_name(phase), "name": output.name}
             info = save_checkpoint(output.model.state_dict(), path, metadata)
             entries.append({"name": output.name, "file": path.name, "sha256": info.sha256, "metadata": metadata,

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from forge.phase_table import phase_name
-from forge.pipeline.handoff import HANDOFF_RULES, MetricBound, resolve
+from forge.pipeline.handoff import MetricBound, phase_end_bounds, resolve
 
 
 def _value(bound: MetricBound, phase_metrics: dict, models: list[dict]) -> float | None:
@@ -37,9 +37,8 @@ def _check_text(bound: MetricBound, value: float | None, section) -> str:
 
 
 def _checks(phase: int, metrics: dict, models: list[dict], section) -> list[str]:
-    rule = HANDOFF_RULES.get((phase, phase + 1))
     out = []
-    for bound in rule.metrics if rule else ():
+    for bound in phase_end_bounds(phase):
         value = _value(bound, metrics, models)
         if value is not None or not bound.optional:
             out.append(_check_text(bound, value, section))
@@ -54,7 +53,7 @@ def phase_rows(registry, session_id: str, config, completed: dict[int, dict]) ->
         checks = _checks(phase, info["metrics"], models, config.phase(phase))
         duration = info.get("duration_s")
         wall = f"{duration:.1f} s" if duration is not None else "?"
-        lines.append(f"{phase} {phase_name(phase):<14} {wall:>8}  {'; '.join(checks) or 'last phase'}")
+        lines.append(f"{phase} {phase_name(phase):<14} {wall:>8}  {'; '.join(checks) or 'no checks'}")
     return lines
 
 

@@ -191,6 +191,30 @@ def phase6_figures(data: PhaseData) -> list[go.Figure]:
     return figures
 
 
+def phase8_figures(data: PhaseData) -> list[go.Figure]:
+    """Each compression stage's file size and accuracy (with the incoming model's and Phase 4's ternary file for
+    reference), and accuracy against bits per weight: the trade the gates judged."""
+    m, figures = data.metrics, []
+    sizes, accuracy = m.get("stage_file_bytes"), m.get("stage_accuracy")
+    if not (isinstance(sizes, dict) and isinstance(accuracy, dict) and sizes):
+        return figures
+    kept = m.get("stage_kept") or {}
+    label = lambda stage: f"{stage} ({'kept' if kept.get(stage) else 'rolled back'})"   # noqa: E731
+    bars = {"incoming (fp32)": m.get("input_size_bytes"), "Phase 4 ternary": m.get("ternary_size_bytes"),
+            **{label(s): v for s, v in sizes.items()}}
+    figures.append(plots.bar_chart({k: v / 1024 for k, v in bars.items() if _number(v)},
+                                   "Phase 8: checkpoint size per stage", "stage", "size (KiB)", ".1f"))
+    scores = {"incoming": m.get("input_accuracy"), **{label(s): v for s, v in accuracy.items()}}
+    figures.append(plots.bar_chart({k: v for k, v in scores.items() if _number(v)},
+                                   "Phase 8: held-out accuracy per stage", "stage", plots.axis_label("accuracy")))
+    bits = m.get("stage_bits_per_weight") or {}
+    points = [(bits[s], accuracy[s]) for s in sizes if _number(bits.get(s)) and _number(accuracy.get(s))]
+    if points:
+        figures.append(plots.line_chart({"stages": points}, "Phase 8: accuracy against bits per weight",
+                                        "bits per compressed weight", plots.axis_label("accuracy")))
+    return figures
+
+
 def _per_task(metrics: dict, prefixes: dict[str, str]) -> dict[str, dict[str, float]]:
     groups: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
@@ -214,4 +238,4 @@ def _number(value) -> bool:
 COVERED = {2: frozenset({"best_fitness", "mean_fitness"}), 5: frozenset({"level", "level_accuracy"}),
            6: frozenset({"tool_score", "cycle_A", "cycle_B"})}
 PHASE_FIGURES = {1: phase1_figures, 2: phase2_figures, 3: phase3_figures, 4: phase4_figures,
-                 5: phase5_figures, 6: phase6_figures}
+                 5: phase5_figures, 6: phase6_figures, 8: phase8_figures}

@@ -71,6 +71,25 @@ def test_stage_files_decode_to_the_models_the_gates_evaluated(trained, tmp_path)
     assert torch.equal(coded_layers(third)[name].codes.vq.idx, coded_layers(second)[name].codes.idx)
 
 
+def test_distillation_trains_codebooks_and_floats_through_fixed_indices(trained):
+    from forge.nn.compress.vptq import hessian_from_inputs, vptq_quantize
+    from forge.pipeline.phases.phase8_compression.finetune import TrainableVQ, coded_again, trainable_copy
+
+    w = torch.randn(12, 20)
+    codes = vptq_quantize(w, hessian_from_inputs(torch.randn(64, 20)), v=4, k=8, k_res=4)
+    layer = TrainableVQ(codes)
+    assert torch.equal(layer.weight().detach(), codes.decode("torch"))
+    x = torch.randn(5, 20, dtype=torch.float64).float()
+    layer(x).pow(2).sum().backward()
+    assert layer.codebook.grad.abs().sum() > 0 and layer.scale.grad.abs().sum() > 0 and layer.res_codebook.grad is not None
+    model, _ = trained
+    first = seedlm_stage(model, ["embed", "norm", "head"], load_config(overrides=SMALL).phases.phase8, lambda *_: None)
+    student, params = trainable_copy(first)
+    assert not any(isinstance(m, TrainableVQ) for m in student.modules())   # SeedLM layers hold no floats to train
+    assert {id(p) for p in params} == {id(p) for p in student.parameters()}   # embeddings, norms, head
+    assert coded_again(student) is student and not any(p.requires_grad for p in student.parameters())
+
+
 def _hand_on_class():
     """A stand-in Phase 7 that hands its input on as an expert model, so a test reaches Phase 8 in one session."""
     class _HandOn(PhaseController):
@@ -131,6 +150,7 @@ def test_phase8_through_the_pipeline_chains_registers_loads_and_resumes_after_a_
     assert stages["vptq"]["parent_ids"] == [stages["seedlm"]["id"]]
     assert stages["hyper"]["parent_ids"] == [stages["vptq"]["id"]]
     assert report.final_model_ids == [stages["hyper"]["id"]] and "final" in stages["hyper"]["tags"]
+    assert metrics["finetune_kl_last"] < metrics["finetune_kl_first"]       # the distillation learned
     sizes = [metrics["stage_file_bytes"][s] for s in kept]
     assert sizes == sorted(sizes, reverse=True)
     for name, record in stages.items():       # the recorded size is the file's, every byte
@@ -242,3 +262,22 @@ def test_a_tiny_forge_run_goes_through_all_eight_phases_to_a_completed_session(t
     assert session["status"] == "completed" and sorted(completed) == list(range(1, 9))
     assert len(final) == 1 and f"final models {final[0]['id']}" in done.stdout
     assert isinstance(forge.load_model(final[0]["id"], run_root=tmp_path / "runs").answer("12+7="), str)
+    _dashboard_draws_the_stages(tmp_path / "runs", session["id"])
+
+
+def _dashboard_draws_the_stages(runs, session_id):
+    """The dashboard's Phase 8 page draws what the run recorded: sizes, accuracies, accuracy against bits."""
+    pytest.importorskip("plotly")
+    from forge.ui import data
+    from forge.ui.phase_views import PhaseData, phase8_figures
+
+    run = data.RunRoot.open(runs)
+    try:
+        result = data.phase_results(run, session_id, 8)
+    finally:
+        run.close()
+    sizes, bars, accuracy, trade = result["metrics"]["stage_file_bytes"], *phase8_figures(PhaseData(8, [], result))
+    drawn = dict(zip(bars.data[0].x, bars.data[0].y))
+    for stage, size in sizes.items():
+        assert any(name.startswith(stage) and value == size / 1024 for name, value in drawn.items())
+    assert len(trade.data[0].x) == len(sizes) and "accuracy" in accuracy.layout.title.text

@@ -1,5 +1,5 @@
 """VPTQ's end-to-end fine-tuning (Liu et al. 2024: the centroids and the layer norms are trained on a small
-dataset with the indices fixed), here as distillation: the Phase 7 model (the teacher) answers training questions
+dataset with the indices fixed), here as distillation: the incoming model (the teacher) answers training questions
 with its calculator, and the VQ-coded model learns the teacher's next-token distributions on those sequences (KL,
 from the <sep> on), so the answer format it was handed (calculator calls, persona markers) is what it keeps.
 

@@ -1,17 +1,18 @@
 """Phase 8, Final compression: SeedLM, then VPTQ, then hyper-compression, each a gated, registered artifact.
 
-Each stage (stages.py) starts from the decoded weights of the last stage that was kept (the Phase 7 model before
-any), writes a model whose checkpoint holds only codes and the float tensors `preserve_layers` keeps (embeddings,
-norms, the head), and is evaluated as rebuilt from those bytes. A stage is kept when its held-out accuracy is at
-least `min_stage_retention` of the stage it started from, at least `min_final_retention` of the Phase 7 model's,
-and its file is smaller than that stage's; otherwise the phase rolls back to the previous kept stage and the next
-stage starts from there. Every stage's model is registered (parent: the stage it started from, or the Phase 7
-model), tagged "kept" or "rolled-back" with the reason in its metrics; the last kept stage is tagged "final" and is
-the session's final model: `forge.load_model(id).answer("12+7=")` runs it through the fused decode kernels.
+Each stage (stages.py) starts from the decoded weights of the last stage that was kept (before any: the incoming
+model, Phase 7's, or Phase 6's when runs skip Phase 7), writes a model whose checkpoint holds only codes and the
+float tensors `preserve_layers` keeps (embeddings, norms, the head), and is evaluated as rebuilt from those bytes.
+A stage is kept when its held-out accuracy is at least `min_stage_retention` of the stage it started from, at
+least `min_final_retention` of the incoming model's, and its file is smaller than that stage's; otherwise the
+phase rolls back to the previous kept stage and the next stage starts from there. Every stage's model is
+registered (parent: the stage it started from, or the incoming model), tagged "kept" or "rolled-back" with the
+gate's reason in its metadata; the last kept stage is tagged "final" and is the session's final model:
+`forge.load_model(id).answer("12+7=")` runs it through the fused decode kernels.
 
 Sizes are file bytes of the safetensors checkpoint the orchestrator writes (every header, codec table, seed,
 exponent, codebook, scale and index byte): bits per weight = (file bytes - the preserved float tensors' bytes)
-* 8 / compressed weights; the whole-model ratio = the Phase 7 model's fp32 file / the stage's file.
+* 8 / compressed weights; the whole-model ratio = the incoming model's fp32 file / the stage's file.
 Accuracy: greedy answers with the calculator where the model calls it (persona markers left out), exact match, on
 `eval_examples` held-out (test split) questions of the model's tasks.
 """
@@ -110,9 +111,9 @@ class _Run:
     def __init__(self, ctx, item):
         self.ctx, self.cfg, self.item = ctx, ctx.phase_config, item
         self.tokenizer = CharTokenizer.from_dict(item.metadata["tokenizer"])
-        tasks = {t: 1.0 for t, w in sorted(item.metadata["task_weights"].items()) if w > 0}
-        self.test = make_examples(tasks, self.cfg.eval_examples, "test", self.cfg.seed)
-        calibration = make_examples(tasks, self.cfg.calibration_samples, "train", self.cfg.seed)
+        self.tasks = {t: 1.0 for t, w in sorted(item.metadata["task_weights"].items()) if w > 0}
+        self.test = make_examples(self.tasks, self.cfg.eval_examples, "test", self.cfg.seed)
+        calibration = make_examples(self.tasks, self.cfg.calibration_samples, "train", self.cfg.seed)
         self.max_len = item.model.config.max_len
         self.calibration_tokens = encode_batch(calibration, self.tokenizer, self.max_len).tokens
         self.weights = sum(m.weight.numel() for m in compressible_linears(item.model, self.cfg.preserve_layers).values())
@@ -135,10 +136,9 @@ class _Run:
         return hyper_stage(model, preserve, cfg, progress)
 
     def finetune(self, coded, index: int):
-        """The VQ-coded model after distillation from the Phase 7 model (finetune.py), rebuilt from its bytes."""
+        """The VQ-coded model after distillation from the incoming model (finetune.py), rebuilt from its bytes."""
         cfg, n = self.cfg, len(self.cfg.stages)
-        tasks = {t: 1.0 for t, w in sorted(self.item.metadata["task_weights"].items()) if w > 0}
-        examples = make_examples(tasks, cfg.finetune_examples, "train", cfg.seed + 1)
+        examples = make_examples(self.tasks, cfg.finetune_examples, "train", cfg.seed + 1)
         targets = teacher_targets(self.item.model, examples, self.tokenizer, self.max_len)
         student, params = trainable_copy(coded)
         on_step = lambda step, loss: self.ctx.progress(
@@ -184,12 +184,12 @@ class _Run:
 
     def gate(self, accuracy, parent_accuracy, size, parent_bytes, parent_name) -> str | None:
         """None when the stage is kept, else why it is rolled back."""
-        cfg, parent = self.cfg, parent_name or "the Phase 7 model"
+        cfg, parent = self.cfg, parent_name or "the incoming model"
         if accuracy < cfg.min_stage_retention * parent_accuracy:
             return (f"accuracy {accuracy:.3f} < min_stage_retention {cfg.min_stage_retention:g} x {parent}'s "
                     f"{parent_accuracy:.3f}")
         if accuracy < cfg.min_final_retention * self.input_accuracy:
-            return (f"accuracy {accuracy:.3f} < min_final_retention {cfg.min_final_retention:g} x the Phase 7 "
+            return (f"accuracy {accuracy:.3f} < min_final_retention {cfg.min_final_retention:g} x the incoming "
                     f"model's {self.input_accuracy:.3f}")
         if size >= parent_bytes:
             return f"its file ({size} B) is not smaller than {parent}'s ({parent_bytes} B)"
