@@ -234,7 +234,7 @@ def test_phase7_through_the_pipeline_registers_tracks_and_resumes_after_a_rollba
     registry = ModelRegistry(config.registry_path())
     source, _ = _registered(registry, model, tokenizer, tmp_path, 5, {"levels_completed": 3})
     pipeline = Pipeline(config, registry, log=lambda _msg: None, progress_bars=False)
-    report = pipeline.run(from_phase=6, source_session=source)
+    report = pipeline.run(from_phase=6, source_session=source, to_phase=7)
     assert report.status == "completed" and report.completed == [6, 7], report.message
     sid = report.session_id
     (p6,), (p7,) = registry.list_models(session_id=sid, phase=6), registry.list_models(session_id=sid, phase=7)
