@@ -22,8 +22,8 @@ from forge.pipeline.config import PipelineConfig
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext, PhaseResult, PipelineError
 from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
 from forge.pipeline.models import build_from_metadata, parameter_count
-from forge.pipeline.phases import (is_implemented, load_controller_class, make_plan, phase_name, plan_text,
-                                   runnable_phases, why_not_runnable)
+from forge.pipeline.phases import (feeding_phase, is_enabled, is_implemented, load_controller_class, make_plan,
+                                   phase_name, plan_text, runnable_phases, why_not_runnable)
 from forge.registry.checkpoint import load_checkpoint, save_checkpoint
 from forge.registry.schema import RegistryIOError
 from forge.registry.registry import safe_name
@@ -73,13 +73,14 @@ class Pipeline:
         from forge.registry import new_session_id
 
         plan = make_plan(from_phase, only, to_phase)
-        source = self._find_source(plan[0], source_session) if plan[0] > 1 else None
+        source, source_phase = self._find_source(plan[0], source_session) if plan[0] > 1 else (None, None)
         session_id = new_session_id()
         session_dir = self.session_dir(session_id)
         session_dir.mkdir(parents=True, exist_ok=False)
         files.write_json(session_dir / "config.json", self.config.to_dict())
         self.registry.create_session(session_id, {"pipeline": self.config.to_dict(),
-                                                  "plan": {"phases": plan, "source_session": source}})
+                                                  "plan": {"phases": plan, "source_session": source,
+                                                           "source_phase": source_phase}})
         self.log(f"session {session_id}: {plan_text(plan, self.config)} -> {session_dir}")
         return self._run(session_id)
 
@@ -144,14 +145,15 @@ class Pipeline:
             raise PipelineError(f"unknown session {session_id!r}; `forge status` lists sessions")
         return session
 
-    def _find_source(self, phase: int, source_session: str | None) -> str:
-        """The session whose phase `phase - 1` models feed a run starting at `phase`."""
-        wanted = phase - 1
+    def _find_source(self, phase: int, source_session: str | None) -> tuple[str, int]:
+        """The session, and its phase, whose models feed a run starting at `phase` (feeding_phase)."""
         candidates = [source_session] if source_session else [s["id"] for s in self.registry.list_sessions()]
         for session_id in candidates:
             self._session(session_id)
-            if wanted in self.completed(session_id):
-                return session_id
+            source = feeding_phase(phase, self.config, self.completed(session_id))
+            if source is not None:
+                return session_id, source
+        wanted = next((p for p in range(phase - 1, 0, -1) if is_enabled(p, self.config)), phase - 1)
         where = f"session {source_session}" if source_session else "any session"
         raise PipelineError(f"phase {phase} needs the models of phase {wanted}, but {where} has not "
                             f"completed phase {wanted}; run it first (forge run --only {wanted})")
@@ -202,7 +204,7 @@ class Pipeline:
                 self.log(f"phase {phase} ({phase_name(phase)}) {why_not_runnable(phase, self.config)}: skipped")
                 continue
             controller_cls = load_controller_class(phase)
-            source = self._input_phase(phase, phases, completed)
+            source = self._input_phase(phase, plan, completed)
             inputs = self._inputs(session_id, phase, source, plan, completed)
             if phase > 1:
                 self._check_handoff(session_id, source, phase, inputs)
@@ -218,13 +220,14 @@ class Pipeline:
         return RunReport(session_id, "completed", sorted(completed), final,
                          f"session {session_id}: completed {span}; final models {', '.join(final)}")
 
-    def _input_phase(self, phase: int, phases: list[int], completed: dict) -> int | None:
+    def _input_phase(self, phase: int, plan: dict, completed: dict) -> int | None:
         """The phase whose models feed `phase`: the last one before it that ran in this session (switched-off
-        phases are skipped), else the phase before the plan's first, in the source session (None: no inputs)."""
-        done = [p for p in completed if phases[0] <= p < phase]
+        phases are skipped), else the source session's phase the run started from (None: no inputs)."""
+        first = plan["phases"][0]
+        done = [p for p in completed if first <= p < phase]
         if done:
             return max(done)
-        return phases[0] - 1 if phases[0] > 1 else None
+        return plan.get("source_phase", first - 1) if first > 1 else None
 
     def _final_ids(self, ids: list[str]) -> list[str]:
         """The models a phase tagged "final" (Phase 8's last kept stage), else all it made."""

@@ -201,6 +201,24 @@ def test_a_stage_that_loses_accuracy_is_rolled_back_and_the_registry_says_why(tr
     assert report.final_model_ids == [stages["seedlm"]["id"]]
 
 
+def test_only_phase8_with_phase7_switched_off_takes_phase6_models(trained, tmp_path):
+    """`forge run --only 8` on a session whose last phase is 6: Phase 7 is off, so Phase 6's models feed it."""
+    from forge.pipeline.orchestrator import Pipeline
+    from forge.pipeline.phases import feeding_phase
+
+    model, tokenizer = trained
+    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, "phases.phase8.stages=[seedlm]"))
+    assert feeding_phase(8, config, {5: {}, 6: {}}) == 6 and feeding_phase(8, config, {6: {}, 7: {}}) == 7
+    assert feeding_phase(8, config, {5: {}}) is None and feeding_phase(1, config, {}) is None
+    with ModelRegistry(config.registry_path()) as registry:
+        source = _source(registry, model, tokenizer, tmp_path, 6, ternary_bytes=10**7)
+        report = Pipeline(config, registry, log=lambda _m: None, progress_bars=False).run(only=8, source_session=source)
+        (handoff,) = registry.list_phase_handoffs(report.session_id)
+    assert report.completed == [8] and (handoff["source_phase"], handoff["target_phase"]) == (6, 8)
+    on = load_config(overrides=("phases.phase7.enabled=true",))
+    assert feeding_phase(8, on, {5: {}, 6: {}}) is None     # Phase 7 is on: its models are wanted
+
+
 def test_the_final_file_must_beat_the_packed_ternary_file(trained, tmp_path):
     from forge.pipeline.orchestrator import Pipeline
 

@@ -61,6 +61,18 @@ def why_not_runnable(phase: int, config) -> str | None:
     return None
 
 
+def feeding_phase(phase: int, config, completed) -> int | None:
+    """The phase of `completed` (a session's completed phases) whose models feed a plan that starts at `phase`:
+    the phase before it, or, where that is switched off and did not run, the one before that, and so on
+    (None: the phase that should feed it has not run)."""
+    for source in range(phase - 1, 0, -1):
+        if source in completed:
+            return source
+        if is_enabled(source, config):
+            return None
+    return None
+
+
 def runnable_phases(plan: list[int], config) -> list[int]:
     """The phases of `plan` a run executes: a switched-off phase is skipped (the next phase takes the models of
     the last one that ran), and the run stops at the first phase that is not implemented."""
