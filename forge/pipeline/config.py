@@ -381,6 +381,7 @@ class Phase8Config(Section):
     vptq_kmeans_iters: int = Field(25, ge=1)           # Lloyd iterations of the codebook k-means (seed: 50)
     vptq_finetune_steps: int = Field(1200, ge=0)       # distillation steps on the stored floats; 0: none
     vptq_finetune_lr: float = Field(1e-3, gt=0)        # AdamW rate of that fine-tuning
+    vptq_finetune_frozen: list[str] = Field(default_factory=lambda: ["embed", "head"])   # modules whose floats it leaves
     finetune_examples: int = Field(4096, ge=1)         # training questions the Phase 7 model answers for it
     finetune_batch_size: int = Field(32, ge=1)         # sequences per fine-tuning step
     calibration_samples: int = Field(128, ge=1)        # training prompts whose activations give each Hessian

@@ -88,6 +88,11 @@ def test_distillation_trains_codebooks_and_floats_through_fixed_indices(trained)
     assert not any(isinstance(m, TrainableVQ) for m in student.modules())   # SeedLM layers hold no floats to train
     assert {id(p) for p in params} == {id(p) for p in student.parameters()}   # embeddings, norms, head
     assert coded_again(student) is student and not any(p.requires_grad for p in student.parameters())
+    student, params = trainable_copy(first, frozen=["embed", "head"])
+    trained_names = {name for name, p in student.named_parameters() if p.requires_grad}
+    assert {id(p) for p in params} == {id(p) for name, p in student.named_parameters() if name in trained_names}
+    assert trained_names and all(name.split(".")[0] not in ("embed", "head") for name in trained_names)
+    assert any(name.startswith("embed") for name, _ in student.named_parameters())
 
 
 def _hand_on_class():

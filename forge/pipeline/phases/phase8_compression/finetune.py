@@ -4,12 +4,13 @@ with its calculator, and the VQ-coded model learns the teacher's next-token dist
 from the <sep> on), so the answer format it was handed (calculator calls, persona markers) is what it keeps.
 
 Each VQ-coded layer becomes a `TrainableVQ` whose weight is rebuilt every step from float parameters (codebooks,
-column scales) and fixed indices, so the gradient reaches the codewords through `codebook[idx]`. Every float the
-file stores trains: codebooks, scales, the norms, and the tensors preserve_layers keeps whole (embeddings, head;
-stored float32 either way); the indices never change. Measured on a default run's Phase 6 model (k 64, v 8,
-benchmarks/RESULTS.md "Phase 8"): codebooks and norms alone recovered 0.50-0.56 accuracy of 0.84 over 200-600
-steps; with the embeddings and head, 1200 steps on 4096 teacher answers, 0.82. Afterwards codebooks and scales
-are rounded to float16, the precision the file stores, and the layers become VQ codes again.
+column scales) and fixed indices, so the gradient reaches the codewords through `codebook[idx]`. The floats the
+file stores train (codebooks, scales, norms, and, unless `vptq_finetune_frozen` names them, the embeddings and
+head that preserve_layers keeps whole); the indices never change. Measured on a default run's Phase 6 model (k 64,
+v 8, benchmarks/RESULTS.md "Phase 8"): what matters is the number of teacher answers (512: 0.56 of 0.84 either
+way; 4096 and 1200 steps: 0.79-0.83); there, leaving the embeddings and head as they are did as well or slightly
+better over two seeds, so that is the default. Afterwards codebooks and scales are rounded to float16, the
+precision the file stores, and the layers become VQ codes again.
 """
 from __future__ import annotations
 
@@ -50,16 +51,18 @@ class TrainableVQ(nn.Module):
                        half(self.res_codebook))
 
 
-def trainable_copy(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
-    """A float copy of a VQ-coded model with TrainableVQ layers; returns it and the parameters to train (every
-    float parameter: CodedLinear layers of other codecs have none)."""
+def trainable_copy(model: nn.Module, frozen=()) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A float copy of a VQ-coded model with TrainableVQ layers; returns it and the parameters to train: every
+    float parameter (CodedLinear layers of other codecs hold none) but those of modules named in `frozen`."""
     import copy
 
     out = copy.deepcopy(model)
     for name, layer in coded_layers(out).items():
         if isinstance(layer.codes, VQCodes):
             set_module(out, name, TrainableVQ(layer.codes))
-    train = list(out.parameters())     # CodedLinear layers (other codecs) hold buffers only
+    train = [p for name, p in out.named_parameters() if not set(name.split(".")) & set(frozen)]
+    for p in out.parameters():
+        p.requires_grad_(False)
     for p in train:
         p.requires_grad_(True)
     return out, train

@@ -140,7 +140,7 @@ class _Run:
         cfg, n = self.cfg, len(self.cfg.stages)
         examples = make_examples(self.tasks, cfg.finetune_examples, "train", cfg.seed + 1)
         targets = teacher_targets(self.item.model, examples, self.tokenizer, self.max_len)
-        student, params = trainable_copy(coded)
+        student, params = trainable_copy(coded, cfg.vptq_finetune_frozen)
         on_step = lambda step, loss: self.ctx.progress(
             (index + 0.9) / n, f"vptq: fine-tune step {step} KL {loss:.4f}") if step % 20 == 0 else None
         self.finetune_losses = distill(student, params, targets, steps=cfg.vptq_finetune_steps,
