@@ -13,7 +13,7 @@ constexpr int kLanes = 16;             // independent accumulators: lets the com
 constexpr int64_t kChunk = 1 << 15;    // 32 Ki values a task for the per-tensor passes (128 KiB fp32)
 
 // AVX-512 / AVX2 clones picked at load time where the CPU has them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FORGE_NO_CLONES)
 #define FORGE_BITNET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FORGE_BITNET_CLONES

@@ -10,7 +10,7 @@ namespace {
 constexpr int64_t kChunk = 1 << 16;  // 64 Ki elements: 256-768 KiB of traffic, fits L2
 
 // x86-64-v3 (AVX2 + FMA + F16C) clone picked at load time where the CPU has it.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FORGE_NO_CLONES)
 #define FORGE_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FORGE_VECTOR_CLONES

@@ -14,7 +14,7 @@ namespace {
 constexpr int64_t kBlock = 1024;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FORGE_NO_CLONES)
 #define FORGE_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FORGE_VECTOR_CLONES

@@ -18,7 +18,7 @@ typedef int32_t vi __attribute__((vector_size(64)));
 constexpr int kMaxC = 32, kMaxP = 8;
 constexpr int kSeedChunk = 64;  // bases and pseudo-inverses of 64 seeds at a time stay in L1
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FORGE_NO_CLONES)
 #define FORGE_SEEDLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FORGE_SEEDLM_CLONES
