@@ -51,6 +51,10 @@ def worker(rank, init_file, out_dir):
         train(ddp, optimizer, rank, WORLD)
         torch.save({"params": [p.detach() for p in model.parameters()], "ns_matrices": sum(counted)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks leave their last collective before either tears gloo down: a rank that destroyed
+        # the group while its peer still talked to it aborted once in CI ("terminate called without
+        # an active exception", SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
