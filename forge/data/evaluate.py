@@ -13,27 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from forge.data.batching import IGNORE_INDEX, encode_batch, prompt_ids
+from forge.data.decoding import NextLogits, _logits, _model_device
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
 from forge._checks import check_positive_int
-
-
-def _model_device(model) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        param = next(iter(model.parameters()), None)
-        if param is not None:
-            return param.device
-    return torch.device("cpu")
-
-
-def _logits(model: Callable, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    out = model(tokens)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model must return a logits tensor [B, T, V], got {type(out).__name__}")
-    if out.dim() != 3 or out.shape[:2] != tokens.shape or out.shape[2] < vocab_size:
-        raise ValueError(f"model returned logits of shape {tuple(out.shape)}; expected "
-                         f"({tokens.shape[0]}, {tokens.shape[1]}, >= {vocab_size})")
-    return out
 
 
 def _score_batch(model, examples, tokenizer, max_len, device) -> tuple[float, int, list[bool]]:
@@ -62,26 +45,19 @@ def greedy_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer,
 
     Each row decodes at most len(answer) + 1 tokens (enough to tell an exact match, which needs
     <eos> right after the answer) and never past max_len. Rows are right-padded; the logits at a
-    row's last real position do not see the padding because the model is causal. The whole
-    batch is re-run for every new token (no cache). `evaluate` gets the same exact-match result
-    from one pass; this function shows what the model actually says.
+    row's last real position do not see the padding because the model is causal. A forge
+    Transformer decodes with its key/value cache, anything else re-runs the batch for every new
+    token (forge.data.decoding). `evaluate` gets the same exact-match result from one pass; this
+    function shows what the model actually says. `device` is unused (the model's own is taken).
     """
-    device = _model_device(model) if device is None else device
     seqs = [prompt_ids(ex, tokenizer) for ex in examples]
     starts = [len(s) for s in seqs]
     budgets = [min(len(tokenizer.encode(ex.answer)) + 1, max_len - len(s)) for ex, s in zip(examples, seqs)]
     done = [b <= 0 for b in budgets]
+    next_logits = NextLogits(model, seqs, tokenizer.pad_id, tokenizer.vocab_size)
     while not all(done):
-        width = max(len(s) for s in seqs)
-        tokens = torch.full((len(seqs), width), tokenizer.pad_id, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            tokens[b, : len(s)] = torch.tensor(s)
-        logits = _logits(model, tokens.to(device), tokenizer.vocab_size)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
-        next_ids = logits[torch.arange(len(seqs), device=logits.device), last].argmax(-1).tolist()
-        for b, tok in enumerate(next_ids):
-            if done[b]:
-                continue
+        live = [b for b in range(len(seqs)) if not done[b]]
+        for b, tok in zip(live, next_logits(live).argmax(-1).tolist()):
             seqs[b].append(tok)
             done[b] = tok == tokenizer.eos_id or len(seqs[b]) - starts[b] >= budgets[b]
     return [_until_eos(s[start:], tokenizer.eos_id) for s, start in zip(seqs, starts)]

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from forge.data.batching import prompt_ids
-from forge.data.evaluate import _logits, _model_device
+from forge.data.decoding import NextLogits
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
 
@@ -55,21 +55,16 @@ def sample_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer,
 
 
 def _sample(model, examples, tokenizer, max_len, temperature, max_new, generator) -> list[SampledAnswer]:
-    device = _model_device(model)
     seqs = [prompt_ids(ex, tokenizer) for ex in examples]
     starts = [len(s) for s in seqs]
     budgets = [max_len - n if max_new is None else min(max_new, max_len - n) for n in starts]
     logprob = [0.0] * len(seqs)
     done = [b <= 0 for b in budgets]
     closed = [False] * len(seqs)
+    next_logits = NextLogits(model, seqs, tokenizer.pad_id, tokenizer.vocab_size)
+    every = range(len(seqs))      # finished rows too: the generator draws for every row, as it always did
     while not all(done):
-        width = max(len(s) for s in seqs)
-        tokens = torch.full((len(seqs), width), tokenizer.pad_id, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            tokens[b, : len(s)] = torch.tensor(s)
-        logits = _logits(model, tokens.to(device), tokenizer.vocab_size).float()
-        last = logits[torch.arange(len(seqs), device=logits.device),
-                      torch.tensor([len(s) - 1 for s in seqs], device=logits.device)]
+        last = next_logits(every)
         logp = torch.log_softmax(last, -1).cpu()
         if temperature == 0:
             next_ids = logp.argmax(-1)

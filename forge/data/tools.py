@@ -22,7 +22,7 @@ import torch
 
 from forge.data.batching import IGNORE_INDEX, prompt_ids
 from forge.data.calculator import CalculatorError, calculate
-from forge.data.evaluate import _logits, _model_device
+from forge.data.decoding import NextLogits
 from forge.data.sampling import _check_temperature
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
@@ -92,14 +92,8 @@ def generate(model, prefixes: Sequence[list[int]], tokenizer: CharTokenizer, max
             model.train()
 
 
-def _next_tokens(model, seqs, tokenizer, temperature, generator) -> list[int]:
-    width = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), width), tokenizer.pad_id, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        tokens[b, : len(s)] = torch.tensor(s)
-    logits = _logits(model, tokens.to(_model_device(model)), tokenizer.vocab_size).float()
-    last = logits[torch.arange(len(seqs), device=logits.device),
-                  torch.tensor([len(s) - 1 for s in seqs], device=logits.device)].cpu()
+def _pick(last: torch.Tensor, temperature: float, generator) -> list[int]:
+    last = last.cpu()
     if temperature == 0:
         return last.argmax(-1).tolist()
     return torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator).squeeze(1).tolist()
@@ -112,9 +106,10 @@ def _generate(model, seqs, tokenizer, max_len, tool, max_new, temperature, gener
     done = [len(s) >= lim for s, lim in zip(seqs, limits)]
     # without a tool the call tokens are never looked up: a plain vocabulary (before Phase 6) has none
     call, end_call = (tokenizer.token_id(CALL), tokenizer.token_id(END_CALL)) if tool is not None else (None, None)
+    next_logits = NextLogits(model, seqs, tokenizer.pad_id, tokenizer.vocab_size)
     while not all(done):
         live = [b for b in range(len(seqs)) if not done[b]]
-        for b, tok in zip(live, _next_tokens(model, [seqs[b] for b in live], tokenizer, temperature, generator)):
+        for b, tok in zip(live, _pick(next_logits(live), temperature, generator)):
             out = outputs[b]
             if tok == tokenizer.eos_id:
                 out.closed = done[b] = True

@@ -22,9 +22,10 @@ from torch import nn
 from forge.ops._validate import check_positive_int
 
 
-def apply_rotary(x: torch.Tensor, base: float = 10000.0, offset: int = 0) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, base: float = 10000.0, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """RoPE over the last dim of x, shape (..., seq, head_dim), positions offset..offset+seq-1
-    (RoFormer eq. 34; the offset places new tokens after a key/value cache).
+    (RoFormer eq. 34; the offset places new tokens after a key/value cache). An `offset` tensor of shape
+    (batch, seq) gives every row its own positions instead (x then has shape (batch, heads, seq, head_dim)).
 
     Each pair (x_{2i}, x_{2i+1}) at position m is rotated by the angle m * theta_i with
     theta_i = base^(-2i / head_dim), so <R_m q, R_n k> depends on m - n only. The angles are computed
@@ -35,7 +36,10 @@ def apply_rotary(x: torch.Tensor, base: float = 10000.0, offset: int = 0) -> tor
         raise ValueError(f"apply_rotary: x's last dim (head_dim) must be even, got {head_dim}")
     dtype = torch.promote_types(x.dtype, torch.float32)
     theta = base ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=dtype) / head_dim)
-    angles = torch.arange(offset, offset + seq, device=x.device, dtype=dtype)[:, None] * theta  # (seq, head_dim/2)
+    if isinstance(offset, torch.Tensor):
+        angles = offset.to(dtype)[:, None, :, None] * theta     # (batch, 1, seq, head_dim/2)
+    else:
+        angles = torch.arange(offset, offset + seq, device=x.device, dtype=dtype)[:, None] * theta  # (seq, head_dim/2)
     cos, sin = angles.cos(), angles.sin()
     even, odd = x[..., 0::2].to(dtype), x[..., 1::2].to(dtype)
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
@@ -70,7 +74,7 @@ class CausalSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n_heads={self.n_heads}, rotary={self.rotary}"
 
-    def qkv_heads(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv_heads(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of shape (batch, n_heads, seq, head_dim), RoPE (positions from `offset`) applied to q, k."""
         batch, seq, _ = x.shape
 
@@ -104,6 +108,26 @@ class CausalSelfAttention(nn.Module):
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         out = self.o_proj((probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, seq, self.dim))
         return (out, (k, v)) if use_cache else out
+
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]):
+        """Attention of x (batch, n, dim) at per-row `positions` (batch, n) against a padded cache (k, v), each
+        (batch, n_heads, slots, head_dim), updated in place: x's keys and values are written at their positions
+        (positions from slots - 1 on all go to the last slot, which no query at a lower position sees) and each
+        query sees the slots at or before its own position. Slots past a row's real length hold stale values
+        that no real query reaches before they are overwritten. The step of incremental decoding
+        (forge.data.decoding); it leaves `max_logits` as it was (inference only)."""
+        batch, n, _ = x.shape
+        k_cache, v_cache = cache
+        slots = k_cache.shape[2]
+        q, k, v = self.qkv_heads(x, offset=positions)
+        index = positions.clamp(max=slots - 1)[:, None, :, None].expand(-1, self.n_heads, -1, self.head_dim)
+        k_cache.scatter_(2, index, k.to(k_cache.dtype))
+        v_cache.scatter_(2, index, v.to(v_cache.dtype))
+        scores = (q @ k_cache.transpose(-2, -1)) / math.sqrt(self.head_dim)          # (batch, heads, n, slots)
+        later = torch.arange(slots, device=x.device)[None, None, None, :] > positions[:, None, :, None]
+        probs = torch.softmax(scores.masked_fill(later, -math.inf), dim=-1,
+                              dtype=torch.promote_types(scores.dtype, torch.float32))
+        return self.o_proj((probs.to(v_cache.dtype) @ v_cache).transpose(1, 2).reshape(batch, n, self.dim))
 
     def _record_max_logits(self, scores: torch.Tensor) -> None:
         """max over batch, queries and keys of the masked scores (masked entries are -inf), per head."""

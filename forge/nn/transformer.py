@@ -112,6 +112,10 @@ class Block(nn.Module):
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), kv
 
+    def forward_at(self, x, positions, cache):
+        x = x + self.attn.forward_at(self.attn_norm(x), positions, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 class Transformer(nn.Module):
     """Decoder-only LM: tokens (batch, seq) int64 -> logits (batch, seq, vocab_size)."""
@@ -150,6 +154,30 @@ class Transformer(nn.Module):
         if use_cache:
             return self.head(out[0]), out[1]
         return self.head(out)
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty padded key/value cache for `forward_at`: per block (k, v) of shape (batch, n_heads,
+        max_len + 1, head_dim) on the model's device and in its dtype (the last slot takes what falls past
+        max_len)."""
+        check_positive_int("batch", batch)
+        weight, attn = self.embed.weight, self.blocks[0].attn
+        shape = (batch, attn.n_heads, self.config.max_len + 1, attn.head_dim)
+        return [(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                 torch.zeros(shape, dtype=weight.dtype, device=weight.device)) for _ in self.blocks]
+
+    def forward_at(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (batch, n, vocab) of `tokens` (batch, n) placed at per-row `positions` (batch, n) of a padded
+        cache from `new_cache`, which it updates: rows of different lengths decode in one batch, each step
+        feeding only the tokens a row gained (forge.data.decoding). Positions at or past max_len are the
+        caller's padding: their logits are meaningless."""
+        self._check_tokens(tokens, None)
+        if positions.shape != tokens.shape or len(cache) != self.config.n_layers:
+            raise ValueError(f"positions must have the tokens' shape {tuple(tokens.shape)} and the cache "
+                             f"{self.config.n_layers} layers; got {tuple(positions.shape)} and {len(cache)}")
+        x = self.embed(tokens)
+        for block, kv in zip(self.blocks, cache):
+            x = block.forward_at(x, positions, kv)
+        return self.head(self.norm(x))
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, stop_token: int | None = None) -> torch.Tensor:

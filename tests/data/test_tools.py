@@ -1,6 +1,8 @@
 """Tool use: the call format's training rows, generation in which the calculator really answers (a small model
 fine-tuned here on a few hundred questions multiplies 3-digit numbers with the tool and not without it, and
 copies whatever the tool says), malformed calls, and Toolformer's filter on constructed cases."""
+import copy
+
 import pytest
 import torch
 
@@ -83,6 +85,19 @@ def test_the_answer_comes_from_the_tool(tool_model):
     lying = answer_with_tool(model, questions, tokenizer, 48, tool=lambda text: calculate(text) + 1234)
     follows = [o.closed and o.answer(tokenizer) == str(int(ex.answer) + 1234) for o, ex in zip(lying, questions)]
     assert sum(follows) / len(questions) >= 0.8, [o.answer(tokenizer) for o in lying[:5]]
+
+
+def test_cached_generation_answers_as_the_whole_batch_does(tool_model):
+    """The tool's replies (several tokens at once) enter the key/value cache at the right positions: the same
+    answers, calls included, as when the whole batch is re-run each step (float64 copies: no near-tie decides)."""
+    model, tokenizer = tool_model
+    double = copy.deepcopy(model).double()
+    questions = _six_digit_products()
+    cached = answer_with_tool(double, questions, tokenizer, 48)
+    rerun = answer_with_tool(lambda tokens: double(tokens), questions, tokenizer, 48)
+    assert sum(o.calls for o in cached) >= len(questions) // 2
+    assert [(o.ids, o.closed, o.calls, o.errors) for o in cached] == [(o.ids, o.closed, o.calls, o.errors)
+                                                                     for o in rerun]
 
 
 class Scripted(torch.nn.Module):
