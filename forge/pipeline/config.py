@@ -315,20 +315,21 @@ class Phase6Config(Section):
 class Phase7Config(Section):
     """Transformer² experts (forge.pipeline.phases.phase7_experts): discovery from the model's errors, SVF
     z-vectors trained per cluster, the prompt router, CEM few-shot mixing and the NSGA-II mixture search."""
-    enabled: bool = False   # off by default (runs skip it: Phase 8 compresses Phase 6's model) until it fits its
-                            # 3-minute budget and passes on a default run's Phase 6 model (RESULTS "Phase 7")
+    enabled: bool = True    # false: runs skip it (Phase 8 compresses Phase 6's model)
     min_experts: int = Field(2, ge=1)          # fewest clusters tried (seed PHASE7_MIN_EXPERTS_DISCOVERED: 2)
     max_experts: int = Field(3, ge=1)          # most clusters tried (seed: 10)
     solved_accuracy: float = Field(0.95, ge=0, le=1)   # cells answered at least this well stay with the base
-    discovery_questions: int = Field(8, ge=1)  # held-out (val) questions per task and level for discovery
-    eval_questions: int = Field(8, ge=1)       # held-out (test) questions per task and level for the reports
-    train_questions: int = Field(64, ge=1)     # training questions per cell of a cluster
+    discovery_questions: int = Field(16, ge=1)  # held-out (val) questions per task and level for discovery
+    eval_questions: int = Field(16, ge=1)      # held-out (test) questions per task and level for the reports
+    train_questions: int = Field(128, ge=1)     # training questions per cell of a cluster
     svf_singular_values: int = Field(16, ge=1)  # top singular values adapted per MLP matrix (seed: 32)
     max_mult: float = Field(2.0, gt=1)         # z = sigmoid(p) * max_mult; p starts where z = 1
-    method: Literal["reinforce", "cross_entropy"] = "reinforce"   # how the experts handed on are trained
+    # how the experts handed on are trained: cross-entropy on the true answers, because REINFORCE (the paper's)
+    # gets no signal on a cluster the base model almost never solves (RESULTS "Phase 7")
+    method: Literal["reinforce", "cross_entropy"] = "cross_entropy"
     compare_methods: bool = True               # also train every expert the other way and report both
     svf_lr: float = Field(0.1, gt=0)           # z-vector rate (AdamW path; paper 2e-3 over far more steps)
-    svf_steps: int = Field(30, ge=1)           # training steps per expert (seed: 5 epochs)
+    svf_steps: int = Field(100, ge=1)          # training steps per expert (seed: 5 epochs)
     svf_batch_size: int = Field(16, ge=1)      # questions per step (paper: 256)
     max_grad_norm: float = Field(1.0, gt=0)    # gradient-norm clip on the z-vectors (paper: 1e-3 with its lr)
     eval_every: int = Field(10, ge=1)          # steps between validation checks; the best expert is kept
@@ -340,7 +341,7 @@ class Phase7Config(Section):
     cem_elites: int = Field(2, ge=1)           # CEM elites (paper: 20 %)
     cem_iterations: int = Field(3, ge=1)       # CEM iterations (paper: 50)
     layer_groups: int = Field(3, ge=1)         # NSGA-II mixes per group of consecutive blocks
-    adas_questions: int = Field(32, ge=1)      # validation questions NSGA-II's accuracy is measured on
+    adas_questions: int = Field(128, ge=1)     # validation questions NSGA-II's accuracy is measured on
     adas_generations: int = Field(3, ge=1)     # NSGA-II generations (seed: 100)
     adas_population: int = Field(6, ge=2)      # NSGA-II population (seed: 50)
     mutation_rate: float = Field(0.1, ge=0, le=1)    # polynomial mutation probability per variable (seed: 0.1)

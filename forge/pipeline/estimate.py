@@ -18,6 +18,9 @@ _FORMULAS = (1, 2, 3, 4, 5, 6, 7, 8)   # the phases with a time formula
 VOCAB_ESTIMATE = 100        # the character vocabulary of forge.data is under 100 tokens
 EVAL_BATCH = 256            # forge.data.evaluate's default batch (one teacher-forced pass per batch)
 REFERENCE_FLOPS_PER_S = 6.0e10
+# a generation with the key/value cache (forge.data.decoding) costs about this many teacher-forced passes of the
+# same questions: 4.5 measured for 256 calculator answers of a default run's Phase 6 model (8.6 re-running the batch)
+GENERATION_PASSES = 5
 
 
 def _parameters(config: PipelineConfig) -> int:
@@ -103,49 +106,49 @@ def _later_phases(config: PipelineConfig, phases: list[int], step_s: float, eval
 def _phase6(config: PipelineConfig, step_s: float, evaluation) -> float:
     """Two A-cycles and one B-cycle (the default run: the bake costs tool use, the second A-cycle repairs it).
     Tool rows are about twice as long as phase 1's; a bake step samples a trajectory token by token (about 4
-    steps' worth); every generation re-runs its batch once per written token (about 30 passes)."""
+    steps' worth); every generation costs GENERATION_PASSES passes."""
     p1, p6 = config.phases.phase1, config.phases.phase6
     scale = step_s * 2 * p6.batch_size / p1.batch_size
     train = (p6.format_steps + 2 * p6.tool_steps + p6.teach_steps) * scale + 4 * p6.baking_steps * step_s
     questions = len(p6.tool_tasks) * 10 * p6.tool_questions_per_level
     filtering = 2 * evaluation(11 * questions) + evaluation(11 * p6.persona_questions)
     beyond = len(p6.tool_tasks) * 5
-    generation = 30 * (4 * evaluation(beyond * p6.val_questions) + 2 * evaluation(beyond * p6.eval_questions)
+    generation = GENERATION_PASSES * (4 * evaluation(beyond * p6.val_questions) + 2 * evaluation(beyond * p6.eval_questions)
                        + evaluation(512) + 8 * evaluation(p6.persona_eval_questions))
     return train + filtering + generation
 
 
 def _phase7(config: PipelineConfig, step_s: float, evaluation) -> float:
-    """Every answer is generated with the calculator, re-running its batch once per written token (about 30
-    passes). Cells: the incoming tasks times 10 levels. Each expert (max_experts at most, twice with
-    compare_methods) trains svf_steps steps that each sample a batch (30 small passes, counted as one phase-1 step
-    each at svf_batch_size / batch_size) and train on it (one step), with eval_every checks on its cluster; the
-    held-out set is answered about 6 times (base, experts, routed, random, handed on); CEM and NSGA-II answer
-    their questions once per candidate."""
+    """Every answer is generated with the calculator (GENERATION_PASSES passes of its questions). Cells: the
+    incoming tasks times 10 levels. Each expert (max_experts at most, twice with compare_methods) trains svf_steps
+    steps that each sample a batch (GENERATION_PASSES small passes, each a phase-1 step at svf_batch_size /
+    batch_size) and train on it (one step), with eval_every checks on its cluster; the held-out set is answered
+    about 6 times (base, experts, routed, random, handed on); CEM and NSGA-II answer their questions once per
+    candidate."""
     p1, p7 = config.phases.phase1, config.phases.phase7
     cells = 10 * len({t for m in p1.models for t, w in m.task_weights.items() if w > 0})
     runs = p7.max_experts * (2 if p7.compare_methods else 1)
     small = step_s * p7.svf_batch_size / p1.batch_size
     per_cluster = cells * p7.discovery_questions // max(1, p7.max_experts)
-    training = runs * (p7.svf_steps * 31 * small + (p7.svf_steps // p7.eval_every + 1) * 30 * evaluation(
-        per_cluster))
-    held_out = 30 * (6 * evaluation(cells * p7.eval_questions) + evaluation(cells * p7.discovery_questions))
-    cem = (1 + p7.cem_population * p7.cem_iterations + p7.max_experts) * 30 * evaluation(p7.few_shot_questions)
-    nsga = p7.adas_population * p7.adas_generations * 30 * evaluation(p7.adas_questions)
-    return training + held_out + cem + nsga
-
+    checks = (p7.svf_steps // p7.eval_every + 1) * GENERATION_PASSES * evaluation(per_cluster)
+    training = runs * (p7.svf_steps * (GENERATION_PASSES + 1) * small + checks)
+    held_out = GENERATION_PASSES * (6 * evaluation(cells * p7.eval_questions)
+                                    + evaluation(cells * p7.discovery_questions))
+    candidates = (1 + p7.cem_population * p7.cem_iterations + p7.max_experts) * evaluation(p7.few_shot_questions)
+    candidates += p7.adas_population * p7.adas_generations * evaluation(p7.adas_questions)
+    return training + held_out + GENERATION_PASSES * candidates
 
 
 def _phase8(config: PipelineConfig, step_s: float, evaluation) -> float:
-    """The held-out set answered with the calculator (about 30 passes) by the input and each stage; the VPTQ
+    """The held-out set answered with the calculator (GENERATION_PASSES passes) by the input and each stage; the VPTQ
     fine-tuning's teacher answers its questions once and each distillation step is about one phase-1 step at its
     batch size; the SeedLM search's 2C(P + 1) FLOP per block and seed at REFERENCE_FLOPS_PER_S / 20 (the fused
     kernel's scalar rate; about 8 s exhaustive on the default model)."""
     p1, p8 = config.phases.phase1, config.phases.phase8
-    answers = 30 * (1 + len(p8.stages)) * evaluation(p8.eval_examples)
+    answers = GENERATION_PASSES * (1 + len(p8.stages)) * evaluation(p8.eval_examples)
     tuning = 0.0
     if "vptq" in p8.stages and p8.vptq_finetune_steps:
-        tuning = 30 * evaluation(p8.finetune_examples) + p8.vptq_finetune_steps * step_s * p8.finetune_batch_size \
+        tuning = GENERATION_PASSES * evaluation(p8.finetune_examples) + p8.vptq_finetune_steps * step_s * p8.finetune_batch_size \
             / p1.batch_size
     seeds = p8.seedlm_seeds or 2 ** p8.seedlm_seed_bits - 1
     flops = _block_weights(config) * seeds * 2 * (p8.seedlm_coefficients + 1)     # C weights per block

@@ -2,7 +2,7 @@
 import pytest
 
 from forge.pipeline.config import load_config
-from forge.pipeline.estimate import estimate
+from forge.pipeline.estimate import GENERATION_PASSES, estimate
 
 COSTS = {"train_step_s": 0.05, "eval_batch_s": 0.01}
 
@@ -43,11 +43,11 @@ def test_the_compression_estimate_follows_fine_tuning_search_and_stages():
 
 def test_the_experts_estimate_follows_training_and_search_sizes():
     """Phase 7: each expert's training (max_experts, twice when both methods are compared) and NSGA-II's
-    candidates, each answered with the calculator token by token."""
+    candidates, each answered with the calculator (GENERATION_PASSES passes of its questions)."""
     base = estimate(load_config(), [7], COSTS)[7]
     one = estimate(load_config(overrides=("phases.phase7.compare_methods=false",)), [7], COSTS)[7]
     more = estimate(load_config(overrides=("phases.phase7.adas_generations=8",)), [7], COSTS)[7]
-    assert 0 < one < base and more - base == pytest.approx(6 * 5 * 30 * 0.01)
+    assert 0 < one < base and more - base == pytest.approx(6 * 5 * GENERATION_PASSES * 0.01)
 
 
 def test_the_curriculum_estimate_counts_the_climb_and_its_control():

@@ -185,7 +185,7 @@ def test_a_stage_that_loses_accuracy_is_rolled_back_and_the_registry_says_why(tr
     model, tokenizer = trained
     assert _accuracy(model, tokenizer) >= 0.3       # enough to lose
     wreck = ("phases.phase8.vptq_codebook_size=2", "phases.phase8.vptq_vector_dim=8", "phases.phase8.vptq_finetune_steps=0")
-    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, *wreck))
+    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, *wreck, "phases.phase7.enabled=false"))
     lines = []
     with ModelRegistry(config.registry_path()) as registry:
         source = _source(registry, model, tokenizer, tmp_path, 6, ternary_bytes=10**7)
@@ -212,7 +212,8 @@ def test_only_phase8_with_phase7_switched_off_takes_phase6_models(trained, tmp_p
     from forge.pipeline.phases import feeding_phase
 
     model, tokenizer = trained
-    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, "phases.phase8.stages=[seedlm]"))
+    config = load_config(overrides=(f"run_root={tmp_path / 'runs'}", *SMALL, "phases.phase8.stages=[seedlm]",
+                                    "phases.phase7.enabled=false"))
     assert feeding_phase(8, config, {5: {}, 6: {}}) == 6 and feeding_phase(8, config, {6: {}, 7: {}}) == 7
     assert feeding_phase(8, config, {5: {}}) is None and feeding_phase(1, config, {}) is None
     with ModelRegistry(config.registry_path()) as registry:
