@@ -47,8 +47,9 @@ def main() -> None:
         result = phase.execute(ctx)
         print(f"phase {args.phase} took {time.perf_counter() - started:.1f} s; files in {out}")
         for key, value in result.metrics.items():
-            if not isinstance(value, dict):
-                print(f"  {key}: {round(value, 4) if isinstance(value, float) else value}")
+            if isinstance(value, dict):
+                value = {k: round(v, 4) if isinstance(v, float) else v for k, v in value.items()}
+            print(f"  {key}: {round(value, 4) if isinstance(value, float) else value}")
         try:
             phase.validate_output(result, ctx)
             print("validate_output: passed")
