@@ -65,11 +65,10 @@ def _pipeline(config, registry):
     return Pipeline(config, registry)
 
 
-def _phases(_args) -> int:
-    from forge.pipeline.config import load_config
+def _phases(args) -> int:
     from forge.pipeline.phases import PHASES, is_implemented, why_not_runnable
 
-    config = load_config()
+    config = _config(args)
     for number, (name, _) in PHASES.items():
         if not is_implemented(number):
             state = "not implemented yet"
@@ -296,10 +295,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("bench", help="time the kernels against their references and peers", add_help=False)
     sub.add_parser("backends", help="list each op's backends and which can run here")
-    sub.add_parser("phases", help="list the pipeline phases and which are implemented")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="pipeline YAML (default: built-in defaults)")
     common.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config value")
+    sub.add_parser("phases", parents=[common], help="list the pipeline phases, which are implemented and which the "
+                   "config switches off")
     run = sub.add_parser("run", parents=[common], help="run the pipeline in a new session")
     run.add_argument("--from-phase", type=_phase_number, default=1)
     run.add_argument("--only", type=_phase_number)

@@ -79,6 +79,10 @@ def test_phases_lists_every_phase():
     names = ["cognate", "evomerge", "quietstar", "bitnet", "curriculum", "baking", "experts", "compression"]
     assert [line.split()[:2] for line in lines] == [[str(n), name] for n, name in enumerate(names, 1)]
     assert [line.split(None, 2)[2] for line in lines] == ["implemented"] * 8
+    off = forge("phases", "--set", "phases.phase7.enabled=false")      # what this config would run
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.splitlines()[6].endswith("implemented, switched off: runs skip it (--set phases.phase7.enabled=true)")
+    assert off.stdout.splitlines()[:6] == lines[:6]
 
 
 def test_pipeline_errors_exit_nonzero_with_the_reason_and_write_nothing(tmp_path):
