@@ -19,7 +19,7 @@ VOCAB_ESTIMATE = 100        # the character vocabulary of forge.data is under 10
 EVAL_BATCH = 256            # forge.data.evaluate's default batch (one teacher-forced pass per batch)
 REFERENCE_FLOPS_PER_S = 6.0e10
 # a generation with the key/value cache (forge.data.decoding) costs about this many teacher-forced passes of the
-# same questions: 4.5 measured for 256 calculator answers of a default run's Phase 6 model (8.6 re-running the batch)
+# same questions: 5.1-5.2 measured by benchmarks/generation.py on a default run's Phase 6 model (15 re-running the batch)
 GENERATION_PASSES = 5
 
 
