@@ -271,12 +271,7 @@ def test_phases_4_and_5_through_the_pipeline_register_track_and_resume(trained, 
 def test_a_run_killed_mid_climb_resumes_and_registers_phase5_once(trained, tmp_path):
     """`forge run --only 5` on a registered Phase 4 model, killed with SIGKILL while it climbs (its first
     training losses are in metrics.jsonl), then `forge resume`: Phase 5 completes and registers one model."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    from _kill_resume import kill_then_resume, logged
 
     from forge.registry import ModelRegistry, new_session_id, save_checkpoint
 
@@ -290,26 +285,8 @@ def test_a_run_killed_mid_climb_resumes_and_registers_phase5_once(trained, tmp_p
         path = save_checkpoint(model.state_dict(), tmp_path / "bitnet.safetensors", meta).path
         p4 = registry.register_model(source, "bitnet", "bitnet", path, meta, phase=4, metrics=checks)
         registry.record_phase_result(source, 4, "completed", [p4], checks, 1.0)
-    script = Path(sys.executable).with_name("forge")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "forge.cli"]
-    sets = [a for s in (f"run_root={runs}", *SMALL, "phases.phase5.min_curriculum_gain=-1",
-                        "phases.phase5.max_forgetting=1", "phases.phase5.min_self_model_z=0",
-                        "phases.phase5.max_tasks_not_advanced=2") for a in ("--set", s)]
-    proc = subprocess.Popen([*command, "run", "--only", "5", "--source-session", source, *sets], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not any('"train_loss"' in p.read_text() for p in runs.glob("session_*/metrics.jsonl")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "phase 5 never started training"
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    sets = (*SMALL, "phases.phase5.min_curriculum_gain=-1", "phases.phase5.max_forgetting=1",
+            "phases.phase5.min_self_model_z=0", "phases.phase5.max_tasks_not_advanced=2")
+    session = kill_then_resume(tmp_path, runs, source, 5, sets, logged(runs, '"train_loss"'), timeout=300)
     with ModelRegistry(runs / "registry.db") as registry:
-        (session,) = [s for s in registry.list_sessions() if s["id"] != source]
-        assert session["status"] == "running" and registry.list_models(session_id=session["id"]) == []
-    resumed = subprocess.run([*command, "resume", session["id"], "--set", f"run_root={runs}"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    with ModelRegistry(runs / "registry.db") as registry:
-        assert len(registry.list_models(session_id=session["id"], phase=5)) == 1
-        assert registry.get_session(session["id"])["status"] == "completed"
+        assert len(registry.list_models(session_id=session, phase=5)) == 1

@@ -256,12 +256,7 @@ def test_phase7_through_the_pipeline_registers_tracks_and_resumes_after_a_rollba
 
 def test_a_run_killed_mid_phase7_resumes_and_registers_once(trained, tmp_path):
     """`forge run --only 7` killed with SIGKILL once an expert's training is logged, then `forge resume`."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    from _kill_resume import kill_then_resume, logged
 
     from forge.registry import ModelRegistry
 
@@ -270,27 +265,6 @@ def test_a_run_killed_mid_phase7_resumes_and_registers_once(trained, tmp_path):
     with ModelRegistry(runs / "registry.db") as registry:
         source, _ = _registered(registry, model, tokenizer, tmp_path, 6, BAKED, {
             "tools": ["calculator"], "personas": [], "answer_format": {"before": [], "after": []}})
-    script = Path(sys.executable).with_name("forge")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "forge.cli"]
-    sets = [a for s in (f"run_root={runs}", *SMALL, *LENIENT) for a in ("--set", s)]
-    proc = subprocess.Popen([*command, "run", "--only", "7", "--source-session", source, *sets], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 400
-    while not any('svf/' in p.read_text() for p in runs.glob("session_*/metrics.jsonl")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "phase 7 never logged a training step"
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    session = kill_then_resume(tmp_path, runs, source, 7, (*SMALL, *LENIENT), logged(runs, "svf/"))
     with ModelRegistry(runs / "registry.db") as registry:
-        (session,) = [s for s in registry.list_sessions() if s["id"] != source]
-        assert registry.list_models(session_id=session["id"]) == [] and session["status"] == "running"
-    status = subprocess.run([*command, "status", "--set", f"run_root={runs}"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
-    assert f"session {session['id']}: its process died; marked interrupted" in status.stdout, status.stderr
-    resumed = subprocess.run([*command, "resume", session["id"], "--set", f"run_root={runs}"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    with ModelRegistry(runs / "registry.db") as registry:
-        assert len(registry.list_models(session_id=session["id"], phase=7)) == 1
-        assert registry.get_session(session["id"])["status"] == "completed"
+        assert len(registry.list_models(session_id=session, phase=7)) == 1

@@ -3,8 +3,6 @@ evaluated, the stages chain in the registry, a stage that loses accuracy is roll
 the final model loads and answers through forge.load_model, the phase survives a rollback to 7 and a SIGKILL, and
 its own checks hold it to Phase 4's packed ternary file."""
 import copy
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -238,34 +236,16 @@ def test_the_final_file_must_beat_the_packed_ternary_file(trained, tmp_path):
 
 def test_a_run_killed_mid_phase8_resumes_and_registers_once(trained, tmp_path):
     """`forge run --only 8` killed with SIGKILL while the VPTQ stage runs, then `forge resume`."""
+    from _kill_resume import kill_then_resume, printed
+
     model, tokenizer = trained
     runs = tmp_path / "runs"
     with ModelRegistry(runs / "registry.db") as registry:
         source = _source(registry, model, tokenizer, tmp_path, 7, ternary_bytes=10**7)
-    script = Path(sys.executable).with_name("forge")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "forge.cli"]
-    sets = [a for s in (f"run_root={runs}", *SMALL) for a in ("--set", s)]
-    proc = subprocess.Popen([*command, "run", "--only", "8", "--source-session", source, *sets], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "vptq" in line:
-            break
-    assert proc.poll() is None, "".join(seen)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    session = kill_then_resume(tmp_path, runs, source, 8, SMALL, printed("vptq"))
     with ModelRegistry(runs / "registry.db") as registry:
-        (session,) = [s for s in registry.list_sessions() if s["id"] != source]
-        assert registry.list_models(session_id=session["id"]) == [] and session["status"] == "running"
-    resumed = subprocess.run([*command, "resume", session["id"], "--set", f"run_root={runs}"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    with ModelRegistry(runs / "registry.db") as registry:
-        assert sorted(r["name"] for r in registry.list_models(session_id=session["id"], phase=8)) == [
+        assert sorted(r["name"] for r in registry.list_models(session_id=session, phase=8)) == [
             "hyper", "seedlm", "vptq"]
-        assert registry.get_session(session["id"])["status"] == "completed"
 
 
 def test_a_tiny_forge_run_goes_through_all_eight_phases_to_a_completed_session(tmp_path):
