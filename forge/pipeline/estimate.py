@@ -90,9 +90,9 @@ def _later_phases(config: PipelineConfig, phases: list[int], step_s: float, eval
         climbs = 2 * p5.steps * step_s * p5.batch_size / p1.batch_size       # the climb and the uniform control
         checks = p5.steps // p5.eval_every * tasks * evaluation(p5.val_questions)
         tables = 4 * evaluation(tasks * p5.num_levels * p5.eval_questions)
-        # the self-model's data: answering its own questions token by token, about 15 passes per batch (its
-        # probe trains two head rows on cached features: negligible)
-        self_model = 15 * evaluation(p5.self_model_questions * 5 // 4)
+        # the self-model's data: its own answers to its questions, generated (its probe trains two head rows on
+        # cached features: negligible)
+        self_model = GENERATION_PASSES * evaluation(p5.self_model_questions * 5 // 4)
         out[5] = climbs + checks + tables + self_model + p5.baking_steps * step_s
     if 6 in phases:
         out[6] = _phase6(config, step_s, evaluation)
