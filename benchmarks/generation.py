@@ -30,12 +30,12 @@ from forge.pipeline.loading import load_model
 
 
 def questions(tokenizer, max_len: int, n: int, seed: int) -> list:
-    """n test-split questions of Phase 6's tool tasks at levels 6-10, round robin, whose prompt leaves room to answer."""
+    """n test-split questions of Phase 6's tool tasks at levels 6-10, round robin, each leaving room to answer."""
     tasks = load_config().phases.phase6.tool_tasks
     pools = [[ex for ex in level_examples(task, level, n, "test", seed)
               if len(prompt_ids(ex, tokenizer)) + len(ex.answer) + 1 < max_len]
              for task in tasks for level in range(6, 11)]
-    picked = [ex for row in zip(*[p for p in pools if p]) for ex in row] if any(pools) else []
+    picked = [ex for row in zip(*[p for p in pools if p]) for ex in row]
     if len(picked) < n:
         raise SystemExit(f"only {len(picked)} questions fit max_len={max_len}; ask for fewer")
     return picked[:n]

@@ -4,7 +4,8 @@
 A forge Transformer decodes incrementally: each call feeds only the tokens a row gained since the last call,
 at that row's own positions, against a padded key/value cache (`Transformer.new_cache`, `forward_at`), so
 rows of different lengths, and rows that gained several tokens at once (a tool's reply), share one batch.
-Work per step is one token a row instead of the whole sequence again. Any other model (a peft wrapper, a
+Work per step is one token a row instead of the whole sequence again. A peft wrapper of a Transformer forwards
+`forward_at` and `new_cache` to it, so it decodes the same way, through its adapted layers. Any other model (a
 plain callable) gets the whole right-padded batch again each call, which gives the same logits because the
 model is causal: padding after a row's end never reaches its last position.
 

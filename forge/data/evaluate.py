@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,7 @@ def _score_batch(model, examples, tokenizer, max_len, device) -> tuple[float, in
     return loss.item(), int(answer.sum()), exact.tolist()
 
 
-def greedy_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int,
-                   device=None) -> list[list[int]]:
+def greedy_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int) -> list[list[int]]:
     """Greedy continuation of `<bos> prompt <sep>` for each example, as ids up to (without) <eos>.
 
     Each row decodes at most len(answer) + 1 tokens (enough to tell an exact match, which needs
@@ -48,7 +47,7 @@ def greedy_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer,
     row's last real position do not see the padding because the model is causal. A forge
     Transformer decodes with its key/value cache, anything else re-runs the batch for every new
     token (forge.data.decoding). `evaluate` gets the same exact-match result from one pass; this
-    function shows what the model actually says. `device` is unused (the model's own is taken).
+    function shows what the model actually says. It runs on the model's own device.
     """
     seqs = [prompt_ids(ex, tokenizer) for ex in examples]
     starts = [len(s) for s in seqs]

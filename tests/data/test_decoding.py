@@ -1,6 +1,7 @@
 """Incremental decoding (forge.data.decoding, Transformer.forward_at): rows of different lengths fed in chunks of
 different sizes at their own positions give the logits of the full forward (float64 reference), and every
 generation loop answers exactly as it does when the whole batch is re-run each step."""
+import copy
 import random
 
 import pytest
@@ -59,6 +60,25 @@ def test_incremental_and_whole_batch_agree_row_by_row():
             s.extend(g)
             t.extend(g)
         torch.testing.assert_close(a(rows), b(rows), rtol=1e-10, atol=1e-10)
+
+
+def test_a_peft_wrapper_decodes_incrementally_through_its_adapters():
+    """A LoRA-wrapped Transformer takes the cached path, and its adapters are in it:
+    the same logits as the wrapper's own full forward, and not the bare model's."""
+    from peft import LoraConfig, get_peft_model
+
+    base = model_of(SHAPES[0], 5)
+    wrapped = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False)).double().eval()
+    seqs_a, seqs_b = [[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]]
+    a, b = NextLogits(wrapped, seqs_a, 0, 23), NextLogits(whole(wrapped), seqs_b, 0, 23)
+    assert a.incremental
+    for grow in ([7], [8, 9]):
+        seqs_a[0].extend(grow)
+        seqs_b[0].extend(grow)
+        got = a([0, 1])
+        torch.testing.assert_close(got, b([0, 1]), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got, NextLogits(base, [list(s) for s in seqs_a], 0, 23)([0, 1]))
 
 
 def test_a_row_past_max_len_is_refused():
