@@ -19,7 +19,8 @@ VOCAB_ESTIMATE = 100        # the character vocabulary of forge.data is under 10
 EVAL_BATCH = 256            # forge.data.evaluate's default batch (one teacher-forced pass per batch)
 REFERENCE_FLOPS_PER_S = 6.0e10
 # a generation with the key/value cache (forge.data.decoding) costs about this many teacher-forced passes of the
-# same questions: 5.1-5.2 measured by benchmarks/generation.py on a default run's Phase 6 model (15 re-running the batch)
+# same questions: 5.1-5.2 measured by benchmarks/generation.py on a default run's Phase 6 model (15 re-running
+# the batch)
 GENERATION_PASSES = 5
 
 
@@ -113,8 +114,9 @@ def _phase6(config: PipelineConfig, step_s: float, evaluation) -> float:
     questions = len(p6.tool_tasks) * 10 * p6.tool_questions_per_level
     filtering = 2 * evaluation(11 * questions) + evaluation(11 * p6.persona_questions)
     beyond = len(p6.tool_tasks) * 5
-    generation = GENERATION_PASSES * (4 * evaluation(beyond * p6.val_questions) + 2 * evaluation(beyond * p6.eval_questions)
-                       + evaluation(512) + 8 * evaluation(p6.persona_eval_questions))
+    generation = GENERATION_PASSES * (4 * evaluation(beyond * p6.val_questions)
+                                      + 2 * evaluation(beyond * p6.eval_questions)
+                                      + evaluation(512) + 8 * evaluation(p6.persona_eval_questions))
     return train + filtering + generation
 
 
@@ -148,8 +150,8 @@ def _phase8(config: PipelineConfig, step_s: float, evaluation) -> float:
     answers = GENERATION_PASSES * (1 + len(p8.stages)) * evaluation(p8.eval_examples)
     tuning = 0.0
     if "vptq" in p8.stages and p8.vptq_finetune_steps:
-        tuning = GENERATION_PASSES * evaluation(p8.finetune_examples) + p8.vptq_finetune_steps * step_s * p8.finetune_batch_size \
-            / p1.batch_size
+        steps = p8.vptq_finetune_steps * step_s * p8.finetune_batch_size / p1.batch_size
+        tuning = GENERATION_PASSES * evaluation(p8.finetune_examples) + steps
     seeds = p8.seedlm_seeds or 2 ** p8.seedlm_seed_bits - 1
     flops = _block_weights(config) * seeds * 2 * (p8.seedlm_coefficients + 1)     # C weights per block
     search = flops / (REFERENCE_FLOPS_PER_S / 20) if "seedlm" in p8.stages else 0.0
