@@ -12,11 +12,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from forge._checks import check_positive_int
 from forge.data.batching import IGNORE_INDEX, encode_batch, prompt_ids
 from forge.data.decoding import NextLogits, _logits, _model_device
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
-from forge._checks import check_positive_int
+from forge.distributed import all_sum, world
 
 
 def _score_batch(model, examples, tokenizer, max_len, device) -> tuple[float, int, list[bool]]:
@@ -74,6 +75,8 @@ def evaluate(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_l
     accuracy: greedy-decoded answer ids equal the answer's ids and are followed by <eos>
     (computed from one teacher-forced pass, which is exact; see `_score_batch`).
     loss: mean cross-entropy per answer token (+ <eos>) under teacher forcing; perplexity = exp(loss).
+    Inside a phase run on several ranks (forge.distributed.phase_scope) each rank scores its share of `examples`
+    and the counts are summed over the ranks: every rank gets the result for all of them.
     """
     check_positive_int("batch_size", batch_size)
     if len(examples) == 0:
@@ -109,16 +112,24 @@ def exact_matches(model, examples: Sequence[Example], tokenizer: CharTokenizer, 
 
 
 def _evaluate(model, examples, tokenizer, max_len, batch_size) -> dict:
-    device = _model_device(model)
+    """On several ranks (forge.distributed.world) each scores its slice of `examples` and the sums are shared."""
+    device, here = _model_device(model), world()
+    mine = examples[here.slice_of(len(examples))]
     loss_sum, count = 0.0, 0
     right, seen = Counter(), Counter()
-    for lo in range(0, len(examples), batch_size):
-        chunk = examples[lo : lo + batch_size]
+    for lo in range(0, len(mine), batch_size):
+        chunk = mine[lo : lo + batch_size]
         s, c, exact = _score_batch(model, chunk, tokenizer, max_len, device)
         loss_sum, count = loss_sum + s, count + c
         for ex, ok in zip(chunk, exact):
             seen[ex.task] += 1
             right[ex.task] += ok
+    if here.active:
+        tasks = sorted({ex.task for ex in examples})
+        sums = all_sum([loss_sum, count] + [right[t] for t in tasks] + [seen[t] for t in tasks])
+        loss_sum, count = sums[0], int(sums[1])
+        right = Counter(dict(zip(tasks, map(int, sums[2: 2 + len(tasks)]))))
+        seen = Counter({t: n for t, n in zip(tasks, map(int, sums[2 + len(tasks):])) if n})
     loss = loss_sum / count
     return {
         "accuracy": sum(right.values()) / len(examples),

@@ -55,9 +55,17 @@ class RegistryConfig(Section):
     timeout: float = Field(30.0, gt=0)
 
 
+class DistributedConfig(Section):
+    """torch.distributed settings, used when torchrun starts several ranks (forge.distributed)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl on CUDA, gloo on the CPU
+    timeout_s: float = Field(600.0, gt=0)   # a collective waiting longer (a rank died or hangs) fails the run
+    share_newton_schulz: bool = False       # split Muon's orthogonalizations over the ranks; off: each rank does all
+
+
 class HardwareConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)    # 0 -> leave torch's default
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
 class CleanupConfig(Section):

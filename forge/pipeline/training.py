@@ -3,10 +3,13 @@
 Loss = cross-entropy on the answer tokens only (`forge.data.encode_batch` marks everything else -100),
 so a model is judged on what it answers, never on reproducing the question. Batches are drawn with
 replacement from the pre-encoded examples by a seeded generator, and trimmed to the longest row, so
-a run is reproducible and pays only for the tokens it holds.
+a run is reproducible and pays only for the tokens it holds. On several ranks (forge.distributed) every rank
+draws the same global batch and trains on its own slice of it through DistributedDataParallel, each slice's
+loss scaled so that the averaged gradient is the one-process gradient of the whole batch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge.data import IGNORE_INDEX, encode_batch
+from forge.distributed import all_sum, data_parallel, optimizer_sharing, world
 
 
 @dataclass
@@ -34,20 +38,32 @@ def answer_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def shard_answer_nll(logits: torch.Tensor, targets: torch.Tensor, batch_tokens: int, ranks: int) -> torch.Tensor:
+    """One rank's part of `answer_nll` of a batch split over `ranks` ranks: the slice's summed cross-entropy over
+    the whole batch's `batch_tokens` answer tokens, times `ranks`, so the mean over ranks (what DDP averages,
+    and what `optimize` reports) is the whole batch's mean."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total * (ranks / max(batch_tokens, 1))
+
+
 def optimize(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, loss_at: Callable[[int], torch.Tensor],
              *, what: str = "training", on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """`steps` optimizer steps on `loss_at(step)` (model in train mode, eval mode after); returns the losses. A
-    non-finite loss stops the run with an error naming `what` and the step. The loop every trainer shares."""
+    non-finite loss stops the run with an error naming `what` and the step. The loop every trainer shares. On
+    several ranks the loss reported (and checked) is the mean of the ranks' losses, the same on every rank."""
     losses: list[float] = []
+    ranks = world().size
     model.train()
     for step in range(1, steps + 1):
         loss = loss_at(step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{what} loss became {loss.item()} at step {step}")
+        value = loss.item() if ranks == 1 else all_sum([loss.item()])[0] / ranks
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{what} loss became {value} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(value)
         if on_step is not None:
             on_step(step, losses[-1])
     model.eval()
@@ -58,18 +74,27 @@ def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, exampl
                       batch_size: int, max_len: int, seed: int,
                       evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 0,
                       on_step: Callable[[int, float], None] | None = None) -> TrainingLog:
-    """Train `model` for `steps` optimizer steps on `examples`; NaN losses stop the run with an error."""
+    """Train `model` for `steps` optimizer steps on `examples`; NaN losses stop the run with an error. On several
+    ranks each trains on its slice of every batch (module docstring)."""
     if not examples:
         raise ValueError("train_on_examples: no training examples")
+    here = world()
+    if batch_size < here.size:
+        raise ValueError(f"train_on_examples: batch_size {batch_size} is smaller than the {here.size} ranks "
+                         "sharing every batch; raise the batch size or use fewer processes")
     batch = encode_batch(examples, tokenizer, max_len)
     lengths = (batch.tokens != tokenizer.pad_id).sum(1)
     generator = torch.Generator().manual_seed(seed)
-    log = TrainingLog()
+    log, net = TrainingLog(), data_parallel(model)
 
     def loss_at(_step: int) -> torch.Tensor:
         idx = torch.randint(len(examples), (batch_size,), generator=generator)
         width = int(lengths[idx].max())
-        return answer_nll(model(batch.tokens[idx, :width]), batch.targets[idx, :width])
+        if not here.active:
+            return answer_nll(model(batch.tokens[idx, :width]), batch.targets[idx, :width])
+        targets, mine = batch.targets[idx, :width], idx[here.slice_of(batch_size)]
+        return shard_answer_nll(net(batch.tokens[mine, :width]), batch.targets[mine, :width],
+                                int((targets != IGNORE_INDEX).sum()), here.size)
 
     def after(step: int, loss: float) -> None:
         if on_step is not None:
@@ -95,6 +120,7 @@ def make_optimizer(model: nn.Module, settings, lr: float) -> torch.optim.Optimiz
                           kl_coefficient=settings.kl_coefficient, muon_ste_mode=settings.ste_mode,
                           momentum=settings.momentum, nesterov=settings.nesterov, weight_decay=settings.weight_decay)
     grokfast = None if settings.grokfast == "off" else settings.grokfast
-    optimizer = MuonGrokfast(muon_param_groups(model), grokfast=grokfast, **preset.to_kwargs())
+    optimizer = MuonGrokfast(muon_param_groups(model), grokfast=grokfast, distributed=optimizer_sharing(),
+                             **preset.to_kwargs())
     register_qk_clip_modules(optimizer, model)
     return optimizer

@@ -1,0 +1,123 @@
+"""forge.distributed on real gloo process groups (2 and 3 CPU processes): a batch split over ranks trains the model
+one process trains on the whole batch, sharded evaluation counts what one process counts, and nothing is split
+outside `phase_scope`."""
+import contextlib
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from forge import distributed
+from forge.data import CharTokenizer, evaluate, make_examples
+from forge.nn import Transformer, TransformerConfig
+from forge.pipeline.config import OptimizerConfig
+from forge.pipeline.training import make_optimizer, train_on_examples
+
+pytestmark = pytest.mark.distributed
+TASKS = {"addition": 1.0, "reversal": 1.0}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("count", [0, 1, 2, 5, 64, 65])
+def test_slices_of_the_ranks_cover_every_item_once(world, count):
+    slices = [distributed.World(rank, world).slice_of(count) for rank in range(world)]
+    items = [i for s in slices for i in range(count)[s]]
+    assert items == list(range(count))
+    assert max(len(range(count)[s]) for s in slices) - min(len(range(count)[s]) for s in slices) <= 1
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(TransformerConfig(vocab_size=CharTokenizer().vocab_size, dim=32, n_layers=2, n_heads=2,
+                                         max_len=32))
+
+
+def _oracle(tokens: torch.Tensor) -> torch.Tensor:
+    """Logits that answer right exactly on the rows whose token ids sum to an even number (about half of each
+    task's rows): predicts the next token, or the one after it in the vocabulary."""
+    vocab = CharTokenizer().vocab_size
+    nxt = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
+    wrong = (tokens.sum(1, keepdim=True) % 2 == 1).long()
+    return torch.nn.functional.one_hot((nxt + wrong) % vocab, vocab).float() * 5.0
+
+
+def _train_and_evaluate(steps: int) -> dict:
+    """A few steps of the pipeline's shared training loop and one evaluation, as a phase would run them."""
+    tokenizer, model = CharTokenizer(), _model()
+    train = make_examples(TASKS, 400, "train", 1)
+    val = make_examples(TASKS, 37, "val", 1)   # 37: not a multiple of 2 or 3 ranks
+    optimizer = make_optimizer(model, OptimizerConfig(), 0.01)
+    log = train_on_examples(model, optimizer, train, tokenizer, steps=steps, batch_size=12, max_len=32, seed=3)
+    return {"losses": log.losses, "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "eval": evaluate(model, val, tokenizer, 32, batch_size=8),
+            "oracle": evaluate(_oracle, val, tokenizer, 32, batch_size=8)}
+
+
+def _worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        outside = distributed.world()
+        with distributed.phase_scope() as inside:
+            result = _train_and_evaluate(steps=6)
+            try:
+                train_on_examples(_model(), make_optimizer(_model(), OptimizerConfig(), 0.01),
+                                  make_examples(TASKS, 10, "train", 1), CharTokenizer(), steps=1,
+                                  batch_size=world - 1, max_len=32, seed=0)
+                small_batch = "accepted"
+            except ValueError as error:
+                small_batch = str(error)
+        torch.save({**result, "outside": outside, "inside": inside, "small_batch": small_batch},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread, like each rank: the single-process result to compare with is computed the same way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single():
+    with one_thread():
+        return _train_and_evaluate(steps=6)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_sharing_every_batch_train_the_model_one_process_trains(tmp_path, single, world):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for rank, out in enumerate(ranks):
+        assert out["outside"] == distributed.SINGLE          # no collectives outside a phase
+        assert out["inside"] == distributed.World(rank, world)
+        assert f"smaller than the {world} ranks" in out["small_batch"]
+        # every rank holds the same model (DDP averaged the same gradients) and reports the same numbers
+        for name, value in out["state"].items():
+            assert torch.equal(value, ranks[0]["state"][name]), name
+        assert out["losses"] == ranks[0]["losses"] and out["eval"] == ranks[0]["eval"]
+        assert out["oracle"] == ranks[0]["oracle"]
+    out = ranks[0]
+    # the same global batches as one process: equal up to float summation order (each rank training on the whole
+    # batch, or on its slice without the rescaling, fails this already at the losses)
+    assert out["losses"] == pytest.approx(single["losses"], rel=1e-4)
+    for name, value in out["state"].items():
+        torch.testing.assert_close(value, single["state"][name], rtol=1e-4, atol=1e-5, msg=name)
+    # sharded evaluation counts every held-out question once, per task
+    assert out["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-4)
+    oracle, expected = out["oracle"], single["oracle"]
+    assert 0.2 < expected["per_task_accuracy"]["addition"] < 0.8 and 0.2 < expected["accuracy"] < 0.8
+    assert oracle["n"] == expected["n"] == 37
+    assert oracle["per_task_accuracy"] == expected["per_task_accuracy"]
+    assert oracle["accuracy"] == expected["accuracy"]
+    assert oracle["loss"] == pytest.approx(expected["loss"], rel=1e-6)   # float32 sums over other batches
+
