@@ -8,6 +8,7 @@ nothing: the config is validated before any folder or database is created.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -113,12 +114,61 @@ def _run(args) -> int:
     plan = make_plan(args.from_phase, args.only, args.to_phase)
     if args.dry_run:
         return _dry_run(config, plan)
-    with _registry(config, must_exist=False) as registry:
-        pipeline = _pipeline(config, registry)
-        _summary(pipeline, pipeline.run(args.from_phase, args.only, args.source_session, args.to_phase))
-        if config.cleanup.auto_cleanup:
-            _cleanup(config, registry)
-    return 0
+    if args.nproc > 1:
+        return _exec_torchrun(args)
+
+    def body() -> int:
+        with _registry(config, must_exist=False) as registry:
+            pipeline = _pipeline(config, registry)
+            _summary(pipeline, pipeline.run(args.from_phase, args.only, args.source_session, args.to_phase))
+            if config.cleanup.auto_cleanup:
+                _cleanup(config, registry)
+        return 0
+
+    return _on_ranks(config, body)
+
+
+def _exec_torchrun(args) -> int:
+    """`forge run|resume --nproc N`: replace this process by `torchrun --standalone --nproc-per-node N -m forge`
+    with the same arguments, less --nproc."""
+    rest, skip = [], False
+    for arg in args.argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "forge", *rest]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return EXIT_FAILED   # not reached
+
+
+def _on_ranks(config, body) -> int:
+    """`body` (a run or a resume) on this process; under torchrun rank 0 runs it and the other ranks follow
+    (forge.pipeline.ranks), after joining the process group of hardware.distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:   # not under torchrun (told without loading torch)
+        return body()
+    from forge import distributed
+    from forge.pipeline.orchestrator import pick_device
+    from forge.pipeline.ranks import follow, release_followers, stop_on_sigterm
+
+    here = distributed.init(config.hardware.distributed, pick_device(config.hardware.device))
+    if here.is_main:
+        stop_on_sigterm()
+        try:
+            code = body()
+        except BaseException as error:
+            release_followers(f"{type(error).__name__}: {distributed.explain(error)}")
+            raise
+        release_followers(None)
+    else:
+        code = follow(config, lambda: _registry(config, must_exist=True))
+    if code == 0:   # a failed run leaves at once: a peer may be gone
+        distributed.shutdown()
+    return code
 
 
 def _summary(pipeline, report) -> None:
@@ -131,13 +181,21 @@ def _summary(pipeline, report) -> None:
 
 def _resume(args) -> int:
     config = _config(args)
-    with _registry(config, must_exist=True) as registry:
-        _known_session(registry, args.session)
-        pipeline = _pipeline(config, registry)
-        _summary(pipeline, pipeline.resume(args.session))
-        if config.cleanup.auto_cleanup:
-            _cleanup(config, registry)
-    return 0
+    if args.nproc > 1:
+        with _registry(config, must_exist=True) as registry:
+            _known_session(registry, args.session)
+        return _exec_torchrun(args)
+
+    def body() -> int:
+        with _registry(config, must_exist=True) as registry:
+            _known_session(registry, args.session)
+            pipeline = _pipeline(config, registry)
+            _summary(pipeline, pipeline.resume(args.session))
+            if config.cleanup.auto_cleanup:
+                _cleanup(config, registry)
+        return 0
+
+    return _on_ranks(config, body)
 
 
 def _rollback(args) -> int:
@@ -290,6 +348,16 @@ def _phase_number(text: str) -> int:
     return int(text)
 
 
+NPROC_HELP = ("processes (ranks) to run on: N > 1 starts `torchrun --standalone --nproc-per-node N -m forge` with "
+              "the same arguments; phases train data-parallel (hardware.distributed)")
+
+
+def _nproc(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--nproc must be a whole number of processes >= 1, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forge", description="forge: kernels and the Agent Forge pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,10 +374,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--to-phase", type=_phase_number, help="the last phase to run (default: the last phase)")
     run.add_argument("--source-session", help="session whose models feed --from-phase/--only (default: newest)")
     run.add_argument("--dry-run", action="store_true", help="validate and estimate; run and write nothing")
+    run.add_argument("--nproc", type=_nproc, default=1, help=NPROC_HELP)
     for name, text in (("resume", "continue a failed, killed or rolled-back session"),
                        ("rollback", "reload a phase's models and continue the session from there")):
         cmd = sub.add_parser(name, parents=[common], help=text)
         cmd.add_argument("session")
+        if name == "resume":
+            cmd.add_argument("--nproc", type=_nproc, default=1, help=NPROC_HELP)
         if name == "rollback":
             cmd.add_argument("phase", type=_phase_number)
     status = sub.add_parser("status", parents=[common], help="list sessions, or show one")
@@ -341,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
+    args.argv = argv
     from forge.pipeline.controller import PipelineError
 
     try:

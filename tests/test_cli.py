@@ -146,3 +146,31 @@ def test_an_unknown_session_is_answered_before_torch_is_loaded(tmp_path):
                                 cwd=tmp_path, timeout=120)
         assert result.returncode == 2 and "unknown session 'nope'" in result.stderr, (args, result.stderr)
         assert "torch not loaded" in result.stdout, args
+
+
+@pytest.mark.parametrize("nproc", [["--nproc", "3"], ["--nproc=3"]])
+def test_nproc_hands_the_same_arguments_to_torchrun(monkeypatch, tmp_path, nproc):
+    """`forge run --nproc 3 ...` becomes `torchrun --standalone --nproc-per-node=3 -m forge run ...` (the real
+    torchrun runs in tests/pipeline/test_distributed_pipeline.py); here only the command line it execs."""
+    import os
+
+    from forge import cli
+
+    execs = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: execs.append((path, argv)))
+    args = ["--set", f"run_root={tmp_path}", "--to-phase", "1"]
+    cli.main(["run", *nproc, *args])
+    (path, argv), = execs
+    assert path == sys.executable
+    assert argv == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m", "forge",
+                    "run", *args]
+    assert not list(tmp_path.iterdir())   # rank 0 of torchrun creates the session, not this process
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_nproc_must_be_a_positive_whole_number(value, capsys):
+    from forge import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["run", "--nproc", value])
+    assert stop.value.code == 2 and "--nproc must be a whole number of processes >= 1" in capsys.readouterr().err

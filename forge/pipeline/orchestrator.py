@@ -17,11 +17,13 @@ from typing import Any, Callable
 
 import torch
 
+from forge import distributed
 from forge.pipeline import state as files
 from forge.pipeline.config import PipelineConfig
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext, PhaseResult, PipelineError
 from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
 from forge.pipeline.models import build_from_metadata, parameter_count
+from forge.pipeline.ranks import announce_phase, phase_done
 from forge.pipeline.phases import (feeding_phase, is_enabled, is_implemented, load_controller_class, make_plan,
                                    phase_name, plan_text, runnable_phases, why_not_runnable)
 from forge.registry.checkpoint import load_checkpoint, save_checkpoint
@@ -36,6 +38,15 @@ class RunReport:
     completed: list[int] = field(default_factory=list)
     final_model_ids: list[str] = field(default_factory=list)
     message: str = ""
+
+
+def load_record(record: dict) -> LoadedModel:
+    """The model of a registry record, rebuilt from its checkpoint (sha256 and metadata checked against it)."""
+    state_dict, metadata = load_checkpoint(Path(record["path"]), expected_sha256=record["sha256"],
+                                           expected_metadata=record["metadata"])
+    model = build_from_metadata(metadata, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+    return LoadedModel(model.eval(), record, metadata)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -132,11 +143,7 @@ class Pipeline:
             record = self.registry.get_model(model_id)
             if record is None:
                 raise PipelineError(f"model {model_id!r} is not in the registry")
-            state_dict, metadata = load_checkpoint(Path(record["path"]), expected_sha256=record["sha256"],
-                                                   expected_metadata=record["metadata"])
-            model = build_from_metadata(metadata, state_dict)
-            model.load_state_dict(state_dict, strict=True)
-            out.append(LoadedModel(model.eval(), record, metadata))
+            out.append(load_record(record))
         return out
 
     def _session(self, session_id: str) -> dict:
@@ -175,8 +182,9 @@ class Pipeline:
                 self._mark_ended(session_id, "interrupted", "interrupted by the user")
                 raise
             except Exception as error:   # recorded, then re-raised with the reason for the CLI
-                self._mark_ended(session_id, "failed", f"{type(error).__name__}: {error}")
-                raise PipelineError(f"session {session_id} failed: {error}") from error
+                reason = distributed.explain(error)
+                self._mark_ended(session_id, "failed", f"{type(error).__name__}: {reason}")
+                raise PipelineError(f"session {session_id} failed: {reason}") from error
             finally:
                 tracker.close()
         self.registry.set_session_status(session_id, "completed")
@@ -321,12 +329,16 @@ class Pipeline:
         with _ProgressBar(phase, self.progress_bars, self.log) as progress:
             ctx = PhaseContext(session_id, phase, self.config, phase_config, self.session_dir(session_id),
                                phase_dir, self.registry, tracker, inputs, progress, self.config.seed,
-                               pick_device(self.config.hardware.device))
+                               distributed.local_device(pick_device(self.config.hardware.device)))
+            if distributed.launched().active:
+                announce_phase(session_id, phase, self.config, inputs, ctx.run_dir)
             torch.manual_seed(self.config.seed + phase)
             try:
-                controller.validate_input(ctx)
-                result = controller.execute(ctx)
-                controller.validate_output(result, ctx)
+                with distributed.phase_scope():
+                    controller.validate_input(ctx)
+                    result = controller.execute(ctx)
+                    controller.validate_output(result, ctx)
+                phase_done()
             except Exception as error:
                 self.registry.record_phase_result(session_id, phase, "failed", [], {"error": str(error)},
                                                   time.perf_counter() - started)

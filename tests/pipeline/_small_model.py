@@ -6,6 +6,17 @@ from forge.nn import TransformerConfig, build_model
 from forge.optim import create_optimizer_from_phase
 from forge.pipeline.training import train_on_examples
 
+# Phases 1 and 2 at test size (--set values): three small models on reversal and sorting, then a short merge search
+MODELS = ("[{name: rev, seed: 1, task_weights: {reversal: 3.0, sorting: 1.0}},"
+          " {name: sort, seed: 2, task_weights: {sorting: 3.0, reversal: 1.0}},"
+          " {name: mix, seed: 3, task_weights: {reversal: 1.0, sorting: 1.0}}]")
+SMALL_PHASES_1_2 = (
+    "phases.phase1.shared_steps=250", "phases.phase1.steps=40", "phases.phase1.eval_every=20",
+    "phases.phase1.train_examples=3000", "phases.phase1.eval_examples=128", "phases.phase1.lr=0.004",
+    "phases.phase1.branch_lr=0.0005", "phases.phase1.min_margin_over_baseline=0.1",
+    "phases.phase1.model={dim: 64, n_layers: 2, n_heads: 4, max_len: 32}", f"phases.phase1.models={MODELS}",
+    "phases.phase2.generations=2", "phases.phase2.population_size=6", "phases.phase2.eval_examples=96")
+
 
 def small_trained_model(tasks: dict, *, examples: int, steps: int, max_len: int = 32, seed: int = 0):
     """(model in eval mode, tokenizer): a dim-64 two-layer Transformer trained `steps` steps (batch 32) on

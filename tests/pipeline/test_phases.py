@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _small_model import SMALL_PHASES_1_2 as SMALL
 
 from forge.data import CharTokenizer, evaluate, make_examples
 from forge.merge import Recipe, apply_recipe
@@ -15,15 +16,6 @@ from forge.pipeline.orchestrator import Pipeline
 from forge.pipeline.phases.phase2_evomerge import EvoMergePhase
 from forge.registry import ModelRegistry, load_checkpoint
 from forge.tracking import Tracker, read_metrics
-
-MODELS = ("[{name: rev, seed: 1, task_weights: {reversal: 3.0, sorting: 1.0}},"
-          " {name: sort, seed: 2, task_weights: {sorting: 3.0, reversal: 1.0}},"
-          " {name: mix, seed: 3, task_weights: {reversal: 1.0, sorting: 1.0}}]")
-SMALL = ("phases.phase1.shared_steps=250", "phases.phase1.steps=40", "phases.phase1.eval_every=20",
-         "phases.phase1.train_examples=3000", "phases.phase1.eval_examples=128", "phases.phase1.lr=0.004",
-         "phases.phase1.branch_lr=0.0005", "phases.phase1.min_margin_over_baseline=0.1",
-         "phases.phase1.model={dim: 64, n_layers: 2, n_heads: 4, max_len: 32}", f"phases.phase1.models={MODELS}",
-         "phases.phase2.generations=2", "phases.phase2.population_size=6", "phases.phase2.eval_examples=96")
 
 
 @pytest.fixture(scope="module")
