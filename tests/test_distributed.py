@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 from forge import distributed
 from forge.data import CharTokenizer, evaluate, make_examples
 from forge.nn import Transformer, TransformerConfig
-from forge.pipeline.config import OptimizerConfig
+from forge.pipeline.config import OptimizerConfig, load_config
+from forge.pipeline.phases.phase8_compression.stages import seedlm_stage, vptq_stage
 from forge.pipeline.training import make_optimizer, train_on_examples
 
 pytestmark = pytest.mark.distributed
@@ -121,3 +122,34 @@ def test_ranks_sharing_every_batch_train_the_model_one_process_trains(tmp_path, 
     assert oracle["accuracy"] == expected["accuracy"]
     assert oracle["loss"] == pytest.approx(expected["loss"], rel=1e-6)   # float32 sums over other batches
 
+
+def _compressed() -> dict:
+    """Phase 8's SeedLM and VPTQ stages of a small model, as their files would store them."""
+    cfg = load_config(overrides=["phases.phase8.seedlm_seeds=256", "phases.phase8.vptq_kmeans_iters=4"]).phases.phase8
+    model, quiet = _model().eval(), lambda *_: None
+    tokens = torch.randint(4, CharTokenizer().vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    first = seedlm_stage(model, cfg.preserve_layers, cfg, quiet)
+    second = vptq_stage(first, cfg.preserve_layers, cfg, tokens, quiet)
+    return {f"{i}/{k}": v.clone() for i, stage in enumerate((first, second)) for k, v in stage.state_dict().items()}
+
+
+def _compress_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        with distributed.phase_scope():
+            torch.save(_compressed(), os.path.join(out_dir, f"codes{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_phase8_searches_split_over_ranks_store_the_bytes_one_process_stores(tmp_path):
+    with one_thread():
+        single = _compressed()
+    mp.spawn(_compress_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        split = torch.load(tmp_path / f"codes{rank}.pt")
+        assert sorted(split) == sorted(single)
+        for key, value in split.items():
+            assert torch.equal(value, single[key]), key

@@ -36,7 +36,12 @@ class CodedLinear(nn.Module):
 
     @classmethod
     def from_codes(cls, name: str, codes, in_features: int, out_features: int) -> CodedLinear:
-        codec, params, sections = encode_codes(name, codes)
+        return cls.from_stored(*encode_codes(name, codes), in_features, out_features)
+
+    @classmethod
+    def from_stored(cls, codec: str, params: dict, sections: dict[str, bytes], in_features: int,
+                    out_features: int) -> CodedLinear:
+        """The layer of `encode_codes`'s (codec, params, sections): what its file holds."""
         return cls(decode_codes(codec, params, sections), codec, params, sections, in_features, out_features)
 
     def stored_bytes(self) -> int:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from forge.distributed import broadcast, world
 from forge.nn.compress.coded import (
     CodedLinear,
     coded_model_from_state,
@@ -27,6 +28,7 @@ from forge.nn.compress.coded import (
     set_module,
     write_codec_table,
 )
+from forge.nn.compress.formats import encode_codes
 from forge.nn.compress.hyper import hyper_encode, hyper_vq
 from forge.nn.compress.seedlm import seedlm_encode
 from forge.nn.compress.vptq import VQCodes, hessian_from_inputs, vptq_quantize
@@ -35,13 +37,17 @@ Progress = Callable[[float, str], None]
 
 
 def _recode(model: nn.Module, preserve: list[str], encode, progress: Progress) -> nn.Module:
-    """A copy of `model` whose compressible layers are CodedLinears of encode(name, layer)."""
-    out = copy.deepcopy(model)
+    """A copy of `model` whose compressible layers are CodedLinears of encode(name, layer). On several ranks
+    (forge.distributed) the layers' searches are dealt out round-robin and each layer's stored bytes are sent from
+    the rank that encoded it, so every rank ends with the same model."""
+    out, here = copy.deepcopy(model), world()
     layers = compressible_linears(out, preserve)
     for i, (name, layer) in enumerate(layers.items()):
         weight = layer_weight(layer)
-        codes = encode(name, layer, weight)
-        set_module(out, name, CodedLinear.from_codes(name, codes, weight.shape[1], weight.shape[0]))
+        owner = i % here.size
+        stored = encode_codes(name, encode(name, layer, weight)) if here.rank == owner else None
+        stored = broadcast(stored, src=owner) if here.active else stored
+        set_module(out, name, CodedLinear.from_stored(*stored, weight.shape[1], weight.shape[0]))
         progress((i + 1) / len(layers), name)
     write_codec_table(out)
     return from_bytes(out)
