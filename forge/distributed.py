@@ -17,6 +17,7 @@ Outside `phase_scope` (a handoff check, the CLI, a test) everything is single-pr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,7 +46,7 @@ class World:
 
 
 SINGLE = World()
-_scope = {"open": False, "share_newton_schulz": False}
+_state = {"open": False, "share_newton_schulz": False}
 
 
 def launched() -> World:
@@ -55,7 +56,7 @@ def launched() -> World:
 
 def world() -> World:
     """The world phases split their work over: torch.distributed's inside `phase_scope`, else one process."""
-    if _scope["open"] and dist.is_available() and dist.is_initialized():
+    if _state["open"] and dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
     return SINGLE
 
@@ -63,11 +64,11 @@ def world() -> World:
 @contextlib.contextmanager
 def phase_scope():
     """Open while every rank runs the same phase code: only then do training and evaluation split their work."""
-    previous, _scope["open"] = _scope["open"], True
+    previous, _state["open"] = _state["open"], True
     try:
         yield world()
     finally:
-        _scope["open"] = previous
+        _state["open"] = previous
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -80,7 +81,7 @@ def local_device(device: torch.device) -> torch.device:
 def init(settings, device: torch.device) -> World:
     """Join torchrun's process group (once); a no-op for one process. `settings` is hardware.distributed."""
     here = launched()
-    _scope["share_newton_schulz"] = settings.share_newton_schulz
+    _state["share_newton_schulz"] = settings.share_newton_schulz
     if not here.active or dist.is_initialized():
         return here
     backend = settings.backend
@@ -96,7 +97,7 @@ def optimizer_sharing():
     """MuonGrokfast's `distributed` argument for an optimizer a phase makes: "auto" (Newton-Schulz split over the
     ranks) when several ranks train and hardware.distributed.share_newton_schulz is on, else False (each rank
     orthogonalizes every matrix itself: the gradients DDP averaged are the same on every rank, so are the steps)."""
-    return "auto" if world().active and _scope["share_newton_schulz"] else False
+    return "auto" if world().active and _state["share_newton_schulz"] else False
 
 
 def shutdown() -> None:
@@ -129,7 +130,8 @@ def all_sum(values: list[float]) -> list[float]:
     here = world()
     if not here.active:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=on)   # NCCL reduces CUDA tensors only
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -140,8 +142,6 @@ def data_parallel(model: nn.Module) -> nn.Module:
     on every rank, so they are not broadcast each step."""
     if not world().active:
         return model
-    import inspect
-
     ddp = nn.parallel.DistributedDataParallel
     quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
              else {"broadcast_buffers": False})    # the older name (torch <= 2.12)

@@ -13,6 +13,8 @@ from forge import distributed
 from forge.data import CharTokenizer, evaluate, make_examples
 from forge.nn import Transformer, TransformerConfig
 from forge.pipeline.config import OptimizerConfig, load_config
+from forge.pipeline.phases.phase3_quietstar.thought_warmup import warm_up_thoughts
+from forge.pipeline.phases.phase3_quietstar.thoughts import ThoughtIds, thought_token_names
 from forge.pipeline.phases.phase8_compression.stages import seedlm_stage, vptq_stage
 from forge.pipeline.training import make_optimizer, train_on_examples
 
@@ -56,13 +58,25 @@ def _train_and_evaluate(steps: int) -> dict:
             "oracle": evaluate(_oracle, val, tokenizer, 32, batch_size=8)}
 
 
+def _thought_training(steps: int) -> dict:
+    """Phase 3's warm-up (two batches a step: with thoughts and plain) on a model with the thought tokens."""
+    tokenizer = CharTokenizer()
+    tokenizer.add_special_tokens(thought_token_names(6))
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, max_len=40))
+    losses = warm_up_thoughts(model, make_optimizer(model, OptimizerConfig(), 0.01), make_examples(TASKS, 200, "train", 2),
+                              tokenizer, ThoughtIds.from_tokenizer(tokenizer), steps=steps, batch_size=10,
+                              plain_weight=0.5, seed=4)
+    return {"losses": losses, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
 def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         outside = distributed.world()
         with distributed.phase_scope() as inside:
-            result = _train_and_evaluate(steps=6)
+            result = {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4)}
             try:
                 train_on_examples(_model(), make_optimizer(_model(), OptimizerConfig(), 0.01),
                                   make_examples(TASKS, 10, "train", 1), CharTokenizer(), steps=1,
@@ -91,7 +105,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def single():
     with one_thread():
-        return _train_and_evaluate(steps=6)
+        return {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4)}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -113,6 +127,11 @@ def test_ranks_sharing_every_batch_train_the_model_one_process_trains(tmp_path, 
     assert out["losses"] == pytest.approx(single["losses"], rel=1e-4)
     for name, value in out["state"].items():
         torch.testing.assert_close(value, single["state"][name], rtol=1e-4, atol=1e-5, msg=name)
+    # Phase 3's warm-up: both batches of a step in one forward pass per rank, the same model as one process
+    assert out["thoughts"]["losses"] == pytest.approx(single["thoughts"]["losses"], rel=1e-4)
+    for name, value in out["thoughts"]["state"].items():
+        assert torch.equal(value, ranks[-1]["thoughts"]["state"][name]), name
+        torch.testing.assert_close(value, single["thoughts"]["state"][name], rtol=1e-4, atol=1e-5, msg=name)
     # sharded evaluation counts every held-out question once, per task
     assert out["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-4)
     oracle, expected = out["oracle"], single["oracle"]

@@ -47,6 +47,35 @@ def shard_answer_nll(logits: torch.Tensor, targets: torch.Tensor, batch_tokens: 
     return total * (ranks / max(batch_tokens, 1))
 
 
+def batch_rows(batch_size: int, what: str) -> slice:
+    """This rank's rows of every global batch of `batch_size` rows (all of them in one process)."""
+    here = world()
+    if batch_size < here.size:
+        raise ValueError(f"{what}: batch_size {batch_size} is smaller than the {here.size} ranks sharing every "
+                         "batch; raise the batch size or use fewer processes")
+    return here.slice_of(batch_size)
+
+
+def rank_share_nll(logits: torch.Tensor, targets: torch.Tensor, rows: slice) -> torch.Tensor:
+    """`answer_nll` of a global batch as this rank's share: `logits` of this rank's `rows`, `targets` of all rows.
+    In one process, answer_nll itself; on several ranks, shard_answer_nll (DDP's average is the batch's mean)."""
+    here = world()
+    if not here.active:
+        return answer_nll(logits, targets)
+    return shard_answer_nll(logits, targets[rows], int((targets != IGNORE_INDEX).sum()), here.size)
+
+
+def forward_together(net: nn.Module, pad_id: int, *batches: torch.Tensor) -> list[torch.Tensor]:
+    """The logits of several token batches from one forward pass (right-padded to one width, then split back; the
+    model is causal, so the padding changes no logit kept): DDP expects one forward before each backward."""
+    width = max(b.shape[1] for b in batches)
+    logits = net(torch.cat([F.pad(b, (0, width - b.shape[1]), value=pad_id) for b in batches]))
+    starts = [0]
+    for b in batches:
+        starts.append(starts[-1] + b.shape[0])
+    return [logits[lo:hi, : b.shape[1]] for lo, hi, b in zip(starts, starts[1:], batches)]
+
+
 def optimize(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, loss_at: Callable[[int], torch.Tensor],
              *, what: str = "training", on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """`steps` optimizer steps on `loss_at(step)` (model in train mode, eval mode after); returns the losses. A
@@ -78,10 +107,7 @@ def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, exampl
     ranks each trains on its slice of every batch (module docstring)."""
     if not examples:
         raise ValueError("train_on_examples: no training examples")
-    here = world()
-    if batch_size < here.size:
-        raise ValueError(f"train_on_examples: batch_size {batch_size} is smaller than the {here.size} ranks "
-                         "sharing every batch; raise the batch size or use fewer processes")
+    rows = batch_rows(batch_size, "train_on_examples")
     batch = encode_batch(examples, tokenizer, max_len)
     lengths = (batch.tokens != tokenizer.pad_id).sum(1)
     generator = torch.Generator().manual_seed(seed)
@@ -90,11 +116,7 @@ def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, exampl
     def loss_at(_step: int) -> torch.Tensor:
         idx = torch.randint(len(examples), (batch_size,), generator=generator)
         width = int(lengths[idx].max())
-        if not here.active:
-            return answer_nll(model(batch.tokens[idx, :width]), batch.targets[idx, :width])
-        targets, mine = batch.targets[idx, :width], idx[here.slice_of(batch_size)]
-        return shard_answer_nll(net(batch.tokens[mine, :width]), batch.targets[mine, :width],
-                                int((targets != IGNORE_INDEX).sum()), here.size)
+        return rank_share_nll(net(batch.tokens[idx[rows], :width]), batch.targets[idx, :width], rows)
 
     def after(step: int, loss: float) -> None:
         if on_step is not None:
