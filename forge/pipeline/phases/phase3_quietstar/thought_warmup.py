@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from forge.data import rationale
-from forge.pipeline.phases.phase3_quietstar.thoughts import ThoughtIds, build_rows, example_ids
 from forge.distributed import data_parallel, world
+from forge.pipeline.phases.phase3_quietstar.thoughts import ThoughtIds, build_rows, example_ids
 from forge.pipeline.training import batch_rows, forward_together, optimize, rank_share_nll
 
 
