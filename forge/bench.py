@@ -385,8 +385,11 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def machine_info(device: torch.device) -> dict:
+    from forge.ops.precision import cpu_bf16_probe, cpu_model, vector_flags
+
     info = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+            "cpu": cpu_model(), "cpu_flags": " ".join(vector_flags()), "cpu_bf16_fast": cpu_bf16_probe()["fast"],
+            "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -26,6 +26,9 @@ def _backends(_args) -> int:
         print(f"{op:<16} {', '.join(marks)}")
     for module, why in _native.load_errors().items():
         print(f"forge.{module} not loaded: {why}")
+    from forge.ops.precision import describe_cpu
+
+    print(f"cpu: {describe_cpu()}")
     return 0
 
 

@@ -7,15 +7,15 @@ momentum, nesterov, ns_coefficients, ns_steps, eps, adjust_lr_fn) and AdamW grou
 """
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
 from forge.ops import grokfast_ema_, grokfast_ma_
-from forge.ops.grokfast import grokfast_ema_init, grokfast_ma_init
 from forge.ops._validate import check_finite_number
+from forge.ops.grokfast import grokfast_ema_init, grokfast_ma_init
 from forge.ops.newton_schulz import resolve_coefficients
+from forge.ops.precision import auto_ns_dtype
 from forge.optim import functional as F
 from forge.optim.qk_clip import qk_clip_, qk_logit_recorders
 
@@ -38,15 +38,18 @@ class MuonGrokfast(Optimizer):
         skip_nonfinite: skip a step with NaN/Inf gradients instead of raising.
         distributed: "auto" shares Newton-Schulz across ranks when torch.distributed is initialized.
         foreach: multi-tensor kernels (True) or the per-parameter reference loop (False).
-        ns_dtype: dtype of the Newton-Schulz iteration (default: the parameter's). torch.optim.Muon and
-            Keller Jordan's Muon use torch.bfloat16, which is faster on GPUs and CPUs with bf16 GEMMs.
+        ns_dtype: dtype of the Newton-Schulz iteration. "auto" (default): torch.bfloat16 where bf16 matrix
+            products are fast (CUDA; CPUs with native bf16 dot products, found by a one-time probe,
+            forge.ops.precision, shown by `forge backends`), torch.float32 elsewhere. None: the parameter's dtype;
+            torch.float32 / torch.bfloat16 / torch.float16 force one. torch.optim.Muon and Keller Jordan's Muon
+            always use bf16; Newton-Schulz is approximate by design, so its precision is a speed choice.
     """
 
     def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_coefficients="muon",
                  ns_steps=5, eps=1e-7, adjust_lr_fn="original", adamw_lr=3e-4, adamw_betas=(0.9, 0.95),
                  adamw_eps=1e-8, grokfast="ema", grokfast_alpha=0.98, grokfast_lamb=2.0, grokfast_window=100,
                  qk_clip_threshold=None, ste_mode=False, skip_nonfinite=False, distributed="auto", foreach=True,
-                 ns_dtype=None):
+                 ns_dtype="auto"):
         self._adamw_defaults = dict(lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn,
@@ -106,8 +109,9 @@ class MuonGrokfast(Optimizer):
                 raise ValueError(f"Invalid ns_steps ({where}): {group['ns_steps']!r}; expected an integer in [1, 100)")
             resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
             check_finite_number(f"eps ({where})", group["eps"], low=0.0)
-            if group["ns_dtype"] not in (None, torch.float32, torch.bfloat16, torch.float16):
-                raise ValueError(f"Invalid ns_dtype ({where}): {group['ns_dtype']!r}; expected None, torch.float32, torch.bfloat16 or torch.float16")
+            if group["ns_dtype"] not in ("auto", None, torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"Invalid ns_dtype ({where}): {group['ns_dtype']!r}; expected 'auto', None, "
+                                 "torch.float32, torch.bfloat16 or torch.float16")
             if group["adjust_lr_fn"] not in F.ADJUST_LR_FNS:
                 raise ValueError(f"Invalid adjust_lr_fn ({where}): {group['adjust_lr_fn']!r}; expected one of {F.ADJUST_LR_FNS}")
             for i, p in enumerate(group.get("params", [])):
@@ -234,7 +238,7 @@ class MuonGrokfast(Optimizer):
         fn = F.muon_multi_tensor if self.foreach else F.muon_single_tensor
         fn(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
            nesterov=group["nesterov"], ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"],
-           eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=group["ns_dtype"],
+           eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=_ns_dtype(group["ns_dtype"], params),
            process_group=self._process_group())
 
     def _adamw(self, group, params, grads) -> None:
@@ -353,3 +357,10 @@ def _check_saved_state(saved: dict, state: dict, group: dict, where: str) -> Non
                 raise ValueError(f"state_dict does not fit this optimizer (saved from another model?): state "
                                  f"{name!r} of {_label(group, where, i)} has shape {tuple(value.shape)}, but the "
                                  f"parameter has shape {tuple(p.shape)}")
+
+
+def _ns_dtype(choice, params) -> torch.dtype | None:
+    """A group's Newton-Schulz dtype: "auto" decided for the device its parameters live on."""
+    if choice != "auto" or not params:
+        return None if choice == "auto" else choice
+    return auto_ns_dtype(params[0].device)

@@ -92,6 +92,9 @@ class OptimizerConfig(Section):
     qk_clip_threshold: float | None = Field(30.0, gt=0)   # MuonClip tau on attention logits; null = off
     kl_coefficient: float = Field(0.0, ge=0)         # weight of the KL term to a frozen reference, where a phase has one
     ste_mode: bool = False                           # straight-through updates of quantized (BitLinear) latent weights
+    ns_dtype: Literal["float32", "auto", "bfloat16"] = "float32"   # Newton-Schulz precision; auto: bf16 where its
+    # products are fast (MuonGrokfast's default, `forge backends` says which); float32 here because the default
+    # runs in benchmarks/RESULTS.md were measured so
 
 
 # -- phase 1: cognate -----------------------------------------------------------------------------

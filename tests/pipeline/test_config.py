@@ -175,6 +175,8 @@ def test_each_phases_optimizer_block_defaults_to_its_preset(phase):
 def test_make_optimizer_from_the_block_equals_the_preset_optimizer(phase):
     """A training phase's optimizer built from its config block has exactly the hyperparameters the preset
     gave before the block existed (phase 4: the preset of phase 1 with the STE settings)."""
+    import torch
+
     from forge.nn import build_model
     from forge.optim import MuGrokConfig, MuonGrokfast, create_optimizer_from_phase, muon_param_groups
     from forge.pipeline.training import make_optimizer
@@ -182,9 +184,9 @@ def test_make_optimizer_from_the_block_equals_the_preset_optimizer(phase):
     model = build_model({"vocab_size": 16, "dim": 16, "n_layers": 1, "n_heads": 2, "max_len": 8})
     if phase == 4:
         settings = MuGrokConfig(muon_lr=3e-4, fallback_lr=3e-4, grokfast_lambda=1.5, muon_ste_mode=True, momentum=0.9)
-        expected = MuonGrokfast(muon_param_groups(model), **settings.to_kwargs())
-    else:
-        expected = create_optimizer_from_phase(model, phase, lr=3e-4, adamw_lr=3e-4)
+        expected = MuonGrokfast(muon_param_groups(model), ns_dtype=torch.float32, **settings.to_kwargs())
+    else:   # the pipeline pins Newton-Schulz to float32 (optimizer.ns_dtype), the preset leaves MuonGrokfast's "auto"
+        expected = create_optimizer_from_phase(model, phase, lr=3e-4, adamw_lr=3e-4, ns_dtype=torch.float32)
     built = make_optimizer(model, PipelineConfig().phase(phase).optimizer, 3e-4)
     strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]   # noqa: E731
     assert strip(built.param_groups) == strip(expected.param_groups)
