@@ -27,6 +27,8 @@ def test_backends_lists_every_op():
     assert result.returncode == 0, result.stderr
     for op in ("newton_schulz", "grokfast_ema", "grokfast_ma"):
         assert op in result.stdout
+    # the CPU line: model, flags and the bf16 answer ns_dtype="auto" uses (this suite fixes it: FORGE_CPU_BF16=0)
+    assert "cpu: " in result.stdout and "bf16 matmul slow (FORGE_CPU_BF16=0)" in result.stdout, result.stdout
 
 
 def test_bench_quick_runs_and_reports_ratios(tmp_path):
