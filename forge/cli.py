@@ -168,7 +168,7 @@ def _on_ranks(config, body) -> int:
             raise
         release_followers(None)
     else:
-        code = follow(config, lambda: _registry(config, must_exist=True))
+        code = follow(lambda: _registry(config, must_exist=True))
     if code == 0:   # a failed run leaves at once: a peer may be gone
         distributed.shutdown()
     return code

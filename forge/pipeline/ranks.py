@@ -61,7 +61,7 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def follow(config, open_registry) -> int:
+def follow(open_registry) -> int:
     """A follower's life: run each phase rank 0 announces until it announces the end. Returns the exit code."""
     registry = None
     while True:
@@ -84,6 +84,8 @@ def _run_phase(message: dict, registry) -> None:
     from forge.pipeline.phases import load_controller_class
 
     config, phase = PipelineConfig.model_validate(message["config"]), message["phase"]
+    if config.hardware.threads:   # as rank 0's Pipeline does
+        torch.set_num_threads(config.hardware.threads)
     controller = load_controller_class(phase)()
     inputs = [load_record(record) for record in message["inputs"]]
     device = distributed.local_device(pick_device(config.hardware.device))
