@@ -38,17 +38,19 @@ Progress = Callable[[float, str], None]
 
 def _recode(model: nn.Module, preserve: list[str], encode, progress: Progress) -> nn.Module:
     """A copy of `model` whose compressible layers are CodedLinears of encode(name, layer). On several ranks
-    (forge.distributed) the layers' searches are dealt out round-robin and each layer's stored bytes are sent from
-    the rank that encoded it, so every rank ends with the same model."""
+    (forge.distributed) the layers' searches are dealt out round-robin and run at the same time; then each layer's
+    stored bytes are sent from the rank that encoded it, so every rank ends with the same model."""
     out, here = copy.deepcopy(model), world()
-    layers = compressible_linears(out, preserve)
-    for i, (name, layer) in enumerate(layers.items()):
-        weight = layer_weight(layer)
-        owner = i % here.size
-        stored = encode_codes(name, encode(name, layer, weight)) if here.rank == owner else None
-        stored = broadcast(stored, src=owner) if here.active else stored
-        set_module(out, name, CodedLinear.from_stored(*stored, weight.shape[1], weight.shape[0]))
-        progress((i + 1) / len(layers), name)
+    layers = list(compressible_linears(out, preserve).items())
+    shapes = [layer_weight(layer).shape for _, layer in layers]
+    stored = {}
+    for i, (name, layer) in enumerate(layers):
+        if i % here.size == here.rank:
+            stored[i] = encode_codes(name, encode(name, layer, layer_weight(layer)))
+            progress((i + 1) / len(layers), name)
+    for i, (name, _) in enumerate(layers):
+        codes = broadcast(stored.get(i), src=i % here.size) if here.active else stored[i]
+        set_module(out, name, CodedLinear.from_stored(*codes, shapes[i][1], shapes[i][0]))
     write_codec_table(out)
     return from_bytes(out)
 
