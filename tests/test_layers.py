@@ -16,15 +16,18 @@ ALLOWED = {
     "ops": {"kernels", "_native"},
     "optim": {"ops", "_native"},
     "nn": {"ops"},
-    "data": set(),
+    "distributed": set(),           # who this process is under torchrun, the collectives phases use (torch only)
+    "data": {"distributed"},        # evaluate() shares its counts over the ranks of a phase
     "merge": set(),
     "baking": {"nn", "ops"},
     "registry": set(),
     "tracking": set(),
-    "pipeline": {"registry", "tracking", "baking", "optim", "nn", "data", "merge", "ops", "kernels", "_native"},
+    "pipeline": {"registry", "tracking", "baking", "optim", "nn", "data", "merge", "ops", "kernels", "_native",
+                 "distributed"},
     "bench": {"ops", "optim", "nn", "_native"},
     "ui": {"registry", "tracking"},
-    "cli": {"pipeline", "registry", "tracking", "bench", "ops", "ui", "_native"},
+    "cli": {"pipeline", "registry", "tracking", "bench", "ops", "ui", "_native", "distributed"},
+    "__main__": {"cli"},           # `python -m forge` (what `torchrun -m forge` starts)
     "__init__": {"pipeline"},      # forge.load_model: a lazy re-export of forge.pipeline.loading
     "_checks": set(),
     "phase_table": set(),
