@@ -355,8 +355,9 @@ def test_gpu_steps_match_cpu_steps(grokfast, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 convolutions, like the CPU
     model = Net()
     gpu_model = copy.deepcopy(model).cuda()
-    cpu_opt = MuonGrokfast(muon_param_groups(model), grokfast=grokfast, grokfast_window=2)
-    gpu_opt = MuonGrokfast(muon_param_groups(gpu_model), grokfast=grokfast, grokfast_window=2)
+    # fp32 Newton-Schulz on both (ns_dtype="auto" would take bf16 on the GPU): the kernels are what is compared
+    cpu_opt = MuonGrokfast(muon_param_groups(model), grokfast=grokfast, grokfast_window=2, ns_dtype=torch.float32)
+    gpu_opt = MuonGrokfast(muon_param_groups(gpu_model), grokfast=grokfast, grokfast_window=2, ns_dtype=torch.float32)
     for s in range(3):
         x, y = batch(s)
         for m, opt, dev in ((model, cpu_opt, "cpu"), (gpu_model, gpu_opt, "cuda")):
