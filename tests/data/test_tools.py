@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from forge.data import CharTokenizer, Example, make_examples
+from forge.data.evaluate import exact_matches
 from forge.data.batching import IGNORE_INDEX, prompt_ids
 from forge.data.calculator import calculate
 from forge.data.levels import level_examples
@@ -144,11 +145,15 @@ def test_toolformer_keeps_calls_that_help_and_drops_those_that_do_not(tool_model
     hard = _six_digit_products(20)
     a, b = hard[0].prompt.split("*")
     assert candidate_calls(hard[0]) == [hard[0].prompt, f"{a}+{b}", f"{a}-{b}", a, b]
-    easy = [Example("copy", f"copy:{n}", str(n)) for n in (48213, 907, 5521, 30)]   # the model copies these itself
+    easy = [Example("copy", f"copy:{n}", str(n)) for n in (48213, 907, 5521, 30)]   # the model copies most itself
     assert all(candidate_calls(ex) == [str(ex.answer)] for ex in easy)   # each call's result IS the answer
     kept = filter_calls(model, hard + easy, tokenizer, 48, tau=1.0)
     assert kept.considered == 5 * len(hard) + len(easy)
     assert sum(c == ex.prompt for c, ex in zip(kept.calls, hard)) >= 0.9 * len(hard), kept.calls
     assert all(c in (None, ex.prompt) for c, ex in zip(kept.calls, hard))   # a wrong call never helps
-    assert kept.calls[len(hard):] == [None] * len(easy), kept.gains[len(hard):]
-    assert kept.kept_rate("copy") == 0.0 and kept.kept_rate("multiplication") >= 0.9
+    # a call whose result the model already writes itself never helps; which short numbers the small model copies
+    # depends on the CPU's rounding in its training (an AVX2 EPYC's model missed "30", the Xeon's did not)
+    copied = exact_matches(model, easy, tokenizer, 48)
+    assert sum(copied) >= 3, copied
+    assert [c for c, ok in zip(kept.calls[len(hard):], copied) if ok] == [None] * sum(copied), kept.gains[len(hard):]
+    assert kept.kept_rate("copy") <= 1 / len(easy) and kept.kept_rate("multiplication") >= 0.9
