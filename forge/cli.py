@@ -134,6 +134,8 @@ def _run(args) -> int:
 def _exec_torchrun(args) -> int:
     """`forge run|resume --nproc N`: replace this process by `torchrun --standalone --nproc-per-node N -m forge`
     with the same arguments, less --nproc."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--nproc under torchrun: torchrun has started the ranks already; leave --nproc out")
     rest, skip = [], False
     for arg in args.argv:
         if skip or arg.startswith("--nproc="):

@@ -176,3 +176,12 @@ def test_nproc_must_be_a_positive_whole_number(value, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["run", "--nproc", value])
     assert stop.value.code == 2 and "--nproc must be a whole number of processes >= 1" in capsys.readouterr().err
+
+
+def test_nproc_under_torchrun_is_refused(monkeypatch, tmp_path, capsys):
+    from forge import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["run", "--nproc", "2", "--set", f"run_root={tmp_path}"]) == 2
+    assert "torchrun has started the ranks already" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
