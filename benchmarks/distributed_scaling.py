@@ -18,7 +18,8 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
+
+from forge.ops.precision import cpu_model, vector_flags
 
 CASE = r"""
 import sys, time
@@ -68,13 +69,6 @@ distributed.shutdown()
 """
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def one_case(ranks: int, steps: int, share: bool) -> tuple[float, int, list[float]]:
     script = [sys.executable, "-c", CASE, str(steps), "share" if share else "each"]
     if ranks > 1:
@@ -96,7 +90,7 @@ def main() -> None:
     parser.add_argument("--share-newton-schulz", action="store_true",
                         help="split Muon's orthogonalizations over the ranks (hardware.distributed.share_newton_schulz)")
     args = parser.parse_args()
-    print(f"{cpu_name()}, {os.cpu_count()} logical CPUs; Phase 1 default model, global batch 64, {args.steps} steps")
+    print(f"{cpu_model()} ({' '.join(vector_flags())}), {os.cpu_count()} logical CPUs; Phase 1 default model, global batch 64, {args.steps} steps")
     rates: dict[int, list[float]] = {n: [] for n in args.ranks}
     parts: dict[int, list[list[float]]] = {n: [] for n in args.ranks}
     threads: dict[int, int] = {}
