@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_SOURCES = ["bitnet.cpp", "grokfast.cpp", "kl_div.cpp", "seedlm.cpp", "vq.cpp"]
+CPU_SOURCES = ["bitnet.cpp", "grokfast.cpp", "kl_div.cpp", "newton_schulz.cpp", "seedlm.cpp", "vq.cpp"]
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("g++") is None,
                                 reason="needs g++ on x86-64 (the clones are GCC target_clones)")

@@ -6,6 +6,7 @@
 #include "cpu/bitnet.h"
 #include "cpu/grokfast.h"
 #include "cpu/kl_div.h"
+#include "cpu/newton_schulz.h"
 #include "cpu/seedlm.h"
 #include "cpu/symmetric.h"
 
@@ -19,6 +20,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("grokfast_ma", &forge::grokfast_ma_cpu, py::arg("grads"), py::arg("rings"), py::arg("sums"),
         py::arg("numels"), py::arg("grad_dtypes"), py::arg("ring_dtypes"), py::arg("slot"), py::arg("scale"),
         py::arg("lamb"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("newton_schulz_small_f32", &forge::newton_schulz_small_f32, py::arg("input"), py::arg("output"),
+        py::arg("batch"), py::arg("rows"), py::arg("cols"), py::arg("coefficients"), py::arg("eps"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def("symmetrize_from_lower_f32", &forge::symmetrize_from_lower_f32, py::arg("data"), py::arg("batch"),
         py::arg("m"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def("ternary_quant", &forge::ternary_quant_cpu, py::arg("w"), py::arg("dtype"), py::arg("groups"),

@@ -103,19 +103,43 @@ def last_backend(op: str) -> str | None:
     return _last.get(op)
 
 
+def environ_get(name: str) -> str | None:
+    """os.environ.get(name) as one dict lookup: the mapping's own get costs about 2 us for a missing variable (it
+    raises and catches KeyError), which every op call would pay. Changes made through os.environ are seen."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:
+        return os.environ.get(name)
+    raw = data.get(_ENCODED.get(name) or _ENCODED.setdefault(name, os.environ.encodekey(name)))
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
+_ENCODED: dict[str, Any] = {}
+# (op, device type, backend, FORGE_BACKEND, TRITON_INTERPRET) -> (backend name, implementation): what can run does
+# not change within a process (native modules load once), so a call after the first is one lookup.
+_resolved: dict[tuple, tuple[str, Callable]] = {}
+
+
 def resolve(op: str, device: torch.device, backend: str = "auto") -> Callable:
     """The implementation of `op` that runs tensors on `device` for the requested `backend`."""
+    key = (op, device.type, backend, environ_get("FORGE_BACKEND"), environ_get("TRITON_INTERPRET"))
+    hit = _resolved.get(key)
+    if hit is None:
+        hit = _resolved[key] = _resolve(op, device, backend, key[3])
+    _last[op] = hit[0]
+    return hit[1]
+
+
+def _resolve(op: str, device: torch.device, backend: str, env_backend: str | None) -> tuple[str, Callable]:
     impls = _TABLE[op]
     requested = backend
     if backend == "auto":
-        requested = os.environ.get("FORGE_BACKEND", "auto") or "auto"
+        requested = env_backend or "auto"
     if requested != "auto" and requested not in BACKEND_NAMES:
         raise ValueError(f"Invalid backend: {requested!r}; expected 'auto' or one of {BACKEND_NAMES}")
     if requested == "auto":
         for name in PREFERENCE.get(device.type, ("torch",)):
             if name in impls and _backend_reason(name, impls[name]) is None:
-                _last[op] = name
-                return impls[name].fn
+                return name, impls[name].fn
         raise BackendUnavailableError(f"{op}: no backend can run on device {device}")
     usable = [b for b in impls if _backend_reason(b, impls[b]) is None and runs_on(b, device)]
     if requested not in impls:
@@ -127,8 +151,7 @@ def resolve(op: str, device: torch.device, backend: str = "auto") -> Callable:
     if why is not None or requested not in usable:
         source = "FORGE_BACKEND" if backend == "auto" else "backend"
         raise BackendUnavailableError(f"{op}: {source}={requested!r} is not available ({why}); available here: {usable}")
-    _last[op] = requested
-    return impls[requested].fn
+    return requested, impls[requested].fn
 
 
 def call_op(op: Callable[..., T], eager: Callable[..., T], *args: Any) -> T:

@@ -62,6 +62,24 @@ def resolve_coefficients(coefficients, steps: int) -> list[tuple[float, float, f
     """The (a, b, c) triple of each of `steps` steps. A list shorter than `steps` repeats its last triple."""
     steps = check_positive_int("steps", steps)
     if isinstance(coefficients, str):
+        return list(_named_coefficients(coefficients, steps)[0])
+    return _resolve_triples(coefficients, steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _named_coefficients(name: str, steps: int) -> tuple[tuple, list[float]]:
+    """A named set's triples and their flat list, made once (every optimizer step asks for them)."""
+    triples = tuple(_resolve_triples(name, steps))
+    return triples, [float(v) for t in triples for v in t]
+
+
+@functools.lru_cache(maxsize=64)
+def _triples_of(flat: tuple[float, ...]) -> list[tuple[float, float, float]]:
+    return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
+
+def _resolve_triples(coefficients, steps: int) -> list[tuple[float, float, float]]:
+    if isinstance(coefficients, str):
         if coefficients not in COEFFICIENT_SETS:
             raise ValueError(f"Invalid coefficients: {coefficients!r}; expected one of {sorted(COEFFICIENT_SETS)} or a list of (a, b, c)")
         triples = COEFFICIENT_SETS[coefficients]
@@ -288,9 +306,33 @@ def _newton_schulz_torch(G, triples, eps, check_finite):
     return newton_schulz_reference(G, len(triples), triples, eps, check_finite)
 
 
+# Up to this much work (batch * m * m * n, m <= n) a float32 call runs the whole iteration in one forge._C call:
+# below it the ~20 torch ops of the blocked path cost more than the arithmetic (2x2: 314 us -> ~10 us;
+# crossover measured by benchmarks/op_overhead.py, timings in benchmarks/RESULTS.md, "Per-call overhead").
+SMALL_MAX_WORK = 1 << 17
+
+
+def _ns_small(native, G: torch.Tensor, triples, eps: float, check_finite: bool) -> torch.Tensor:
+    """One native call for a small float32 G (any batch shape); its norm is summed in double."""
+    G = G.contiguous()
+    out = torch.empty_like(G)
+    flat = [v for t in triples for v in t]
+    ok = native.newton_schulz_small_f32(G.data_ptr(), out.data_ptr(), G.numel() // (G.shape[-2] * G.shape[-1]),
+                                        G.shape[-2], G.shape[-1], flat, eps, torch.get_num_threads())
+    if check_finite and not ok:
+        raise ValueError("G contains NaN or Inf; Newton-Schulz has no defined result for it")
+    return out
+
+
 @_dispatch.register("newton_schulz", "cpu", needs_native=False)
 def _newton_schulz_cpu(G, triples, eps, check_finite):
-    """float32 work, except bf16 input on CPUs with fast bf16 GEMMs, which stays bf16 (see choose_method)."""
+    """float32 work, except bf16 input on CPUs with fast bf16 GEMMs, which stays bf16 (see choose_method).
+    Small float32 input runs natively in one call (SMALL_MAX_WORK) where forge._C is loaded."""
+    if G.dtype == torch.float32:
+        rows, cols = G.shape[-2], G.shape[-1]
+        native = _native.cpu_module() if G.numel() * min(rows, cols) <= SMALL_MAX_WORK else None
+        if native is not None:
+            return _ns_small(native, G, triples, eps, check_finite)
     keep_bf16 = G.dtype == torch.bfloat16 and _cpu_has_fast_bf16()
     return ns_fast(G, triples, eps, sym_mm_blocked, torch.bfloat16 if keep_bf16 else torch.float32, check_finite)
 
@@ -334,7 +376,7 @@ def _check_input(G, check_finite: bool) -> None:
 def _newton_schulz_eager(G: torch.Tensor, coefficients: list[float], eps: float, backend: str,
                          check_finite: bool) -> torch.Tensor:
     """The op's implementation; `coefficients` flat (a, b, c, a, b, c, ...), as torch.library takes them."""
-    triples = [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)]
+    triples = _triples_of(tuple(coefficients))
     return _dispatch.resolve("newton_schulz", G.device, backend)(G, triples, eps, check_finite)
 
 
@@ -364,7 +406,9 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="muon", eps: flo
         check_finite: raise ValueError on NaN/Inf input (costs one host sync on a GPU).
     """
     _check_input(G, check_finite)
-    triples = resolve_coefficients(coefficients, steps)
+    if isinstance(coefficients, str):
+        flat = _named_coefficients(coefficients, check_positive_int("steps", steps))[1]
+    else:
+        flat = [float(v) for t in resolve_coefficients(coefficients, steps) for v in t]
     eps = check_finite_number("eps", eps, low=0.0)
-    flat = [float(v) for t in triples for v in t]
     return _dispatch.call_op(_newton_schulz_op, _newton_schulz_eager, G, flat, eps, backend, check_finite)

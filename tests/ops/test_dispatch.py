@@ -1,4 +1,5 @@
 """The backend table: availability, the choice rule, FORGE_BACKEND, clear errors, the README matrix."""
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import forge
 from forge import _native
 from forge.ops import (
     BackendUnavailableError,
+    _dispatch,
     available_backends,
     backend_matrix_markdown,
     grokfast_ema_,
@@ -49,6 +51,28 @@ def test_forge_backend_environment_overrides_auto(monkeypatch):
     assert last_backend("newton_schulz") == "torch"
     newton_schulz(torch.randn(4, 6), backend="cpu")  # an explicit argument still wins
     assert last_backend("newton_schulz") == "cpu"
+
+
+def test_a_changed_forge_backend_is_seen_by_the_next_call(monkeypatch):
+    """resolve() remembers its choice per (op, device, backend, environment): a change of FORGE_BACKEND is a new key."""
+    monkeypatch.delenv("FORGE_BACKEND", raising=False)
+    newton_schulz(torch.randn(4, 6))
+    assert last_backend("newton_schulz") == "cpu"
+    monkeypatch.setenv("FORGE_BACKEND", "torch")
+    newton_schulz(torch.randn(4, 6))
+    assert last_backend("newton_schulz") == "torch"
+    monkeypatch.delenv("FORGE_BACKEND")
+    newton_schulz(torch.randn(4, 6))
+    assert last_backend("newton_schulz") == "cpu"
+
+
+@pytest.mark.parametrize("value", [None, "", "torch", "caf\u00e9 \u2713"])
+def test_environ_get_reads_what_os_environ_holds(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("FORGE_TEST_VARIABLE", raising=False)
+    else:
+        monkeypatch.setenv("FORGE_TEST_VARIABLE", value)
+    assert _dispatch.environ_get("FORGE_TEST_VARIABLE") == os.environ.get("FORGE_TEST_VARIABLE") == value
 
 
 def test_forge_backend_naming_a_missing_backend_is_a_clear_error(monkeypatch):

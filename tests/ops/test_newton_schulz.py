@@ -1,12 +1,16 @@
 """Newton-Schulz: every backend against a float64 run of the same iteration, exact targets, bands."""
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import cpu_backends, gpu_backends, rel_error
+from forge import _native
 from forge.ops import BackendUnavailableError, last_backend, newton_schulz, newton_schulz_reference
 from forge.ops.newton_schulz import (
     COEFFICIENT_SETS,
+    SMALL_MAX_WORK,
     choose_method,
     ns_fast,
     resolve_coefficients,
@@ -128,6 +132,59 @@ def test_batch_equals_loop(backend):
     out = newton_schulz(G, backend=backend)
     for i in range(4):
         assert torch.allclose(out[i], newton_schulz(G[i], backend=backend), atol=1e-5)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """The shapes forge._C's one-call Newton-Schulz is run on (the real kernel runs; this only records)."""
+    native = _native.cpu_module()
+    if native is None:
+        pytest.skip(f"forge._C is not built: {_native.load_errors()}")
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(native, name)
+
+        def newton_schulz_small_f32(self, *args):
+            calls.append(tuple(args[2:5]))
+            return native.newton_schulz_small_f32(*args)
+
+    monkeypatch.setattr(_native, "cpu_module", Recorder)
+    return calls
+
+
+def test_small_float32_input_runs_in_one_native_call(native_calls):
+    G = torch.randn(3, 5, 7)
+    out = newton_schulz(G, backend="cpu")
+    assert native_calls == [(3, 5, 7)]
+    assert rel_error(out, newton_schulz_reference(G.double())) < 1e-5
+    newton_schulz(torch.randn(60, 60), backend="cpu")            # 60^3 > SMALL_MAX_WORK: the blocked torch path
+    newton_schulz(torch.randn(5, 7, dtype=torch.bfloat16), backend="cpu")   # float32 only
+    assert 60**3 > SMALL_MAX_WORK and native_calls == [(3, 5, 7)]
+
+
+@pytest.mark.parametrize("shape", [(1, 9), (9, 1), (1, 1), (5, 11), (11, 5), (4, 16, 16), (2, 3, 6, 10)], ids=str)
+def test_native_and_torch_paths_agree(shape, monkeypatch):
+    G = torch.randn(*shape)
+    native = newton_schulz(G, backend="cpu")
+    monkeypatch.setattr(sys.modules["forge.ops.newton_schulz"], "SMALL_MAX_WORK", 0)
+    blocked = newton_schulz(G, backend="cpu")
+    reference = newton_schulz_reference(G.double())
+    assert rel_error(native, reference) < 1e-5    # float32 with a double norm; the blocked path may take Gram's form:
+    assert rel_error(blocked, reference) < TOLERANCE[torch.float32]
+    assert torch.allclose(native, blocked, atol=1e-4)
+
+
+def test_native_path_keeps_a_non_finite_matrix_to_itself(native_calls):
+    G = torch.randn(3, 4, 6)
+    G[1, 2, 3] = float("nan")
+    out = newton_schulz(G, backend="cpu", check_finite=False)
+    assert out[1].isnan().all() and torch.allclose(out[0], newton_schulz(G[0], backend="cpu"), atol=1e-6)
+    assert torch.allclose(out[2], newton_schulz(G[2], backend="cpu"), atol=1e-6)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        newton_schulz(G, backend="cpu")
+    assert native_calls == [(3, 4, 6), (1, 4, 6), (1, 4, 6), (3, 4, 6)]
 
 
 def test_gram_and_standard_forms_agree_with_float64():
