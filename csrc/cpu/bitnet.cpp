@@ -4,6 +4,10 @@
 #include <stdexcept>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/common.h"
 
 namespace forge {
@@ -133,17 +137,54 @@ void group_abs_means(const DTypeFns& f, uintptr_t w, const GroupChunks& plan, in
   }
 }
 
-FORGE_BITNET_CLONES int32_t dot_packed(const uint8_t* __restrict p, const int8_t* __restrict x, int64_t kb) {
-  const int8_t* __restrict x0 = x;
-  const int8_t* __restrict x1 = x + kb;
-  const int8_t* __restrict x2 = x + 2 * kb;
-  const int8_t* __restrict x3 = x + 3 * kb;
+// Sum over bytes j >= start of (code_i + 1-shifted weight) * x_i[j] for the four 2-bit fields of p[j].
+inline int32_t dot_packed_from(const uint8_t* __restrict p, const int8_t* __restrict x, int64_t kb, int64_t start) {
   int32_t acc = 0;
-  for (int64_t j = 0; j < kb; ++j) {
+  for (int64_t j = start; j < kb; ++j) {
     int32_t b = p[j];
-    acc += (b & 3) * x0[j] + ((b >> 2) & 3) * x1[j] + ((b >> 4) & 3) * x2[j] + (b >> 6) * x3[j];
+    acc += (b & 3) * x[j] + ((b >> 2) & 3) * x[kb + j] + ((b >> 4) & 3) * x[2 * kb + j] + (b >> 6) * x[3 * kb + j];
   }
-  return acc;  // sum of (w + 1) * x: the caller subtracts sum(x)
+  return acc;
+}
+
+FORGE_BITNET_CLONES int32_t dot_packed_compiled(const uint8_t* __restrict p, const int8_t* __restrict x, int64_t kb) {
+  return dot_packed_from(p, x, kb, 0);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FORGE_HAVE_MADDUBS 1
+// AVX2 by hand: vpmaddubsw multiplies 32 unsigned codes (0..2) by 32 int8 activations and adds pairs into int16
+// (at most 4 x 2 x 2 x 127 = 2032 after the four fields: no saturation), vpmaddwd widens to int32. GCC's own
+// AVX2 code for the loop above widens every byte to int32 first and ran at ~1.7x F.linear at batch 1 on a Zen 3.
+__attribute__((target("avx2"))) int32_t dot_packed_avx2(const uint8_t* p, const int8_t* x, int64_t kb) {
+  const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  __m256i acc = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 32 <= kb; j += 32) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j));
+    __m256i sum = _mm256_setzero_si256();
+    for (int field = 0; field < 4; ++field) {
+      const __m256i code = _mm256_and_si256(_mm256_srli_epi16(b, 2 * field), mask);
+      const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + field * kb + j));
+      sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(code, xs));
+    }
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(sum, ones));
+  }
+  __m128i half = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4e));
+  half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0xb1));
+  return _mm_cvtsi128_si32(half) + dot_packed_from(p, x, kb, j);
+}
+#endif
+
+// Sum of (w + 1) * x over one packed row: the caller subtracts sum(x). The hand-written AVX2 loop on CPUs without
+// AVX-512 (their compiled v4 clone is what RESULTS measured on the Zen 4), the compiler's clones elsewhere.
+int32_t dot_packed(const uint8_t* __restrict p, const int8_t* __restrict x, int64_t kb) {
+#ifdef FORGE_HAVE_MADDUBS
+  static const bool avx2_only = __builtin_cpu_supports("avx2") && !__builtin_cpu_supports("avx512bw");
+  if (avx2_only) return dot_packed_avx2(p, x, kb);
+#endif
+  return dot_packed_compiled(p, x, kb);
 }
 
 void store(int dtype, uintptr_t y, int64_t index, float value) {
