@@ -12,13 +12,20 @@ tracker and the console (forge.pipeline.orchestrator); the other ranks follow it
 wrote and discard what they computed. Every collective has a timeout (`hardware.distributed.timeout_s`), so a
 rank that dies ends the run with an error instead of a hang.
 
+With `hardware.distributed.fsdp` on, the shared training loop trains an FSDP2-sharded copy of the model instead
+(`sharded_training`): the copy keeps 1/N of the parameters, gradients and optimizer state on each rank, and the
+model itself (whole on every rank throughout) gets the trained weights back when the loop ends, so nothing else
+ever sees a sharded tensor.
+
 Outside `phase_scope` (a handoff check, the CLI, a test) everything is single-process, even under torchrun.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -46,7 +53,7 @@ class World:
 
 
 SINGLE = World()
-_state = {"open": False, "share_newton_schulz": False}
+_state = {"open": False, "share_newton_schulz": False, "fsdp": False}
 
 
 def launched() -> World:
@@ -82,6 +89,7 @@ def init(settings, device: torch.device) -> World:
     """Join torchrun's process group (once); a no-op for one process. `settings` is hardware.distributed."""
     here = launched()
     _state["share_newton_schulz"] = settings.share_newton_schulz
+    _state["fsdp"] = settings.fsdp
     if not here.active or dist.is_initialized():
         return here
     backend = settings.backend
@@ -146,3 +154,121 @@ def data_parallel(model: nn.Module) -> nn.Module:
     quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
              else {"broadcast_buffers": False})    # the older name (torch <= 2.12)
     return ddp(model, **quiet)
+
+
+@contextlib.contextmanager
+def parallel_training(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """(net, sync) for a training loop: `net` takes the forward passes, `sync()` makes `model` hold the weights
+    trained so far (before an evaluation). One process: `model` itself. Several ranks: DistributedDataParallel
+    around `model` (`data_parallel`), or with hardware.distributed.fsdp an FSDP2-sharded copy that `optimizer`
+    steps until the block ends, when `model` gets its trained weights (`sharded_training`)."""
+    if not (world().active and _state["fsdp"]):
+        yield data_parallel(model), lambda: None
+        return
+    with sharded_training(model, optimizer) as sharded:
+        yield sharded, lambda: write_back(sharded, model)
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The children of `model`'s outermost nn.ModuleLists (a Transformer's `blocks`): the units FSDP gathers one at
+    a time, so a rank holds one block's full weights at once instead of the whole model's."""
+    lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name]
+    outer = [name for name in lists if not any(name.startswith(other + ".") for other in lists)]
+    return [block for name in outer for block in model.get_submodule(name)]
+
+
+@contextlib.contextmanager
+def sharded_training(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """An FSDP2 (`fully_shard`) copy of `model`, every repeated block and the root sharded over the ranks, that
+    `optimizer` steps while the block is open: its parameter groups, per-parameter state (each rank keeps its part)
+    and QK-clip modules point at the copy. On leaving, `model` gets every trained parameter in place (the same full
+    weights on every rank) and `optimizer` its own parameters back, with full (plain) state tensors. If the block
+    raises, model and optimizer are left as they were on entry (no collective runs: a peer may be gone)."""
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = copy.deepcopy(model)
+    for block in reversed(repeated_blocks(sharded)):
+        fully_shard(block)
+    fully_shard(sharded)
+    into = _pairs(model, sharded)
+    saved = ([list(g["params"]) for g in optimizer.param_groups], {p: optimizer.state[p] for p in into
+                                                                    if p in optimizer.state})
+    _move_optimizer(optimizer, into, _shard_state, {m: sharded.get_submodule(n) for n, m in model.named_modules()})
+    try:
+        with warnings.catch_warnings():
+            # FSDP2 warns that a block returns views (its key/value cache, which training never writes in place)
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+            yield sharded
+    except BaseException:
+        _restore_optimizer(optimizer, saved, {sharded.get_submodule(n): m for n, m in model.named_modules()})
+        raise
+    write_back(sharded, model)
+    model.train(sharded.training)
+    _move_optimizer(optimizer, {new: old for old, new in into.items()}, _gather_state,
+                    {sharded.get_submodule(n): m for n, m in model.named_modules()})
+
+
+def write_back(sharded: nn.Module, model: nn.Module) -> None:
+    """Copy every parameter (gathered whole: `full_tensor`, an all-gather) and buffer of the FSDP copy `sharded`
+    into `model` in place; every rank ends with the same full weights."""
+    params, buffers = dict(sharded.named_parameters()), dict(sharded.named_buffers())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            value = params[name]
+            p.copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
+def _pairs(model: nn.Module, sharded: nn.Module) -> dict:
+    """{parameter of `model`: the parameter of the same name in its sharded copy}."""
+    copies = dict(sharded.named_parameters())
+    return {p: copies[name] for name, p in model.named_parameters()}
+
+
+def _move_optimizer(optimizer, into: dict, convert, modules: dict) -> None:
+    """Point `optimizer` at other parameters (`into`: old -> new), each one's state converted by `convert(value,
+    new)`, and (MuonGrokfast) its QK-clip modules at `modules` (old -> new)."""
+    missing = [(gi, i) for gi, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])
+               if p not in into]
+    if missing:
+        raise ValueError(f"optimizer param_groups[{missing[0][0]}]['params'][{missing[0][1]}] is not a parameter of "
+                         "the model being trained; FSDP shards the model's own parameters only")
+    for group in optimizer.param_groups:
+        group["params"] = [into[p] for p in group["params"]]
+    for old, new in into.items():
+        if old in optimizer.state:
+            optimizer.state[new] = {key: convert(value, new) for key, value in optimizer.state.pop(old).items()}
+    if hasattr(optimizer, "replace_attention"):
+        optimizer.replace_attention(modules)
+
+
+def _restore_optimizer(optimizer, saved, modules: dict) -> None:
+    """Undo `_move_optimizer` without communication: the parameter lists and state objects saved on entry."""
+    params, state = saved
+    for group, original in zip(optimizer.param_groups, params):
+        for p in group["params"]:
+            optimizer.state.pop(p, None)
+        group["params"] = original
+    optimizer.state.update(state)
+    if hasattr(optimizer, "replace_attention"):
+        optimizer.replace_attention(modules)
+
+
+def _shard_state(value, param):
+    """A full state tensor of the parameter's shape, or of (n, *shape) (the Grokfast ring: split one dim later), as
+    a DTensor laid out like the sharded parameter (rank 0's values scattered; every rank holds the same anyway);
+    another tensor (AdamW's step count) copied, so that steps inside the block leave the saved state as it was."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    if not isinstance(value, torch.Tensor):
+        return value
+    if not (value.dim() >= max(param.dim(), 1) and value.shape[value.dim() - param.dim():] == param.shape):
+        return value.clone()
+    lead = value.dim() - param.dim()
+    placements = [Shard(p.dim + lead) if isinstance(p, Shard) else p for p in param.placements]
+    return distribute_tensor(value, param.device_mesh, placements)
+
+
+def _gather_state(value, _param):
+    """A DTensor state tensor as the full plain tensor (an all-gather); anything else as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from forge.ops import newton_schulz
+from forge.optim import sharding
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 
@@ -47,16 +48,22 @@ def adjusted_lr(lr: float, adjust_lr_fn: str, shape: torch.Size) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def muon_single_tensor(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, ns_coefficients,
-                       ns_steps, eps, adjust_lr_fn, ns_dtype=None, ns_backend="auto", process_group=None) -> None:
+                       ns_steps, eps, adjust_lr_fn, ns_dtype=None, ns_backend="auto", process_group=None,
+                       shards=None) -> None:
     """The reference: one parameter at a time, as torch.optim.Muon writes it (NS in the parameter's
-    dtype, or `ns_dtype`; torch.optim.Muon always uses bfloat16)."""
-    for p, g, buf in zip(params, grads, bufs):
+    dtype, or `ns_dtype`; torch.optim.Muon always uses bfloat16). `shards`: as in `muon_multi_tensor`."""
+    for i, (p, g, buf) in enumerate(zip(params, grads, bufs)):
         buf.lerp_(g, 1 - momentum)
         update = g.lerp(buf, momentum) if nesterov else buf
+        shape = p.shape if shards is None else shards[i].shape
+        if shards is not None:
+            update = sharding.full_tensor(update, shards[i])
         ortho = newton_schulz(as_matrix(update).to(ns_dtype or update.dtype), ns_steps, ns_coefficients, eps,
-                              backend=ns_backend, check_finite=False).to(p.dtype)
+                              backend=ns_backend, check_finite=False).to(p.dtype).view(shape)
+        if shards is not None:
+            ortho = sharding.local_part(ortho, shards[i])
         p.mul_(1 - lr * weight_decay)
-        p.add_(ortho.view_as(p), alpha=-adjusted_lr(lr, adjust_lr_fn, p.shape))
+        p.add_(ortho, alpha=-adjusted_lr(lr, adjust_lr_fn, shape))
 
 
 def _world_size(process_group) -> int:
@@ -90,18 +97,24 @@ def _orthogonalize_stack(stack: torch.Tensor, ns_steps, ns_coefficients, eps, ns
 
 
 def muon_multi_tensor(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, ns_coefficients,
-                      ns_steps, eps, adjust_lr_fn, ns_dtype=None, ns_backend="auto", process_group=False) -> None:
+                      ns_steps, eps, adjust_lr_fn, ns_dtype=None, ns_backend="auto", process_group=False,
+                      shards=None) -> None:
     """Foreach momentum and update; one batched NS call per (shape, dtype, device) stack.
 
     process_group: False for single-process, else the torch.distributed group to share NS across.
+    shards: None for plain parameters; for FSDP2's, the DTensor parameters of which `params`, `grads` and `bufs`
+        are this rank's local parts: each update is all-gathered to its whole matrix, orthogonalized (by every rank
+        alike, or shared out by `process_group`), and each rank applies its own part of the result.
     """
     if not params:
         return
     torch._foreach_lerp_(bufs, grads, 1 - momentum)
     updates = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+    if shards is not None:
+        updates = [sharding.full_tensor(u, s) for u, s in zip(updates, shards)]
     stacks: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        stacks[(tuple(p.shape), p.dtype, p.device)].append(i)
+    for i, (p, u) in enumerate(zip(params, updates)):
+        stacks[(tuple(u.shape), p.dtype, p.device)].append(i)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     world = _world_size(process_group)
@@ -109,11 +122,11 @@ def muon_multi_tensor(params, grads, bufs, *, lr, weight_decay, momentum, nester
     for (shape, _, _), idx in stacks.items():
         stack = torch.stack([as_matrix(updates[i]) for i in idx]).to(ns_dtype or updates[idx[0]].dtype)
         ortho = _orthogonalize_stack(stack, ns_steps, ns_coefficients, eps, ns_backend, process_group, lone)
-        ortho = ortho.to(params[idx[0]].dtype)
+        ortho = [o.view(shape) for o in ortho.to(params[idx[0]].dtype).unbind(0)]
+        if shards is not None:
+            ortho = [sharding.local_part(o, shards[i]) for o, i in zip(ortho, idx)]
         lone += len(idx) < world
-        targets = [params[i] for i in idx]
-        torch._foreach_add_(targets, [o.view(shape) for o in ortho.unbind(0)],
-                            alpha=-adjusted_lr(lr, adjust_lr_fn, torch.Size(shape)))
+        torch._foreach_add_([params[i] for i in idx], ortho, alpha=-adjusted_lr(lr, adjust_lr_fn, torch.Size(shape)))
 
 
 # ---------------------------------------------------------------------------------------------

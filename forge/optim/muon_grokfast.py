@@ -17,7 +17,8 @@ from forge.ops.grokfast import grokfast_ema_init, grokfast_ma_init
 from forge.ops.newton_schulz import resolve_coefficients
 from forge.ops.precision import auto_ns_dtype
 from forge.optim import functional as F
-from forge.optim.qk_clip import qk_clip_, qk_logit_recorders
+from forge.optim import sharding
+from forge.optim.qk_clip import qk_clip_, qk_clip_sharded_, qk_logit_recorders
 
 GROKFAST_MODES = ("ema", "ma", None)
 _MUON_KEYS = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn")
@@ -148,22 +149,33 @@ class MuonGrokfast(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter that has a gradient. Returns the closure's loss, if any."""
+        """One update of every parameter that has a gradient. Returns the closure's loss, if any. DTensor
+        parameters (FSDP2) are updated on their local parts, Newton-Schulz on whole matrices (forge.optim.sharding)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         gathered = [self._gather(group, gi) for gi, group in enumerate(self.param_groups)]
-        if not self._all_finite(gathered):
+        sharded = [bool(params) and sharding.is_sharded(params) for params, _, _ in gathered]
+        if not self._all_finite(gathered, sharded):
             self.skipped_steps += 1
             return loss
-        for group, (params, grads, _) in zip(self.param_groups, gathered):
+        for group, (params, grads, _), shards in zip(self.param_groups, gathered, sharded):
             if params:
-                self._grokfast(group, params, grads)
-                (self._muon if group["use_muon"] else self._adamw)(group, params, grads)
+                self._update(group, params, grads, params if shards else None)
         if self.qk_clip_threshold is not None:
             self._apply_qk_clip()
         return loss
+
+    def _update(self, group, params, grads, shards) -> None:
+        """Grokfast, then Muon or AdamW, on the group's parameters with a gradient; with `shards` (the DTensor
+        parameters themselves) on their local parts, state created as DTensors laid out like them."""
+        self._init_state(group, params, grads, shards)
+        states = [self.state[p] for p in params]
+        view = _same if shards is None else sharding.local
+        params, grads = view(params), view(grads)
+        self._grokfast(group, grads, states, view)
+        (self._muon if group["use_muon"] else self._adamw)(group, params, grads, states, view, shards)
 
     def _gather(self, group: dict, gi: int):
         """(params, grads, indices in the group) of the group's parameters that have a gradient (zero-size ones
@@ -183,75 +195,82 @@ class MuonGrokfast(Optimizer):
             indices.append(i)
         return params, grads, indices
 
-    def _all_finite(self, gathered) -> bool:
+    def _all_finite(self, gathered, sharded) -> bool:
         """One fused norm over all gradients; on NaN/Inf raise naming the parameters, or skip. A non-finite
-        norm is confirmed value by value: the norm of finite gradients above about 1e19 overflows float32."""
-        grads = [g for _, gs, _ in gathered for g in gs]
+        norm is confirmed value by value: the norm of finite gradients above about 1e19 overflows float32. Sharded
+        gradients are checked on each rank's part, and the verdicts all-reduced (every rank skips or raises alike)."""
+        grads = [g for (_, gs, _), shards in zip(gathered, sharded) for g in (sharding.local(gs) if shards else gs)]
         if not grads:
             return True
         norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-        if bool(torch.isfinite(norms).all()):
+        finite = torch.isfinite(norms)
+        if not any(sharded) and bool(finite.all()):
             return True
-        bad = [_shaped_label(group, gi, i)
-               for gi, (group, (_, gs, indices)) in enumerate(zip(self.param_groups, gathered))
-               for g, i in zip(gs, indices) if not bool(torch.isfinite(g).all())]
-        if not bad:
+        bad = (~finite).to(torch.int32)
+        for i in torch.nonzero(bad).flatten().tolist():
+            bad[i] = int(not bool(torch.isfinite(grads[i]).all()))
+        if any(sharded):
+            first = next(params for (params, _, _), shards in zip(gathered, sharded) if shards)[0]
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=sharding.process_group(first))
+        if not bool(bad.any()):
             return True
         if self.skip_nonfinite:
             return False
-        raise ValueError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; no parameter was changed "
+        labels = [_shaped_label(group, gi, i) for gi, (group, (_, _, indices)) in
+                  enumerate(zip(self.param_groups, gathered)) for i in indices]
+        bad_names = ", ".join(label for label, flag in zip(labels, bad.tolist()) if flag)
+        raise ValueError(f"non-finite gradient (NaN or Inf) in {bad_names}; no parameter was changed "
                          "(pass skip_nonfinite=True to skip such steps instead)")
 
-    def _grokfast(self, group, params, grads) -> None:
+    def _init_state(self, group, params, grads, shards) -> None:
+        """The state of parameters stepped for the first time: Grokfast's (EMA started at the first gradient, or
+        an empty ring), Muon's momentum buffer or AdamW's moments, in the parameters' layout."""
+        lift = _same_one if shards is None else sharding.as_shard_of
+        part = _same_one if shards is None else (lambda t: t.to_local())
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if group["grokfast"] == "ema" and "grokfast_ema" not in state:
+                state["grokfast_ema"] = lift(grokfast_ema_init([part(g)])[0], p)
+            if group["grokfast"] == "ma" and "grokfast_ring" not in state:
+                rings, sums = grokfast_ma_init([part(g)], group["grokfast_window"])
+                state.update(grokfast_ring=lift(rings[0], p), grokfast_sum=lift(sums[0], p), grokfast_step=0)
+            if group["use_muon"] and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if not group["use_muon"] and "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _grokfast(self, group, grads, states, view) -> None:
         mode = group["grokfast"]
         if mode is None:
             return
         if mode == "ema":
-            fresh = [p for p in params if "grokfast_ema" not in self.state[p]]
-            for p, ema in zip(fresh, grokfast_ema_init([p.grad for p in fresh])):  # started at the first gradient
-                self.state[p]["grokfast_ema"] = ema
-            grokfast_ema_(grads, [self.state[p]["grokfast_ema"] for p in params],
-                          alpha=group["grokfast_alpha"], lamb=group["grokfast_lamb"])
+            grokfast_ema_(grads, view([s["grokfast_ema"] for s in states]), alpha=group["grokfast_alpha"],
+                          lamb=group["grokfast_lamb"])
             return
-        window = group["grokfast_window"]
-        for p in params:
-            if "grokfast_ring" not in self.state[p]:
-                rings, sums = grokfast_ma_init([p.grad], window)
-                self.state[p].update(grokfast_ring=rings[0], grokfast_sum=sums[0], grokfast_step=0)
         by_step: dict[int, list[int]] = {}
-        for i, p in enumerate(params):
-            by_step.setdefault(self.state[p]["grokfast_step"], []).append(i)
+        for i, s in enumerate(states):
+            by_step.setdefault(s["grokfast_step"], []).append(i)
         for step, idx in by_step.items():
-            states = [self.state[params[i]] for i in idx]
-            grokfast_ma_([grads[i] for i in idx], [s["grokfast_ring"] for s in states],
-                         [s["grokfast_sum"] for s in states], step, lamb=group["grokfast_lamb"])
-            for s in states:
+            chosen = [states[i] for i in idx]
+            grokfast_ma_([grads[i] for i in idx], view([s["grokfast_ring"] for s in chosen]),
+                         view([s["grokfast_sum"] for s in chosen]), step, lamb=group["grokfast_lamb"])
+            for s in chosen:
                 s["grokfast_step"] = step + 1
 
-    def _muon(self, group, params, grads) -> None:
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
+    def _muon(self, group, params, grads, states, view, shards) -> None:
         fn = F.muon_multi_tensor if self.foreach else F.muon_single_tensor
-        fn(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-           nesterov=group["nesterov"], ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"],
-           eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=_ns_dtype(group["ns_dtype"], params),
-           process_group=self._process_group())
+        fn(params, grads, view([s["momentum_buffer"] for s in states]), lr=group["lr"],
+           weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
+           ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"], eps=group["eps"],
+           adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=_ns_dtype(group["ns_dtype"], params),
+           process_group=self._process_group(), shards=shards)
 
-    def _adamw(self, group, params, grads) -> None:
-        for p in params:
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        states = [self.state[p] for p in params]
+    def _adamw(self, group, params, grads, states, view, shards) -> None:
         fn = F.adamw_multi_tensor if self.foreach else F.adamw_single_tensor
         beta1, beta2 = group["betas"]
-        fn(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        fn(params, grads, view([s["exp_avg"] for s in states]), view([s["exp_avg_sq"] for s in states]),
            [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
            weight_decay=group["weight_decay"])
 
@@ -275,11 +294,22 @@ class MuonGrokfast(Optimizer):
                                  "tensor and qk_head_slices, as e.g. CausalSelfAttention has)")
             self._attention_modules.extend(m for m in found if m not in self._attention_modules)
 
+    def replace_attention(self, mapping: dict) -> None:
+        """Point QK-clip at other modules: each registered module that is a key of `mapping` is replaced by its
+        value (forge.distributed trains an FSDP-sharded copy of a model for a while, then the model again)."""
+        self._attention_modules = [mapping.get(m, m) for m in self._attention_modules]
+
     def _apply_qk_clip(self) -> None:
         """Clip each registered module's heads; under torch.distributed the per-head maxima are first
-        reduced across ranks (each saw its own batch), so every replica clips alike."""
+        reduced across ranks (each saw its own batch), so every replica clips alike. A module with DTensor
+        parameters (FSDP2) is always reduced over its mesh: each rank scales its part of the same matrix."""
         group = self._process_group()
+        dtensor = sharding.dtensor_class()
         for module in self._attention_modules:
+            if dtensor is not None and isinstance(first := next(module.parameters(), None), dtensor):
+                dist.all_reduce(module.max_logits, op=dist.ReduceOp.MAX, group=sharding.process_group(first))
+                self._qk_clip_count += qk_clip_sharded_(module, self.qk_clip_threshold)
+                continue
             if group is not False:
                 dist.all_reduce(module.max_logits, op=dist.ReduceOp.MAX, group=group)
             self._qk_clip_count += qk_clip_(module, self.qk_clip_threshold)
@@ -299,6 +329,14 @@ class MuonGrokfast(Optimizer):
         """L2 norm of all Grokfast EMA (or moving-average sum) state: how much slow gradient is being amplified."""
         bufs = [s[k] for s in self.state.values() for k in ("grokfast_ema", "grokfast_sum") if k in s]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b.float()) for b in bufs]))) if bufs else 0.0
+
+
+def _same(tensors):
+    return tensors
+
+
+def _same_one(tensor, _like=None):
+    return tensor
 
 
 def _split_named(params, names):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from forge.ops._validate import check_finite_number
+from forge.optim import sharding
 
 
 class QKLogitRecorder(Protocol):
@@ -70,4 +71,29 @@ def qk_clip_(module: QKLogitRecorder, threshold: float) -> int:
             for rows in module.qk_head_slices(head):
                 rows.mul_(scale)
             clipped += 1
+    return clipped
+
+
+def qk_clip_sharded_(module: QKLogitRecorder, threshold: float) -> int:
+    """`qk_clip_` of a module whose parameters are DTensors (FSDP2 shards), where a slice of a parameter is a copy,
+    not a view, so scaling it changes nothing: full-size ones tensors stand in for the sharded parameters while
+    `qk_clip_` runs, which turns them into each entry's scale, and each rank multiplies its own part by its part of
+    the scales. `max_logits` must already be the same on every rank (MuonGrokfast all-reduces it)."""
+    tau = check_finite_number("threshold", threshold, low=0.0, low_open=True)
+    if not any(math.isfinite(peak) and peak > tau for peak in module.max_logits.tolist()):
+        return 0
+    dtensor = sharding.dtensor_class()
+    owners = [(holder, name, p) for holder in module.modules() for name, p in holder._parameters.items()
+              if dtensor is not None and isinstance(p, dtensor)]
+    scales = [torch.ones(p.shape, dtype=torch.float32, device=p.to_local().device) for _, _, p in owners]
+    for (holder, name, _), scale in zip(owners, scales):
+        holder._parameters[name] = scale
+    try:
+        clipped = qk_clip_(module, tau)
+    finally:
+        for holder, name, p in owners:
+            holder._parameters[name] = p
+    with torch.no_grad():
+        for (_, _, p), scale in zip(owners, scales):
+            p.to_local().mul_(sharding.local_part(scale, p))
     return clipped

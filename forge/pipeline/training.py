@@ -5,7 +5,9 @@ so a model is judged on what it answers, never on reproducing the question. Batc
 replacement from the pre-encoded examples by a seeded generator, and trimmed to the longest row, so
 a run is reproducible and pays only for the tokens it holds. On several ranks (forge.distributed) every rank
 draws the same global batch and trains on its own slice of it through DistributedDataParallel, each slice's
-loss scaled so that the averaged gradient is the one-process gradient of the whole batch.
+loss scaled so that the averaged gradient is the one-process gradient of the whole batch. With
+hardware.distributed.fsdp, `train_on_examples` trains an FSDP2-sharded copy of the model the same way
+(forge.distributed.sharded_training): FSDP too averages the gradients over the ranks.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge.data import IGNORE_INDEX, encode_batch
-from forge.distributed import all_sum, data_parallel, optimizer_sharing, world
+from forge.distributed import all_sum, optimizer_sharing, parallel_training, world
 
 
 @dataclass
@@ -104,28 +106,30 @@ def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, exampl
                       evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 0,
                       on_step: Callable[[int, float], None] | None = None) -> TrainingLog:
     """Train `model` for `steps` optimizer steps on `examples`; NaN losses stop the run with an error. On several
-    ranks each trains on its slice of every batch (module docstring)."""
+    ranks each trains on its slice of every batch, through DDP or an FSDP2 copy (module docstring)."""
     if not examples:
         raise ValueError("train_on_examples: no training examples")
     rows = batch_rows(batch_size, "train_on_examples")
     batch = encode_batch(examples, tokenizer, max_len)
     lengths = (batch.tokens != tokenizer.pad_id).sum(1)
     generator = torch.Generator().manual_seed(seed)
-    log, net = TrainingLog(), data_parallel(model)
+    log = TrainingLog()
+    with parallel_training(model, optimizer) as (net, sync):
 
-    def loss_at(_step: int) -> torch.Tensor:
-        idx = torch.randint(len(examples), (batch_size,), generator=generator)
-        width = int(lengths[idx].max())
-        return rank_share_nll(net(batch.tokens[idx[rows], :width]), batch.targets[idx, :width], rows)
+        def loss_at(_step: int) -> torch.Tensor:
+            idx = torch.randint(len(examples), (batch_size,), generator=generator)
+            width = int(lengths[idx].max())
+            return rank_share_nll(net(batch.tokens[idx[rows], :width]), batch.targets[idx, :width], rows)
 
-    def after(step: int, loss: float) -> None:
-        if on_step is not None:
-            on_step(step, loss)
-        if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps):
-            log.evals.append((step, evaluate(model)))
-            model.train()
+        def after(step: int, loss: float) -> None:
+            if on_step is not None:
+                on_step(step, loss)
+            if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps):
+                sync()     # FSDP: the model gets the weights trained so far
+                log.evals.append((step, evaluate(model)))
+                net.train()
 
-    log.losses = optimize(model, optimizer, steps, loss_at, on_step=after)
+        log.losses = optimize(net, optimizer, steps, loss_at, on_step=after)
     return log
 
 

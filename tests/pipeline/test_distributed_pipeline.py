@@ -1,6 +1,7 @@
 """The pipeline on two gloo ranks through the real command: `forge run --nproc 2` (torchrun) trains Phases 1 and 2
-at test size to the models one process trains and registers each model once; a rank killed with SIGKILL mid-phase
-ends the run with an error at once, and `forge resume --nproc 2` completes the session."""
+at test size to the models one process trains and registers each model once (with hardware.distributed.fsdp, Phase 1
+to the models DDP trains); a rank killed with SIGKILL mid-phase ends the run with an error at once, and
+`forge resume --nproc 2` completes the session."""
 import os
 import signal
 import subprocess
@@ -59,6 +60,22 @@ def test_two_ranks_train_the_models_one_process_trains(one_and_two):
         assert record["metrics"].get("val_accuracy") == pytest.approx(single[name]["metrics"].get("val_accuracy"),
                                                                         abs=2 / 128)
     assert ranks["2/champion"]["metadata"]["recipe"] == single["2/champion"]["metadata"]["recipe"]
+
+
+@pytest.mark.slow
+def test_phase1_with_fsdp_trains_the_models_ddp_trains(one_and_two, tmp_path):
+    """hardware.distributed.fsdp=true: Phase 1 (trunk and three branches, evaluations between) trains FSDP2-sharded
+    copies and registers the models DDP trains. Two ranks reduce by adding two numbers, in either order the same
+    float, so the weights are equal (measured max |FSDP - DDP| = 0.0 after 370 steps)."""
+    runs = tmp_path / "runs"
+    done = _forge(tmp_path, runs, "run", "--to-phase", "1", "--nproc", "2", "--set", "hardware.distributed.fsdp=true")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ddp, fsdp = one_and_two[1], _models(runs)
+    assert sorted(fsdp) == ["1/mix", "1/rev", "1/sort"]
+    for name, record in fsdp.items():
+        worst = max(float((value - ddp[name]["state"][key]).abs().max()) for key, value in record["state"].items())
+        assert worst <= 1e-6, f"{name}: max |FSDP - DDP| = {worst:.3g}"
+        assert record["metrics"]["val_accuracy"] == ddp[name]["metrics"]["val_accuracy"]
 
 
 def _rank_pid(parent_marker: str, rank: int) -> int | None:
