@@ -101,11 +101,14 @@ def init(settings, device: torch.device) -> World:
     return here
 
 
-def optimizer_sharing():
-    """MuonGrokfast's `distributed` argument for an optimizer a phase makes: "auto" (Newton-Schulz split over the
-    ranks) when several ranks train and hardware.distributed.share_newton_schulz is on, else False (each rank
-    orthogonalizes every matrix itself: the gradients DDP averaged are the same on every rank, so are the steps)."""
-    return "auto" if world().active and _state["share_newton_schulz"] else False
+def optimizer_sharing() -> dict:
+    """MuonGrokfast's `distributed` and `share_newton_schulz` arguments for an optimizer a phase makes: when several
+    ranks train, "auto" (QK-clip's per-head maxima all-reduced, so every replica clips alike) with Newton-Schulz
+    split over the ranks only if hardware.distributed.share_newton_schulz is on (off: each rank orthogonalizes every
+    matrix itself; the gradients DDP averaged are the same on every rank, so are the steps); else no collective."""
+    if not world().active:
+        return {"distributed": False}
+    return {"distributed": "auto", "share_newton_schulz": _state["share_newton_schulz"]}
 
 
 def shutdown() -> None:

@@ -37,7 +37,11 @@ class MuonGrokfast(Optimizer):
         ste_mode: the parameters are BitNet latent weights; the straight-through estimator lives in the
             layer, so the update is the ordinary one on the float latents; integer (packed) weights are refused.
         skip_nonfinite: skip a step with NaN/Inf gradients instead of raising.
-        distributed: "auto" shares Newton-Schulz across ranks when torch.distributed is initialized.
+        distributed: "auto" works with the other ranks when torch.distributed is initialized (Newton-Schulz shared out
+            as `share_newton_schulz` says, QK-clip's per-head maxima all-reduced); False: no collective at all.
+        share_newton_schulz: under torch.distributed, split the orthogonalizations over the ranks (True) or let every
+            rank do all of them (False: no Newton-Schulz collective; the gradients DDP averaged are the same on every
+            rank, so are the steps). QK-clip's maxima are all-reduced either way (each rank saw its own batch).
         foreach: multi-tensor kernels (True) or the per-parameter reference loop (False).
         ns_dtype: dtype of the Newton-Schulz iteration. "auto" (default): torch.bfloat16 where bf16 matrix
             products are fast (CUDA; CPUs with native bf16 dot products, found by a one-time probe,
@@ -50,7 +54,7 @@ class MuonGrokfast(Optimizer):
                  ns_steps=5, eps=1e-7, adjust_lr_fn="original", adamw_lr=3e-4, adamw_betas=(0.9, 0.95),
                  adamw_eps=1e-8, grokfast="ema", grokfast_alpha=0.98, grokfast_lamb=2.0, grokfast_window=100,
                  qk_clip_threshold=None, ste_mode=False, skip_nonfinite=False, distributed="auto", foreach=True,
-                 ns_dtype="auto"):
+                 ns_dtype="auto", share_newton_schulz=True):
         self._adamw_defaults = dict(lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn,
@@ -66,6 +70,7 @@ class MuonGrokfast(Optimizer):
         self.ste_mode = bool(ste_mode)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.distributed = distributed
+        self.share_newton_schulz = bool(share_newton_schulz)
         self.foreach = bool(foreach)
         self.skipped_steps = 0
         self._qk_clip_count = 0
@@ -265,7 +270,7 @@ class MuonGrokfast(Optimizer):
            weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
            ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"], eps=group["eps"],
            adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=_ns_dtype(group["ns_dtype"], params),
-           process_group=self._process_group(), shards=shards)
+           process_group=self._process_group() if self.share_newton_schulz else False, shards=shards)
 
     def _adamw(self, group, params, grads, states, view, shards) -> None:
         fn = F.adamw_multi_tensor if self.foreach else F.adamw_single_tensor
@@ -275,7 +280,7 @@ class MuonGrokfast(Optimizer):
            weight_decay=group["weight_decay"])
 
     def _process_group(self):
-        """False for single-process work; None (the default group) when Newton-Schulz is shared across ranks."""
+        """False for single-process work; None (the default group) when several ranks work together."""
         if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
             if self.distributed is True:
                 raise RuntimeError("distributed=True but torch.distributed is not initialized")

@@ -147,7 +147,7 @@ def make_optimizer(model: nn.Module, settings, lr: float) -> torch.optim.Optimiz
                           momentum=settings.momentum, nesterov=settings.nesterov, weight_decay=settings.weight_decay)
     grokfast = None if settings.grokfast == "off" else settings.grokfast
     ns_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[settings.ns_dtype]
-    optimizer = MuonGrokfast(muon_param_groups(model), grokfast=grokfast, distributed=optimizer_sharing(),
+    optimizer = MuonGrokfast(muon_param_groups(model), grokfast=grokfast, **optimizer_sharing(),
                              ns_dtype=ns_dtype, **preset.to_kwargs())
     register_qk_clip_modules(optimizer, model)
     return optimizer
