@@ -152,7 +152,8 @@ class KLKernels:
         if self.name == "torch":
             return kl_div_logits_reference(student, teacher, temperature, mask, reduction)
         keep = None if mask is None else mask.reshape(-1).contiguous()
-        loss, _, _ = _kl_div_rows_op(rows_view(student), rows_view(teacher.detach()), 1.0 / temperature, keep, self.name)
+        loss, _, _ = _dispatch.call_op(_kl_div_rows_op, _KLRows.apply, rows_view(student), rows_view(teacher.detach()),
+                                       1.0 / temperature, keep, self.name)
         return reduce_rows(loss, keep, reduction, student.shape[-1], student.shape[:-1]).to(student.dtype)
 
 
@@ -247,12 +248,14 @@ def _(student, teacher, inv_temperature, keep, backend):
     return tuple(student.new_empty(student.shape[0], dtype=torch.float32) for _ in range(3))
 
 
-@torch.library.custom_op("forge::kl_div_rows_backward", mutates_args=())
-def _kl_div_rows_backward_op(student: torch.Tensor, teacher: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
-                             row_scale: torch.Tensor, inv_temperature: float, backend: str) -> torch.Tensor:
+def _rows_gradient(student: torch.Tensor, teacher: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
+                   row_scale: torch.Tensor, inv_temperature: float, backend: str) -> torch.Tensor:
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     kernels_for(student.device, backend).backward(student, teacher, lse_s, lse_t, row_scale, inv_temperature, grad)
     return grad
+
+
+_kl_div_rows_backward_op = torch.library.custom_op("forge::kl_div_rows_backward", _rows_gradient, mutates_args=())
 
 
 @_kl_div_rows_backward_op.register_fake
@@ -272,12 +275,29 @@ def _rows_backward(ctx, grad_loss, _grad_lse_s, _grad_lse_t):
     scale = grad_loss.float() * ctx.inv_temperature
     if keep is not None:
         scale = torch.where(keep, scale, 0.0)
-    grad = _kl_div_rows_backward_op(student, teacher, lse_s, lse_t, scale.contiguous(), ctx.inv_temperature,
-                                    ctx.backend)
+    gradient = getattr(ctx, "gradient", _kl_div_rows_backward_op)   # the op, as tracers must see it, unless eager
+    grad = gradient(student, teacher, lse_s, lse_t, scale.contiguous(), ctx.inv_temperature, ctx.backend)
     return grad, None, None, None, None
 
 
 _kl_div_rows_op.register_autograd(_rows_backward, setup_context=_setup_context)
+
+
+class _KLRows(torch.autograd.Function):
+    """The eager twin of forge::kl_div_rows: the same kernels, forward and backward, without the custom op's
+    dispatch and autograd wrappers (about 100 us a call: benchmarks/op_overhead.py). torch.compile sees the op."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, inv_temperature, keep, backend):
+        output = tuple(kernels_for(student.device, backend).forward(student, teacher, inv_temperature, keep))
+        _setup_context(ctx, (student, teacher, inv_temperature, keep, backend), output)
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.gradient = _rows_gradient
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse_s, grad_lse_t):
+        return _rows_backward(ctx, grad_loss, grad_lse_s, grad_lse_t)
 
 
 # ---------------------------------------------------------------------------------------------
