@@ -1,6 +1,7 @@
 """The `forge` command, run as a user runs it: in a subprocess."""
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -9,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from forge.cli import openmp_defaults
 from forge.ops import available_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def forge(*args, timeout=300, cwd=None):
+def forge(*args, timeout=300, cwd=None, env=None):
     """The installed `forge` script (from a repo-root cwd, `python -m forge.cli` would put the Triton source
     folder kernels/ on sys.path, shadowing the PyPI package `kernels` that transformers imports)."""
     script = Path(sys.executable).with_name("forge")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "forge.cli"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
 def test_backends_lists_every_op():
@@ -29,6 +31,30 @@ def test_backends_lists_every_op():
         assert op in result.stdout
     # the CPU line: model, flags and the bf16 answer ns_dtype="auto" uses (this suite fixes it: FORGE_CPU_BF16=0)
     assert "cpu: " in result.stdout and "bf16 matmul slow (FORGE_CPU_BF16=0)" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("user, load, want", [
+    ({}, 0.2, {"GOMP_SPINCOUNT": "3000"}),                    # an idle machine: a short spin
+    ({}, 1.5, {"OMP_WAIT_POLICY": "PASSIVE"}),                # other work on the 2 cores: threads sleep at once
+    ({"GOMP_SPINCOUNT": "7"}, 1.5, {"GOMP_SPINCOUNT": "7"}),  # the user's own settings stay
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, 0.2, {"OMP_WAIT_POLICY": "ACTIVE"})])
+def test_openmp_wait_policy_follows_the_load_unless_the_user_chose(user, load, want):
+    environ = dict(user)
+    openmp_defaults(environ, load=load, cores=2)
+    assert environ == want
+
+
+def test_the_command_sets_the_wait_policy_before_torch_loads():
+    """libgomp reads its wait settings when torch loads: `forge` sets them first (importing forge.cli loads no
+    torch) and hands them to what it starts; `forge backends` shows them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    result = forge("backends", env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"threads: \d+ \(OpenMP: (GOMP_SPINCOUNT=3000|OMP_WAIT_POLICY=PASSIVE)\)", result.stdout), result.stdout
+    assert "(OpenMP: GOMP_SPINCOUNT=7)" in forge("backends", env=env | {"GOMP_SPINCOUNT": "7"}).stdout
+    loaded = subprocess.run([sys.executable, "-c", "import sys, forge.cli; print('torch' in sys.modules)"],
+                            capture_output=True, text=True, cwd=ROOT / "tests", check=True).stdout
+    assert loaded.strip() == "False"
 
 
 def test_bench_quick_runs_and_reports_ratios(tmp_path):
