@@ -307,7 +307,7 @@ def _newton_schulz_torch(G, triples, eps, check_finite):
 
 
 # Up to this much work (batch * m * m * n, m <= n) a float32 call runs the whole iteration in one forge._C call:
-# below it the ~20 torch ops of the blocked path cost more than the arithmetic (2x2: 314 us -> ~10 us;
+# below it the ~20 torch ops of the blocked path cost more than the arithmetic (2x2: 314 us -> 12 us;
 # crossover measured by benchmarks/op_overhead.py, timings in benchmarks/RESULTS.md, "Per-call overhead").
 SMALL_MAX_WORK = 1 << 17
 
