@@ -4,7 +4,6 @@ TRITON_INTERPRET must be set before anything imports forge.kernels (Triton reads
 defined), so the Triton backend runs on the CPU here. On a GPU machine, set FORGE_TEST_GPU=1 to keep
 Triton compiled for the GPU instead.
 """
-import contextlib
 import os
 import sys
 
@@ -53,18 +52,6 @@ def gpu_backends(op: str) -> list:
         marks = [pytest.mark.gpu] + ([] if name in usable else [pytest.mark.skip(reason=reason)])
         params.append(pytest.param(name, marks=marks, id=f"gpu-{name}"))
     return params
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread, like each rank of the gloo tests: the single-process result they compare with is
-    computed the same way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
