@@ -1,13 +1,13 @@
 """forge.distributed on real gloo process groups (2 and 3 CPU processes): a batch split over ranks trains the model
 one process trains on the whole batch, sharded evaluation counts what one process counts, and nothing is split
 outside `phase_scope`."""
-import contextlib
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _gloo import one_thread
 
 from forge import distributed
 from forge.data import CharTokenizer, evaluate, make_examples
@@ -89,17 +89,6 @@ def _worker(rank, world, init_file, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread, like each rank: the single-process result to compare with is computed the same way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

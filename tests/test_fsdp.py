@@ -1,7 +1,6 @@
 """FSDP2 (`fully_shard`) on real gloo process groups (2 CPU processes): the shared training loop with
 hardware.distributed.fsdp trains the model DDP and one process train, and MuonGrokfast steps a DTensor-sharded
 parameter (uneven rows, 1 x n, n x 1, conv-shaped, 1-D AdamW) as it steps the whole tensor."""
-import contextlib
 import os
 from datetime import timedelta
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _gloo import one_thread
 from torch import nn
 
 from forge import distributed
@@ -21,17 +21,6 @@ from forge.pipeline.training import make_optimizer, train_on_examples
 pytestmark = pytest.mark.distributed
 TASKS = {"addition": 1.0, "reversal": 1.0}
 WORLD = 2
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread, like each rank: the single-process result is computed the same way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _spawn(worker, tmp_path) -> list[dict]:
