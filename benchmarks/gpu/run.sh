@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One script for a GPU machine: install forge (the carried cp312 wheel in .whl/, else build it),
 # run the GPU tests and the GPU benchmarks, and print a short table. Results go to $OUT (or ./gpu-out).
-#   bash benchmarks/gpu/run.sh
+#   bash benchmarks/gpu/run.sh            # tests and kernel benchmarks
+#   bash benchmarks/gpu/run.sh pipeline   # the test-size eight-phase run on the GPU (bf16 autocast), then
+#                                         # `forge run` on the default config: each phase's wall time
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="${OUT:-$REPO/gpu-out}"
@@ -22,6 +24,18 @@ python3 -m pip install -q --no-deps --no-index --target "$SITE" "$WHEEL" || exit
 export PYTHONPATH="$SITE"
 cd /tmp  # so that the repository's source folder does not shadow the installed package
 python3 -c "import forge.ops as F, forge._native as N; print('backends', F.available_backends()); print('load errors', N.load_errors())"
+
+if [ "${1:-}" = "pipeline" ]; then
+  echo "== the test-size eight-phase run on CUDA (tests/pipeline/test_devices.py, marker gpu)"
+  FORGE_TEST_GPU=1 timeout 400 python3 -m pytest "$REPO/tests/pipeline/test_devices.py" -m gpu -q -rs \
+    -p no:cacheprovider --rootdir="$REPO" -o addopts="" 2>&1 | tail -25 | tee "$OUT/pipeline_tests_gpu.txt"
+  echo "== forge run, default config, hardware.device=auto (the GPU), precision auto (bf16 autocast)"
+  timeout "${PIPELINE_TIMEOUT:-540}" python3 -m forge run --set run_root=/tmp/forge-gpu-runs --set wandb.mode=disabled \
+    > "$OUT/forge_run_gpu.txt" 2>&1
+  echo "exit $?"
+  grep -E "done in|final models|Error|error" "$OUT/forge_run_gpu.txt" | tail -20
+  exit 0
+fi
 
 echo "== GPU tests"
 FORGE_TEST_GPU=1 timeout 300 python3 -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider --rootdir="$REPO" \

@@ -16,6 +16,15 @@ from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None, num_samples: int = 1) -> torch.Tensor:
+    """torch.multinomial(probs, num_samples, generator=generator), also when the seeded generator lives on another
+    device than `probs` (a CPU generator, the model on a GPU): drawn where the generator is (the same draws on any
+    device), returned on probs' device."""
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, num_samples, generator=generator)
+    return torch.multinomial(probs.to(generator.device), num_samples, generator=generator).to(probs.device)
+
+
 @dataclass
 class SampledAnswer:
     """ids: the answer's tokens (without <eos>); closed: the model wrote <eos> within the budget;

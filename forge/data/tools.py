@@ -23,7 +23,7 @@ import torch
 from forge.data.batching import IGNORE_INDEX, prompt_ids
 from forge.data.calculator import CalculatorError, calculate
 from forge.data.decoding import NextLogits
-from forge.data.sampling import _check_temperature
+from forge.data.sampling import _check_temperature, draw
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
 
@@ -96,7 +96,7 @@ def _pick(last: torch.Tensor, temperature: float, generator) -> list[int]:
     last = last.cpu()
     if temperature == 0:
         return last.argmax(-1).tolist()
-    return torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator).squeeze(1).tolist()
+    return draw(torch.softmax(last / temperature, -1), generator).squeeze(1).tolist()
 
 
 def _generate(model, seqs, tokenizer, max_len, tool, max_new, temperature, generator) -> list[ToolOutput]:

@@ -47,7 +47,7 @@ def dequantize(frozen: nn.Module, config: TransformerConfig) -> nn.Module:
         q = unpack_ternary(layer.packed_weight, layer.in_features).float()
         state[f"{name}.weight"] = q * layer.weight_scale.float()[:, None].expand(q.shape[0], 1)
         del state[f"{name}.packed_weight"], state[f"{name}.weight_scale"]
-    model = build_model(config)
+    model = build_model(config).to(next(iter(state.values())).device)   # on the frozen model's device
     model.load_state_dict(state, strict=True)
     return model.eval()
 

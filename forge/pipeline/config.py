@@ -67,6 +67,8 @@ class DistributedConfig(Section):
 
 class HardwareConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"   # training forwards: bf16 autocast or float32;
+    # auto: bf16 on CUDA, float32 on the CPU (forge.pipeline.devices)
     threads: int = Field(0, ge=0)    # 0 -> leave torch's default
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 

@@ -63,6 +63,11 @@ class LoadedModel:
     def model_id(self) -> str:
         return self.record["id"]
 
+    def on(self, device) -> "LoadedModel":
+        """This model moved to `device` (in place), returned: the orchestrator hands phases their inputs there."""
+        self.model.to(device)
+        return self
+
 
 @dataclass
 class PhaseContext:

@@ -22,6 +22,7 @@ from forge.pipeline import state as files
 from forge.pipeline.config import PipelineConfig
 from forge.pipeline.controller import HandoffError, LoadedModel, PhaseContext, PhaseResult, PipelineError
 from forge.pipeline.handoff import HANDOFF_RULES, check_handoff
+from forge.pipeline.devices import resolve_precision, training_precision
 from forge.pipeline.models import build_from_metadata, parameter_count
 from forge.pipeline.ranks import announce_phase, phase_done
 from forge.pipeline.phases import (feeding_phase, is_enabled, is_implemented, load_controller_class, make_plan,
@@ -306,7 +307,9 @@ class Pipeline:
         tracker.start_phase(phase, phase_name(phase), self.config.phase(phase).model_dump(mode="json"))
         try:
             if manifest is None:
-                self.log(f"phase {phase} ({phase_name(phase)}): running")
+                device = self._device()
+                self.log(f"phase {phase} ({phase_name(phase)}): running on {device}, "
+                         f"{resolve_precision(self.config.hardware.precision, device)} training")
                 tracker.drop_records(phase)   # an earlier, killed attempt's steps
                 result = self._execute(session_id, phase, controller_cls, inputs, tracker, phase_dir)
                 manifest = self._save_outputs(phase, phase_dir, result, inputs)
@@ -322,19 +325,24 @@ class Pipeline:
         self.log(f"phase {phase} ({phase_name(phase)}): done in {manifest['duration_s']:.1f}s -> {', '.join(ids)}")
         return ids, manifest["metrics"]
 
+    def _device(self) -> torch.device:
+        """This rank's device for the phases (hardware.device; with several GPUs the one of LOCAL_RANK)."""
+        return distributed.local_device(pick_device(self.config.hardware.device))
+
     def _execute(self, session_id, phase, controller_cls, inputs, tracker, phase_dir) -> PhaseResult:
         controller = controller_cls()
         phase_config = self.config.phase(phase)
         started = time.perf_counter()
+        device = self._device()
         with _ProgressBar(phase, self.progress_bars, self.log) as progress:
             ctx = PhaseContext(session_id, phase, self.config, phase_config, self.session_dir(session_id),
-                               phase_dir, self.registry, tracker, inputs, progress, self.config.seed,
-                               distributed.local_device(pick_device(self.config.hardware.device)))
+                               phase_dir, self.registry, tracker, [item.on(device) for item in inputs], progress,
+                               self.config.seed, device)
             if distributed.launched().active:
                 announce_phase(session_id, phase, self.config, inputs, ctx.run_dir)
             torch.manual_seed(self.config.seed + phase)
             try:
-                with distributed.phase_scope():
+                with distributed.phase_scope(), training_precision(self.config.hardware.precision, device):
                     controller.validate_input(ctx)
                     result = controller.execute(ctx)
                     controller.validate_output(result, ctx)

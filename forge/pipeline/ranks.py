@@ -80,6 +80,7 @@ def follow(open_registry) -> int:
 
 def _run_phase(message: dict, registry) -> None:
     from forge.pipeline.config import PipelineConfig
+    from forge.pipeline.devices import training_precision
     from forge.pipeline.orchestrator import load_record, pick_device
     from forge.pipeline.phases import load_controller_class
 
@@ -87,13 +88,13 @@ def _run_phase(message: dict, registry) -> None:
     if config.hardware.threads:   # as rank 0's Pipeline does
         torch.set_num_threads(config.hardware.threads)
     controller = load_controller_class(phase)()
-    inputs = [load_record(record) for record in message["inputs"]]
     device = distributed.local_device(pick_device(config.hardware.device))
+    inputs = [load_record(record).on(device) for record in message["inputs"]]
     with tempfile.TemporaryDirectory(prefix=f"forge-rank{distributed.launched().rank}-") as scratch:
         ctx = PhaseContext(message["session_id"], phase, config, config.phase(phase), Path(message["run_dir"]),
                            Path(scratch), registry, SilentTracker(), inputs, lambda *_: None, config.seed, device)
         torch.manual_seed(config.seed + phase)
-        with distributed.phase_scope():
+        with distributed.phase_scope(), training_precision(config.hardware.precision, device):
             controller.validate_input(ctx)
             result = controller.execute(ctx)
             controller.validate_output(result, ctx)

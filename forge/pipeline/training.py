@@ -21,6 +21,7 @@ from torch import nn
 
 from forge.data import IGNORE_INDEX, encode_batch
 from forge.distributed import all_sum, optimizer_sharing, parallel_training, world
+from forge.pipeline.devices import model_device, training_autocast
 
 
 @dataclass
@@ -82,12 +83,14 @@ def optimize(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, los
              *, what: str = "training", on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """`steps` optimizer steps on `loss_at(step)` (model in train mode, eval mode after); returns the losses. A
     non-finite loss stops the run with an error naming `what` and the step. The loop every trainer shares. On
-    several ranks the loss reported (and checked) is the mean of the ranks' losses, the same on every rank."""
+    several ranks the loss reported (and checked) is the mean of the ranks' losses, the same on every rank. Each
+    `loss_at` runs under forge.pipeline.devices.training_autocast (bf16 where hardware.precision says so)."""
     losses: list[float] = []
     ranks = world().size
     model.train()
     for step in range(1, steps + 1):
-        loss = loss_at(step)
+        with training_autocast(model):
+            loss = loss_at(step)
         value = loss.item() if ranks == 1 else all_sum([loss.item()])[0] / ranks
         if not math.isfinite(value):
             raise FloatingPointError(f"{what} loss became {value} at step {step}")
@@ -112,6 +115,7 @@ def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, exampl
     rows = batch_rows(batch_size, "train_on_examples")
     batch = encode_batch(examples, tokenizer, max_len)
     lengths = (batch.tokens != tokenizer.pad_id).sum(1)
+    batch = batch.to(model_device(model))
     generator = torch.Generator().manual_seed(seed)
     log = TrainingLog()
     with parallel_training(model, optimizer) as (net, sync):

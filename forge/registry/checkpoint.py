@@ -91,8 +91,8 @@ def _prepare_tensors(state_dict: Any) -> tuple[dict, int]:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise TypeError(f"state_dict[{name!r}] must map a str to a torch.Tensor, "
                             f"got {type(tensor).__name__}")
-        t = tensor.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        key = (str(tensor.device), tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        t = tensor.detach().to("cpu").contiguous()    # ties found on the source device: a GPU copy has new storage
         if key in seen:
             t = t.clone()
         else:

@@ -250,12 +250,15 @@ def test_a_run_killed_mid_phase8_resumes_and_registers_once(trained, tmp_path):
 
 def test_a_tiny_forge_run_goes_through_all_eight_phases_to_a_completed_session(tmp_path):
     """The real CLI from phase 1 to 8 at test size (tests/ui/_tiny_run.py: phases 1-7's own checks off, Phase 8's
-    on); the session completes with Phase 8's final stage, which loads and answers."""
+    on), every training forward under bf16 autocast (hardware.precision=bfloat16: the path CUDA takes by default;
+    the float32 path runs in every phase's own tests); the session completes with Phase 8's final stage, which loads
+    and answers."""
     ui = Path(__file__).resolve().parents[1] / "ui"
     sys.path.insert(0, str(ui))
     from _tiny_run import TINY_PHASES_7_8, TINY_SETS
 
-    sets = [a for s in ("run_root=runs", *TINY_SETS, *TINY_PHASES_7_8) for a in ("--set", s)]
+    sets = [a for s in ("run_root=runs", "hardware.precision=bfloat16", *TINY_SETS, *TINY_PHASES_7_8)
+            for a in ("--set", s)]
     done = subprocess.run([sys.executable, str(ui / "_tiny_run.py"), "run", *sets], cwd=tmp_path, capture_output=True,
                           text=True, timeout=1500, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -80,11 +80,12 @@ def weighted_kmeans(vectors: torch.Tensor, weights: torch.Tensor, k: int, iters:
 def _kmeans_plus_plus(x, w, k, generator):
     """k-means++ seeding: each next center drawn with probability w_i D(x_i)^2 (D: distance to the nearest
     center so far); the first with probability w_i."""
-    centers = [x[torch.multinomial(w, 1, generator=generator)[0]]]
+    on = x.device if generator is None else generator.device   # drawn where the seeded generator lives
+    centers = [x[int(torch.multinomial(w.to(on), 1, generator=generator)[0])]]
     d2 = ((x - centers[0]) ** 2).sum(1)
     for _ in range(1, k):
         p = w * d2
-        i = torch.multinomial(p, 1, generator=generator)[0] if p.sum() > 0 else torch.argmax(w)
+        i = int(torch.multinomial(p.to(on), 1, generator=generator)[0]) if p.sum() > 0 else int(torch.argmax(w))
         centers.append(x[i])
         d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
     return torch.stack(centers)

@@ -30,6 +30,7 @@ from forge.data import CharTokenizer, evaluate, make_examples, trivial_baseline
 from forge.nn import Transformer, TransformerConfig, build_model
 from forge.pipeline.config import as_dict
 from forge.pipeline.controller import HandoffError, ModelOutput, PhaseController, PhaseResult
+from forge.pipeline.devices import model_device
 from forge.pipeline.training import make_optimizer, train_on_examples
 from forge.registry.checkpoint import save_checkpoint
 
@@ -54,7 +55,7 @@ class CognatePhase(PhaseController):
         base_state = {k: v.detach().clone() for k, v in trunk.state_dict().items()}
         outputs, trained = [], []
         for index, spec in enumerate(cfg.models):
-            model = build_model(shape)
+            model = build_model(shape).to(ctx.device)
             model.load_state_dict(base_state)
             train = make_examples(as_dict(spec.task_weights), cfg.train_examples, "train", spec.seed)
             log = self._train_one(ctx, model, train, tokenizer, val, spec, index)
@@ -78,7 +79,7 @@ class CognatePhase(PhaseController):
         """The shared trunk: `shared_steps` of training on every task, saved as the merge base."""
         cfg = ctx.phase_config
         torch.manual_seed(cfg.init_seed)
-        trunk = Transformer(shape)
+        trunk = Transformer(shape).to(ctx.device)   # initialized on the CPU: the same weights on any device
         if cfg.shared_steps:
             train = make_examples(tasks, cfg.train_examples, "train", cfg.init_seed)
             optimizer = make_optimizer(trunk, cfg.optimizer, cfg.lr)
@@ -131,7 +132,7 @@ class CognatePhase(PhaseController):
         smallest relative distance between two models' task vectors (theta - theta_trunk)."""
         from forge.data import encode_batch
 
-        tokens = encode_batch(val, tokenizer, max_len).tokens
+        tokens = encode_batch(val, tokenizer, max_len).tokens.to(model_device(models[0]))
         with torch.no_grad():
             preds = [m(tokens).argmax(-1) for m in models]
         keep = tokens != tokenizer.pad_id

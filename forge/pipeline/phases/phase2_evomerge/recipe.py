@@ -53,14 +53,15 @@ class EvoMergePhase(PhaseController):
         shape = TransformerConfig.from_dict(meta["model_config"])
         tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
         base, _ = load_checkpoint(Path(meta["base_checkpoint"]), expected_sha256=meta["base_sha256"])
+        base = {key: value.to(ctx.device) for key, value in base.items()}   # merged with the inputs' states
         tasks = sorted({t for item in ctx.inputs for t in item.metadata["task_weights"]})
         val = make_examples({t: 1.0 for t in tasks}, cfg.eval_examples, "val", ctx.seed)
         test = make_examples({t: 1.0 for t in tasks}, cfg.eval_examples, "test", ctx.seed)
         states = [{k: v.detach().clone() for k, v in item.model.state_dict().items()} for item in ctx.inputs]
-        fitness = _fitness_fn(shape, tokenizer, val)
+        fitness = _fitness_fn(shape, tokenizer, val, ctx.device)
         result = evolve(states, base, fitness, _evolution_config(cfg), progress=ctx.progress)
         champion_shape = TransformerConfig.from_dict({**shape.to_dict(), "n_layers": result.champion.n_layers})
-        champion = build_model(champion_shape)
+        champion = build_model(champion_shape).to(ctx.device)
         champion.load_state_dict(result.champion_state)
         metrics = self._metrics(result, champion, [i.model for i in ctx.inputs], test, tokenizer, shape.max_len)
         for stats in result.history:
@@ -93,12 +94,13 @@ def _evolution_config(cfg) -> EvolutionConfig:
                            seed=cfg.seed)
 
 
-def _fitness_fn(shape: TransformerConfig, tokenizer, val):
-    """fitness(state, n_layers) -> accuracy and loss on `val`, cost-model seconds, and weight bytes."""
+def _fitness_fn(shape: TransformerConfig, tokenizer, val, device="cpu"):
+    """fitness(state, n_layers) -> accuracy and loss on `val` (the model evaluated on `device`), cost-model
+    seconds, and weight bytes."""
 
     def fitness(state, n_layers: int) -> dict:
         config = TransformerConfig.from_dict({**shape.to_dict(), "n_layers": n_layers})
-        model = build_model(config)
+        model = build_model(config).to(device)
         model.load_state_dict(state)
         model.eval()
         started = time.perf_counter()

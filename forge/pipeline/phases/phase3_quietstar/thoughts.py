@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from forge.data.batching import IGNORE_INDEX, prompt_ids
+from forge.data.sampling import draw
 from forge.data.tasks import TASKS, rationale
 
 THINK, END_THINK = "<think>", "</think>"
@@ -59,7 +60,7 @@ def sample_thoughts(model, prefixes: torch.Tensor, ids: ThoughtIds, length: int,
         last = logits[:, -1].float()
         last[:, list(ids.banned)] = float("-inf")
         if temperature > 0:
-            nxt = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator)
+            nxt = draw(torch.softmax(last / temperature, -1), generator)
         else:
             nxt = last.argmax(-1, keepdim=True)
         steps.append(nxt)

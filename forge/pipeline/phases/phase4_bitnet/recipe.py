@@ -94,7 +94,8 @@ class BitNetPhase(PhaseController):
         score = lambda m: _quality(evaluate(m, test, tokenizer, shape.max_len))   # noqa: E731
         before = score(item.model)
         model = to_bitlinear(item.model, cfg.preserve_layers)
-        calibration = calibrate(model, encode_batch(train[:cfg.calibration_samples], tokenizer, shape.max_len).tokens)
+        calibration = calibrate(model, encode_batch(train[:cfg.calibration_samples], tokenizer,
+                                                  shape.max_len).tokens.to(ctx.device))
         ctx.progress(0.05, "converted to BitLinear; calibration measured")
         quantized_only = score(model)
         log = self._fine_tune(ctx, model, item, train, tokenizer, shape.max_len)

@@ -18,6 +18,7 @@ import torch
 
 from forge.data import IGNORE_INDEX, Example, encode_batch, exact_matches
 from forge.data.levels import level_examples
+from forge.pipeline.devices import training_autocast
 from forge.pipeline.training import answer_nll
 
 HINT = "<hint>"
@@ -111,8 +112,9 @@ def train_step(model, optimizer, examples: list[Example], tokenizer, max_len: in
     device = next(model.parameters()).device
     tokens, targets = batch.tokens.to(device), batch.targets.to(device)
     model.train()
-    logits = model(tokens)
-    loss = answer_nll(logits, targets)
+    with training_autocast(model):
+        logits = model(tokens)
+        loss = answer_nll(logits, targets)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"phase 5 training loss became {loss.item()}")
     answer = targets != IGNORE_INDEX

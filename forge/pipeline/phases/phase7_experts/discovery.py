@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from forge.data.tools import answer_with_tool
+from forge.pipeline.devices import model_device
 
 DOMINANT_SHARE = 0.25      # a task names its cluster when it holds at least this share of the cluster's questions
 
@@ -159,7 +160,7 @@ def measure_cells(model, questions: dict[tuple[str, int], list], tokenizer, max_
     cells, at = [], 0
     for task, level in keys:
         examples = questions[(task, level)]
-        tokens, targets = loss_rows(examples)
+        tokens, targets = (t.to(model_device(model)) for t in loss_rows(examples))
         loss = float(answer_nll(model(tokens).float(), targets))
         cells.append(Cell(task, level, examples, flags[at: at + len(examples)], loss))
         at += len(examples)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from forge.data.batching import prompt_ids
+from forge.pipeline.devices import model_device
 
 ACTIVE_ALPHA = 0.05        # a mixing weight at or below this counts as an expert not used (its parameters not needed)
 
@@ -29,7 +30,7 @@ def prompt_features(model, examples, tokenizer) -> torch.Tensor:
     tokens = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_id, dtype=torch.long)
     for b, ids in enumerate(rows):
         tokens[b, : len(ids)] = torch.tensor(ids)
-    hidden = model.eval().hidden_states(tokens).float()
+    hidden = model.eval().hidden_states(tokens.to(model_device(model))).float().cpu()   # the router runs on the CPU
     return hidden[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
 
 

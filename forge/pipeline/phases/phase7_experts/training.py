@@ -27,6 +27,7 @@ from forge.data.evaluate import mean
 from forge.data.tools import CALL_ERROR, END_RESULT, RESULT, encode_rows, generate
 from forge.nn.losses import kl_to_teacher
 from forge.nn.svf import expert_of, set_expert, svf_layers
+from forge.pipeline.devices import model_device
 from forge.pipeline.phases.phase7_experts.discovery import correct_flags
 
 
@@ -70,8 +71,11 @@ def reinforce_step_loss(model, base, examples, tokenizer, max_len: int, kl_coeff
     """(REINFORCE loss of one sampled batch, its mean reward); see the module."""
     prefixes = [prompt_ids(ex, tokenizer) for ex in examples]
     outputs = generate(model, prefixes, tokenizer, max_len, temperature=1.0, generator=generator)
-    rewards = torch.tensor([1.0 if o.correct(ex, tokenizer) else -1.0 for o, ex in zip(outputs, examples)])
-    tokens, targets = encode_rows(written_rows(prefixes, outputs, tokenizer), tokenizer.pad_id, max_len)
+    device = model_device(model)
+    rewards = torch.tensor([1.0 if o.correct(ex, tokenizer) else -1.0 for o, ex in zip(outputs, examples)],
+                           device=device)
+    tokens, targets = (t.to(device) for t in encode_rows(written_rows(prefixes, outputs, tokenizer),
+                                                         tokenizer.pad_id, max_len))
     logits = model(tokens).float()
     logp = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none").sum(1)
     advantage = rewards - rewards.mean()
@@ -83,7 +87,7 @@ def ce_step_loss(model, base, examples, true_rows, kl_coefficient: float) -> tup
     """(cross-entropy of the true answer rows `true_rows(examples)` + the KL term, nan: no reward)."""
     from forge.pipeline.training import answer_nll
 
-    tokens, targets = true_rows(examples)
+    tokens, targets = (t.to(model_device(model)) for t in true_rows(examples))
     logits = model(tokens).float()
     return answer_nll(logits, targets) + kl_term(logits, base, tokens, targets, kl_coefficient), float("nan")
 

@@ -24,6 +24,7 @@ from forge.nn.compress.coded import CodedLinear, coded_layers, set_module
 from forge.nn.compress.vptq import VQCodes
 from forge.nn.losses import kl_to_teacher
 from forge.ops.vq import vq_decode_reference
+from forge.pipeline.devices import model_device
 
 
 class TrainableVQ(nn.Module):
@@ -93,6 +94,7 @@ def teacher_targets(teacher: nn.Module, examples, tokenizer, max_len: int) -> tu
         row = row[:width]
         tokens[i, :len(row)] = torch.tensor(row)
         mask[i, len(prompt_ids(ex, tokenizer)) - 1:len(row) - 1] = True    # positions that predict the answer
+    tokens, mask = tokens.to(model_device(teacher)), mask.to(model_device(teacher))
     with torch.no_grad():
         logits = teacher(tokens).float()
     return tokens, mask, logits

@@ -115,7 +115,7 @@ class _Run:
         self.test = make_examples(self.tasks, self.cfg.eval_examples, "test", self.cfg.seed)
         calibration = make_examples(self.tasks, self.cfg.calibration_samples, "train", self.cfg.seed)
         self.max_len = item.model.config.max_len
-        self.calibration_tokens = encode_batch(calibration, self.tokenizer, self.max_len).tokens
+        self.calibration_tokens = encode_batch(calibration, self.tokenizer, self.max_len).tokens.to(ctx.device)
         self.weights = sum(m.weight.numel() for m in compressible_linears(item.model, self.cfg.preserve_layers).values())
         self.input_accuracy = self.accuracy(item.model)
         self.kept = (None, item.model, self.input_accuracy, file_bytes(item.model))   # (name, model, acc, bytes)

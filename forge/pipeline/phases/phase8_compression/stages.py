@@ -32,6 +32,7 @@ from forge.nn.compress.formats import encode_codes
 from forge.nn.compress.hyper import hyper_encode, hyper_vq
 from forge.nn.compress.seedlm import seedlm_encode
 from forge.nn.compress.vptq import VQCodes, hessian_from_inputs, vptq_quantize
+from forge.pipeline.devices import model_device
 
 Progress = Callable[[float, str], None]
 
@@ -60,7 +61,7 @@ def from_bytes(model: nn.Module) -> nn.Module:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     fresh = coded_model_from_state(_uncoded_copy(model), state)
     fresh.load_state_dict(state, strict=True)
-    return fresh.eval()
+    return fresh.to(model_device(model)).eval()
 
 
 def _uncoded_copy(model: nn.Module) -> nn.Module:
