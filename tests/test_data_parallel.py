@@ -1,6 +1,7 @@
 """forge.distributed on real gloo process groups (2 and 3 CPU processes): a batch split over ranks trains the model
 one process trains on the whole batch, sharded evaluation counts what one process counts, and nothing is split
 outside `phase_scope`."""
+import copy
 import os
 
 import pytest
@@ -12,7 +13,9 @@ from _gloo import one_thread
 from forge import distributed
 from forge.data import CharTokenizer, evaluate, make_examples
 from forge.nn import Transformer, TransformerConfig
+from forge.nn.losses import KLRegularizer
 from forge.pipeline.config import OptimizerConfig, load_config
+from forge.pipeline.phases.phase3_quietstar.rl_thoughts import ThoughtTrainer
 from forge.pipeline.phases.phase3_quietstar.thought_warmup import warm_up_thoughts
 from forge.pipeline.phases.phase3_quietstar.thoughts import ThoughtIds, thought_token_names
 from forge.pipeline.phases.phase8_compression.stages import seedlm_stage, vptq_stage
@@ -70,13 +73,31 @@ def _thought_training(steps: int) -> dict:
     return {"losses": losses, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
+def _rl_training(steps: int) -> dict:
+    """Phase 3's reinforcement (ThoughtTrainer) with a KL term to a frozen copy: 5 inputs (uneven over 2 and 3
+    ranks), 2 sampled thoughts each."""
+    tokenizer = CharTokenizer()
+    tokenizer.add_special_tokens(thought_token_names(6))
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, max_len=40))
+    cfg = load_config(overrides=["phases.phase3.batch_size=5", "phases.phase3.num_thoughts=2",
+                                 "phases.phase3.thought_length=4"]).phases.phase3
+    trainer = ThoughtTrainer(model, make_optimizer(model, OptimizerConfig(), 0.01),
+                             KLRegularizer(copy.deepcopy(model).eval(), 0.1), make_examples(TASKS, 200, "train", 5),
+                             tokenizer, ThoughtIds.from_tokenizer(tokenizer), cfg, seed=6)
+    trained = []   # rows of the training forwards (sampling runs in eval mode)
+    model.register_forward_pre_hook(lambda module, args: trained.append(args[0].shape[0]) if module.training else None)
+    stats = [trainer.step() for _ in range(steps)]
+    return {"stats": stats, "state": {k: v.clone() for k, v in model.state_dict().items()}, "rows": sum(trained)}
+
+
 def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         outside = distributed.world()
         with distributed.phase_scope() as inside:
-            result = {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4)}
+            result = {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4), "rl": _rl_training(3)}
             try:
                 train_on_examples(_model(), make_optimizer(_model(), OptimizerConfig(), 0.01),
                                   make_examples(TASKS, 10, "train", 1), CharTokenizer(), steps=1,
@@ -94,7 +115,7 @@ def _worker(rank, world, init_file, out_dir):
 @pytest.fixture(scope="module")
 def single():
     with one_thread():
-        return {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4)}
+        return {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4), "rl": _rl_training(3)}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -121,6 +142,21 @@ def test_ranks_sharing_every_batch_train_the_model_one_process_trains(tmp_path, 
     for name, value in out["thoughts"]["state"].items():
         assert torch.equal(value, ranks[-1]["thoughts"]["state"][name]), name
         torch.testing.assert_close(value, single["thoughts"]["state"][name], rtol=1e-4, atol=1e-5, msg=name)
+    # Phase 3's reinforcement: the same sampled thoughts on every rank, each training its inputs' share (the rows
+    # of its training forwards add up to one process's); the same model and the same reported losses and rewards
+    # as one process (a share without the rescaling fails this at the first step's losses: 5 inputs split unevenly)
+    assert sum(r["rl"]["rows"] for r in ranks) == single["rl"]["rows"] == 3 * (5 * 2 + 5)
+    for other in ranks:
+        assert other["rl"]["stats"] == out["rl"]["stats"]
+        for name, value in other["rl"]["state"].items():
+            assert torch.equal(value, out["rl"]["state"][name]), name
+    for got, expected in zip(out["rl"]["stats"], single["rl"]["stats"]):
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)   # policy_loss ~1e-2 is a difference of ~1e1s
+    for name, value in out["rl"]["state"].items():   # AdamW and Muon normalize each step, so entries with near-zero
+        # gradients (embedding rows the batch hardly uses) amplify the summation order: measured 2.5e-5 on 2 of 1856
+        # embedding entries (the policy and KL shares left unscaled fail the reported losses above: checked)
+        torch.testing.assert_close(value, single["rl"]["state"][name], rtol=1e-4, atol=2e-4,
+                                   msg=lambda text, name=name: f"{name}: {text}")
     # sharded evaluation counts every held-out question once, per task
     assert out["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-4)
     oracle, expected = out["oracle"], single["oracle"]

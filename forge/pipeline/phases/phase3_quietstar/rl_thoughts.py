@@ -12,18 +12,26 @@ can only beat accuracy without them through what the thoughts carry, not through
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
 
+from forge.distributed import all_sum, data_parallel, world
+from forge.pipeline.devices import training_autocast
 from forge.pipeline.prompt_bake import bake_task_prompt
-from forge.pipeline.training import answer_nll
-from forge.pipeline.phases.phase3_quietstar.thoughts import (ThoughtIds, build_rows, by_length, example_ids, reinforce_loss, sample_thoughts,
-                                     target_logprobs)
+from forge.pipeline.training import batch_rows, forward_together, rank_share_nll
+from forge.pipeline.phases.phase3_quietstar.thoughts import (ThoughtIds, build_rows, by_length, example_ids,
+                                                             reinforce_loss, sample_thoughts, target_logprobs)
+
+TERMS = ("policy_loss", "answer_nll_thought", "answer_nll_plain", "kl")
 
 
 class ThoughtTrainer:
-    """Runs RL steps on `examples`; batches are drawn from one prompt-length group at a time (seeded)."""
+    """Runs RL steps on `examples`; batches are drawn from one prompt-length group at a time (seeded). On several
+    ranks (forge.distributed) every rank draws the same batch and samples the same thoughts (the same model and
+    generator), then trains on its share of the batch's inputs, each with all its thoughts, through
+    DistributedDataParallel; every loss term is scaled so that the ranks' average is the whole batch's loss."""
 
     def __init__(self, model, optimizer, kl, examples, tokenizer, ids: ThoughtIds, cfg, seed: int):
         self.model, self.optimizer, self.kl, self.ids, self.cfg = model, optimizer, kl, ids, cfg
@@ -32,13 +40,15 @@ class ThoughtTrainer:
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.device = next(model.parameters()).device
+        self.mine, self.net = batch_rows(cfg.batch_size, "phase 3 RL"), data_parallel(model)
 
     def _batch(self) -> list[int]:
         group = self.rng.choices(self.groups, weights=[len(g) for g in self.groups])[0]
         return [self.rng.choice(group) for _ in range(self.cfg.batch_size)]
 
     def step(self) -> dict:
-        """One optimizer step; returns its losses and the mean reward of the sampled thoughts."""
+        """One optimizer step; returns its losses and the mean reward of the sampled thoughts (the whole batch's,
+        the same on every rank)."""
         k, rows = self.cfg.num_thoughts, self._batch()
         prefixes = [self.prefixes[i] for i in rows for _ in range(k)]
         answers = [self.answers[i] for i in rows for _ in range(k)]
@@ -49,23 +59,36 @@ class ThoughtTrainer:
         self.model.train()
         with_t = build_rows(prefixes, answers, self.ids, thoughts, closed)
         plain = build_rows(prefixes[::k], answers[::k], self.ids)
-        logits_t = self.model(with_t.tokens.to(self.device))
-        logits_p = self.model(plain.tokens.to(self.device))
-        answer_t = with_t.answer_targets.to(self.device)
-        gain = target_logprobs(logits_t, answer_t) - target_logprobs(logits_p, plain.answer_targets.to(self.device)
-                                                                     ).repeat_interleave(k)
-        policy = reinforce_loss(target_logprobs(logits_t, with_t.thought_targets.to(self.device)), gain, k)
-        nll_t, nll_p = answer_nll(logits_t, answer_t), answer_nll(logits_p, plain.answer_targets.to(self.device))
-        kl = self.kl(with_t.tokens.to(self.device), logits_t)
-        loss = self.cfg.policy_weight * policy + nll_t + self.cfg.plain_answer_weight * nll_p + kl
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"phase 3 loss became {loss.item()}")
+        with training_autocast(self.model):   # bf16 where hardware.precision says so (forge.pipeline.devices)
+            terms = self._losses(with_t, plain, k)
+        loss = (self.cfg.policy_weight * terms["policy_loss"] + terms["answer_nll_thought"]
+                + self.cfg.plain_answer_weight * terms["answer_nll_plain"] + terms["kl"])
+        values = all_sum([loss.item(), *(terms[key].item() for key in TERMS), terms["reward_sum"].item()])
+        stats = {key: value / world().size for key, value in zip(("loss", *TERMS), values)}
+        if not math.isfinite(stats["loss"]):
+            raise FloatingPointError(f"phase 3 loss became {stats['loss']}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.item(), "policy_loss": policy.item(), "answer_nll_thought": nll_t.item(),
-                "answer_nll_plain": nll_p.item(), "kl": kl.item(), "reward": gain.detach().mean().item(),
-                "closed": sum(closed) / len(closed)}
+        return {**stats, "reward": values[-1] / len(prefixes), "closed": sum(closed) / len(closed)}
+
+    def _losses(self, with_t, plain, k: int) -> dict:
+        """This rank's share of each loss term (the term itself in one process) and its rows' summed reward."""
+        mine, device, ranks = self.mine, self.device, world().size
+        thought_rows = slice(mine.start * k, mine.stop * k)      # the thoughts of this rank's inputs
+        tokens_t, tokens_p = with_t.tokens[thought_rows].to(device), plain.tokens[mine].to(device)
+        if ranks == 1:
+            logits_t, logits_p = self.net(tokens_t), self.net(tokens_p)
+        else:   # one forward before each backward (DDP)
+            logits_t, logits_p = forward_together(self.net, self.ids.pad, tokens_t, tokens_p)
+        answer_t, plain_t = with_t.answer_targets.to(device), plain.answer_targets.to(device)
+        gain = (target_logprobs(logits_t, answer_t[thought_rows])
+                - target_logprobs(logits_p, plain_t[mine]).repeat_interleave(k))
+        share = (mine.stop - mine.start) / self.cfg.batch_size * ranks     # of the means over the batch's rows
+        policy = reinforce_loss(target_logprobs(logits_t, with_t.thought_targets[thought_rows].to(device)), gain, k)
+        return {"policy_loss": policy * share, "answer_nll_thought": rank_share_nll(logits_t, answer_t, thought_rows),
+                "answer_nll_plain": rank_share_nll(logits_p, plain_t, mine), "kl": self.kl(tokens_t, logits_t) * share,
+                "reward_sum": gain.detach().sum()}
 
 
 def bake_reasoning_prompt(model, examples, tokenizer, cfg, seed: int):
