@@ -98,8 +98,9 @@ def ternary_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch
 
 # ---------------------------------------------------------------------------------------------
 # Backend launchers. Signatures: ternary (w, per_channel, eps, dequantize) -> (out, scale per group);
-# act (x2d, eps, dequantize) -> (out, scale per row); pack (q2d); unpack (packed, in_features);
-# linear (x2d, packed, scale (1,) or (n,), eps) -> y2d.
+# act (x (..., k), eps, dequantize) -> (out of x's shape, scale x.shape[:-1] or None when dequantize);
+# pack (q2d); unpack (packed, in_features); linear (x (..., k), packed, scale with 1 or n values, eps) -> y (..., n).
+# act and linear give rows of x holding NaN or Inf as the reference does: q = 0, dequantized values and y NaN.
 # ---------------------------------------------------------------------------------------------
 
 def _register(ops: tuple[str, ...], backend: str, needs_native: bool = True):
@@ -160,12 +161,16 @@ def _ternary_cpu(w, per_channel, eps, dequantize):
 
 @_register(ACT_OPS, "cpu")
 def _act_cpu(x, eps, dequantize):
-    x = x.contiguous()
-    scale = torch.empty(x.shape[0], dtype=torch.float32)
-    out = torch.empty_like(x) if dequantize else torch.empty(x.shape, dtype=torch.int8)
-    _native.cpu_module().act_quant(x.data_ptr(), _native.dtype_code(x), x.shape[0], x.shape[1], eps,
-                                   scale.data_ptr(), out.data_ptr(), x.shape[1], dequantize, _threads())
-    return out, scale
+    x, cols = x.contiguous(), x.shape[-1]
+    rows = x.numel() // cols
+    # Sizes as ints: a torch.Size argument costs ~3 us more. The dequantized output needs no scale (pointer 0).
+    scale = None if dequantize else torch.empty(rows, dtype=torch.float32, device=x.device)
+    out = torch.empty_like(x, dtype=None if dequantize else torch.int8)
+    _native.cpu_module().act_quant(x.data_ptr(), _native.dtype_code(x), rows, cols, eps,
+                                   0 if dequantize else scale.data_ptr(), out.data_ptr(), cols, dequantize, _threads())
+    if dequantize or x.dim() == 2:
+        return out, scale
+    return out, scale.view(x.shape[:-1])
 
 
 @_register(("pack_ternary",), "cpu")
@@ -187,10 +192,10 @@ def _unpack_cpu(packed, in_features):
 @_register(("ternary_linear",), "cpu")
 def _linear_cpu(x, packed, scale, eps):
     x, packed, scale = x.contiguous(), packed.contiguous(), scale.contiguous()
-    y = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype)
-    _native.cpu_module().ternary_linear(x.data_ptr(), _native.dtype_code(x), x.shape[0], x.shape[1],
-                                        packed.data_ptr(), packed.shape[0], scale.data_ptr(),
-                                        int(scale.numel() > 1), eps, y.data_ptr(), _threads())
+    k, n = x.shape[-1], packed.shape[0]
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    _native.cpu_module().ternary_linear(x.data_ptr(), _native.dtype_code(x), x.numel() // k, k, packed.data_ptr(),
+                                        n, scale.data_ptr(), int(scale.numel() > 1), eps, y.data_ptr(), _threads())
     return y
 
 
@@ -220,13 +225,17 @@ def _act_cuda_into(x, eps, out, out_stride, dequantize):
 
 @_register(ACT_OPS, "cuda")
 def _act_cuda(x, eps, dequantize):
-    x = x.contiguous()
-    out = torch.empty_like(x) if dequantize else torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    return _act_cuda_into(x, eps, out, x.shape[1], dequantize)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(x2) if dequantize else torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    return _rows_as_reference(x, *_act_cuda_into(x2, eps, out, x2.shape[1], dequantize), dequantize)
 
 
 @_register(("ternary_linear",), "cuda")
 def _linear_cuda(x, packed, scale, eps):
+    return _rows_of(x, _linear_cuda_2d(x.reshape(-1, x.shape[-1]), packed, scale.reshape(-1), eps))
+
+
+def _linear_cuda_2d(x, packed, scale, eps):
     x, packed, scale = x.contiguous(), packed.contiguous(), scale.contiguous()
     kb = packed.shape[1]
     xq = torch.zeros(x.shape[0], 4 * kb, dtype=torch.int8, device=x.device)
@@ -253,14 +262,32 @@ def _ternary_triton(w, per_channel, eps, dequantize):
 def _act_triton(x, eps, dequantize):
     from forge.kernels.bitnet import act_quant_triton
 
-    return act_quant_triton(x.contiguous(), eps, dequantize)
+    out, scale = act_quant_triton(x.reshape(-1, x.shape[-1]).contiguous(), eps, dequantize)
+    return _rows_as_reference(x, out, scale, dequantize)
 
 
 @_register(("ternary_linear",), "triton")
 def _linear_triton(x, packed, scale, eps):
     from forge.kernels.bitnet import ternary_linear_triton
 
-    return ternary_linear_triton(x.contiguous(), packed.contiguous(), scale.contiguous(), eps)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return _rows_of(x, ternary_linear_triton(x2, packed.contiguous(), scale.reshape(-1).contiguous(), eps))
+
+
+def _rows_as_reference(x, out, scale, dequantize):
+    """A GPU or Triton act kernel's (rows, k) results in x's shape, rows whose scale is NaN or Inf (x held NaN or
+    Inf) as the reference has them: q = 0, q * scale = NaN. Those kernels clamp a NaN ratio to -127 instead; one
+    masked pass fixes that without a sync (the cpu kernel writes such rows itself)."""
+    out = out.masked_fill(~torch.isfinite(scale).reshape(-1, 1), float("nan") if dequantize else 0)
+    return out.reshape(x.shape), (None if dequantize else scale.reshape(x.shape[:-1]))
+
+
+def _rows_of(x, y):
+    """A GPU or Triton linear kernel's (rows, n) output in x's leading shape; a token row of x holding NaN or Inf
+    gives NaN outputs, as in the reference (those kernels may give +-Inf; the cpu kernel gives NaN itself)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = y.masked_fill(~torch.isfinite(x2).all(dim=1, keepdim=True), float("nan"))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,17 +393,7 @@ def _run_ternary(w, per_channel, eps, backend, dequantize=False):
 
 def _run_act(x, eps, backend, dequantize=False):
     op = "ste_act_int8" if dequantize else "act_quant_int8"
-    out, scale = _dispatch.resolve(op, x.device, backend)(x.reshape(-1, x.shape[-1]), eps, dequantize)
-    if scale is not None:
-        out = _non_finite_rows_as_reference(out, scale, dequantize)
-    return out.reshape(x.shape), (None if scale is None else scale.reshape(x.shape[:-1]))
-
-
-def _non_finite_rows_as_reference(out, scale, dequantize):
-    """Rows whose scale is NaN or Inf (x held NaN or Inf) as the reference has them: q = 0, q * scale = NaN.
-    The kernels clamp a NaN ratio to -127 instead; one masked pass fixes that on every backend, without a sync."""
-    bad = ~torch.isfinite(scale).reshape(-1, 1)
-    return out.masked_fill(bad, float("nan") if dequantize else 0)
+    return _dispatch.resolve(op, x.device, backend)(x, eps, dequantize)
 
 
 @torch.library.custom_op("forge::ternary_quant", mutates_args=())
@@ -449,12 +466,7 @@ def _(x, packed, scale, out_features, eps, backend):
 
 def _linear_dispatch(x, packed, scale, out_features, eps, backend):
     _check_packed_codes(packed, x.shape[-1], f"x's {x.shape[-1]} features")
-    fn = _dispatch.resolve("ternary_linear", x.device, backend)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = fn(x2, packed, scale.reshape(-1), eps)
-    # A token row with NaN or Inf gives NaN outputs, as in the reference (the kernels may give +-Inf).
-    y = y.masked_fill(~torch.isfinite(x2).all(dim=1, keepdim=True), float("nan"))
-    return y.reshape(*x.shape[:-1], out_features)
+    return _dispatch.resolve("ternary_linear", x.device, backend)(x, packed, scale, eps)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -472,10 +484,14 @@ class _StraightThrough(torch.autograd.Function):
 # Eager implementations, with the signatures of the torch.library ops (for _dispatch.call_op).
 
 def _ste_ternary_eager(w, per_channel, eps, backend):
+    if not _dispatch.needs_autograd(w):  # no graph to record: the Function would only add its overhead
+        return _run_ternary(w, per_channel, eps, backend, dequantize=True)[0]
     return _StraightThrough.apply(w, lambda t: _run_ternary(t, per_channel, eps, backend, dequantize=True)[0])
 
 
 def _ste_act_eager(x, eps, backend):
+    if not _dispatch.needs_autograd(x):
+        return _run_act(x, eps, backend, dequantize=True)[0]
     return _StraightThrough.apply(x, lambda t: _run_act(t, eps, backend, dequantize=True)[0])
 
 
