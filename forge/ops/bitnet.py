@@ -97,7 +97,7 @@ def ternary_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend launchers. Signatures: ternary (w, per_channel, eps, dequantize) -> (out, scale per group);
+# Backend launchers. Signatures: ternary (w, per_channel, eps, dequantize) -> (out of w's shape, scale (groups,));
 # act (x (..., k), eps, dequantize) -> (out of x's shape, scale x.shape[:-1] or None when dequantize);
 # pack (q2d); unpack (packed, in_features); linear (x (..., k), packed, scale with 1 or n values, eps) -> y (..., n).
 # act and linear give rows of x holding NaN or Inf as the reference does: q = 0, dequantized values and y NaN.
@@ -152,8 +152,8 @@ def _threads() -> int:
 def _ternary_cpu(w, per_channel, eps, dequantize):
     w = w.contiguous()
     groups = w.shape[0] if per_channel else 1
-    scale = torch.empty(groups, dtype=torch.float32)
-    out = torch.empty_like(w) if dequantize else torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(groups, dtype=torch.float32, device=w.device)
+    out = torch.empty_like(w, dtype=None if dequantize else torch.int8)  # w is contiguous: so is out
     _native.cpu_module().ternary_quant(w.data_ptr(), _native.dtype_code(w), groups, w.numel() // groups, eps,
                                        scale.data_ptr(), out.data_ptr(), dequantize, _threads())
     return out, scale
@@ -526,7 +526,7 @@ def ternary_quant(w: torch.Tensor, per_channel: bool = False, eps: float = EPS, 
     """
     eps = _check_weight(w, per_channel, eps)
     q, scale = _dispatch.call_op(_ternary_quant_op, _run_ternary, w, per_channel, eps, backend)
-    return q.reshape(w.shape), (scale.reshape(-1) if per_channel else scale.reshape(()))
+    return q, (scale if per_channel else scale.squeeze())  # q has w's shape, scale (groups,) from every backend
 
 
 def act_quant_int8(x: torch.Tensor, eps: float = EPS, backend: str = "auto"):
