@@ -193,7 +193,10 @@ def _unpack_cpu(packed, in_features):
 def _linear_cpu(x, packed, scale, eps):
     x, packed, scale = x.contiguous(), packed.contiguous(), scale.contiguous()
     k, n = x.shape[-1], packed.shape[0]
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    if x.dim() == 2:  # int sizes for the usual 2-dim x: a tuple argument costs ~1 us more
+        y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     _native.cpu_module().ternary_linear(x.data_ptr(), _native.dtype_code(x), x.numel() // k, k, packed.data_ptr(),
                                         n, scale.data_ptr(), int(scale.numel() > 1), eps, y.data_ptr(), _threads())
     return y
@@ -375,9 +378,10 @@ def _check_linear(x, packed, scale, out_features, eps) -> float:
         raise TypeError(f"scale must be a float32 tensor (from ternary_quant); got {getattr(scale, 'dtype', type(scale).__name__)}")
     if scale.numel() not in (1, out_features):
         raise ValueError(f"scale must hold 1 or out_features={out_features} values; got shape {tuple(scale.shape)}")
-    for name, t in (("packed", packed), ("scale", scale)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    device = x.device
+    if packed.device != device or scale.device != device:
+        name, t = ("packed", packed) if packed.device != device else ("scale", scale)
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
     return eps
 
 
