@@ -1,6 +1,8 @@
 #include "cpu/bitnet.h"
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -193,6 +195,16 @@ void store(int dtype, uintptr_t y, int64_t index, float value) {
   else reinterpret_cast<f16*>(y)[index] = from_float<f16>(value);
 }
 
+// A row holding NaN or Inf has a NaN or Inf scale; as in the reference its q is 0 (x / s is NaN or 0 there, which
+// round_clip would send to -127) and its dequantized values q * s are NaN.
+void non_finite_row(int dtype, uintptr_t out, int64_t start, int64_t cols, bool dequantize) {
+  if (!dequantize) {
+    std::memset(reinterpret_cast<int8_t*>(out) + start, 0, static_cast<size_t>(cols));
+    return;
+  }
+  for (int64_t j = 0; j < cols; ++j) store(dtype, out, start + j, std::numeric_limits<float>::quiet_NaN());
+}
+
 }  // namespace
 
 void ternary_quant_cpu(uintptr_t w, int dtype, int64_t groups, int64_t group_size, float eps, uintptr_t scale,
@@ -222,8 +234,9 @@ void act_quant_cpu(uintptr_t x, int dtype, int64_t rows, int64_t cols, float eps
       const char* row = at(x, r * cols, f.size);
       float amax = f.abs_max(row, cols);
       float s = (amax < eps ? eps : amax) / 127.0f;
-      scales[r] = s;
-      if (dequantize) f.dequant(row, cols, s, 127.0f, reinterpret_cast<char*>(out) + r * out_stride * f.size);
+      if (scales) scales[r] = s;
+      if (!std::isfinite(s)) non_finite_row(dtype, out, r * out_stride, cols, dequantize);
+      else if (dequantize) f.dequant(row, cols, s, 127.0f, reinterpret_cast<char*>(out) + r * out_stride * f.size);
       else f.quant(row, cols, s, 127.0f, reinterpret_cast<int8_t*>(out) + r * out_stride);
     }
   });

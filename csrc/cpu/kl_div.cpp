@@ -144,13 +144,16 @@ FORGE_INLINE void backward_row(const T* s, const T* t, T* g, int64_t vocab, floa
   FORGE_VECTOR_CLONES void forward_rows_##SUFFIX(const void* s, const void* t, const uint8_t* mask, float* loss, \
                                                  float* lse_s, float* lse_t, int64_t begin, int64_t end,       \
                                                  int64_t vocab, int64_t ss, int64_t ts, float inv_t) {         \
+    float unused_s, unused_t;                                                                                  \
     for (int64_t r = begin; r < end; ++r) {                                                                    \
+      float* ls = lse_s ? lse_s + r : &unused_s;                                                               \
+      float* lt = lse_t ? lse_t + r : &unused_t;                                                               \
       if (mask && !mask[r]) {                                                                                  \
-        loss[r] = lse_s[r] = lse_t[r] = 0.0f;                                                                  \
+        loss[r] = *ls = *lt = 0.0f;                                                                            \
         continue;                                                                                              \
       }                                                                                                        \
       forward_row<T>(static_cast<const T*>(s) + r * ss, static_cast<const T*>(t) + r * ts, vocab, inv_t,      \
-                     loss + r, lse_s + r, lse_t + r);                                                          \
+                     loss + r, ls, lt);                                                                        \
     }                                                                                                          \
   }                                                                                                            \
   FORGE_VECTOR_CLONES void backward_rows_##SUFFIX(const void* s, const void* t, void* g, const float* ls,      \

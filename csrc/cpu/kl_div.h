@@ -5,7 +5,8 @@ namespace forge {
 
 // KL(softmax(t/T) || softmax(s/T)) per row of raw logits (Hinton et al. 2015), one read of each row
 // with a blockwise online softmax (Milakov & Gimelshein 2018). Rows where mask[r] == 0 give 0 (mask may
-// be 0: keep all). Writes loss[r], lse_s[r] = logsumexp(s_r/T), lse_t[r] (float32). Rows are threaded.
+// be 0: keep all). Writes loss[r], lse_s[r] = logsumexp(s_r/T), lse_t[r] (float32); lse_s and lse_t may be 0
+// when only the loss is wanted (no backward to come). Rows are threaded.
 void kl_div_forward_cpu(uintptr_t student, uintptr_t teacher, uintptr_t mask, uintptr_t loss, uintptr_t lse_s,
                         uintptr_t lse_t, int64_t rows, int64_t vocab, int64_t s_stride, int64_t t_stride, int dtype,
                         float inv_t, int num_threads);

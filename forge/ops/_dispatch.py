@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import torch
+from torch.autograd import forward_ad
 
 from forge import _native
 from forge.kernels import interpreted as triton_interpreted  # the package's __init__ imports no Triton
@@ -164,6 +165,13 @@ def call_op(op: Callable[..., T], eager: Callable[..., T], *args: Any) -> T:
     if torch.compiler.is_compiling():
         return op(*args)
     return eager(*args)
+
+
+def needs_autograd(tensor: torch.Tensor) -> bool:
+    """Whether an eager op on `tensor` must run through its autograd.Function: the tensor needs a gradient with grad
+    mode on, or a forward-mode AD level is open (a dual tensor has requires_grad False, and the Function is what
+    refuses it). Otherwise the Function records nothing and only costs its per-call overhead (10-25 us)."""
+    return (tensor.requires_grad and torch.is_grad_enabled()) or getattr(forward_ad, "_current_level", 0) >= 0
 
 
 def backend_matrix_markdown() -> str:

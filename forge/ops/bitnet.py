@@ -97,9 +97,10 @@ def ternary_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend launchers. Signatures: ternary (w, per_channel, eps, dequantize) -> (out, scale per group);
-# act (x2d, eps, dequantize) -> (out, scale per row); pack (q2d); unpack (packed, in_features);
-# linear (x2d, packed, scale (1,) or (n,), eps) -> y2d.
+# Backend launchers. Signatures: ternary (w, per_channel, eps, dequantize) -> (out of w's shape, scale (groups,));
+# act (x (..., k), eps, dequantize) -> (out of x's shape, scale x.shape[:-1] or None when dequantize);
+# pack (q2d); unpack (packed, in_features); linear (x (..., k), packed, scale with 1 or n values, eps) -> y (..., n).
+# act and linear give rows of x holding NaN or Inf as the reference does: q = 0, dequantized values and y NaN.
 # ---------------------------------------------------------------------------------------------
 
 def _register(ops: tuple[str, ...], backend: str, needs_native: bool = True):
@@ -151,8 +152,8 @@ def _threads() -> int:
 def _ternary_cpu(w, per_channel, eps, dequantize):
     w = w.contiguous()
     groups = w.shape[0] if per_channel else 1
-    scale = torch.empty(groups, dtype=torch.float32)
-    out = torch.empty_like(w) if dequantize else torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(groups, dtype=torch.float32, device=w.device)
+    out = torch.empty_like(w, dtype=None if dequantize else torch.int8)  # w is contiguous: so is out
     _native.cpu_module().ternary_quant(w.data_ptr(), _native.dtype_code(w), groups, w.numel() // groups, eps,
                                        scale.data_ptr(), out.data_ptr(), dequantize, _threads())
     return out, scale
@@ -160,12 +161,16 @@ def _ternary_cpu(w, per_channel, eps, dequantize):
 
 @_register(ACT_OPS, "cpu")
 def _act_cpu(x, eps, dequantize):
-    x = x.contiguous()
-    scale = torch.empty(x.shape[0], dtype=torch.float32)
-    out = torch.empty_like(x) if dequantize else torch.empty(x.shape, dtype=torch.int8)
-    _native.cpu_module().act_quant(x.data_ptr(), _native.dtype_code(x), x.shape[0], x.shape[1], eps,
-                                   scale.data_ptr(), out.data_ptr(), x.shape[1], dequantize, _threads())
-    return out, scale
+    x, cols = x.contiguous(), x.shape[-1]
+    rows = x.numel() // cols
+    # Sizes as ints: a torch.Size argument costs ~3 us more. The dequantized output needs no scale (pointer 0).
+    scale = None if dequantize else torch.empty(rows, dtype=torch.float32, device=x.device)
+    out = torch.empty_like(x, dtype=None if dequantize else torch.int8)
+    _native.cpu_module().act_quant(x.data_ptr(), _native.dtype_code(x), rows, cols, eps,
+                                   0 if dequantize else scale.data_ptr(), out.data_ptr(), cols, dequantize, _threads())
+    if dequantize or x.dim() == 2:
+        return out, scale
+    return out, scale.view(x.shape[:-1])
 
 
 @_register(("pack_ternary",), "cpu")
@@ -187,10 +192,13 @@ def _unpack_cpu(packed, in_features):
 @_register(("ternary_linear",), "cpu")
 def _linear_cpu(x, packed, scale, eps):
     x, packed, scale = x.contiguous(), packed.contiguous(), scale.contiguous()
-    y = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype)
-    _native.cpu_module().ternary_linear(x.data_ptr(), _native.dtype_code(x), x.shape[0], x.shape[1],
-                                        packed.data_ptr(), packed.shape[0], scale.data_ptr(),
-                                        int(scale.numel() > 1), eps, y.data_ptr(), _threads())
+    k, n = x.shape[-1], packed.shape[0]
+    if x.dim() == 2:  # int sizes for the usual 2-dim x: a tuple argument costs ~1 us more
+        y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    _native.cpu_module().ternary_linear(x.data_ptr(), _native.dtype_code(x), x.numel() // k, k, packed.data_ptr(),
+                                        n, scale.data_ptr(), int(scale.numel() > 1), eps, y.data_ptr(), _threads())
     return y
 
 
@@ -220,13 +228,17 @@ def _act_cuda_into(x, eps, out, out_stride, dequantize):
 
 @_register(ACT_OPS, "cuda")
 def _act_cuda(x, eps, dequantize):
-    x = x.contiguous()
-    out = torch.empty_like(x) if dequantize else torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    return _act_cuda_into(x, eps, out, x.shape[1], dequantize)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(x2) if dequantize else torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    return _rows_as_reference(x, *_act_cuda_into(x2, eps, out, x2.shape[1], dequantize), dequantize)
 
 
 @_register(("ternary_linear",), "cuda")
 def _linear_cuda(x, packed, scale, eps):
+    return _rows_of(x, _linear_cuda_2d(x.reshape(-1, x.shape[-1]), packed, scale.reshape(-1), eps))
+
+
+def _linear_cuda_2d(x, packed, scale, eps):
     x, packed, scale = x.contiguous(), packed.contiguous(), scale.contiguous()
     kb = packed.shape[1]
     xq = torch.zeros(x.shape[0], 4 * kb, dtype=torch.int8, device=x.device)
@@ -253,14 +265,32 @@ def _ternary_triton(w, per_channel, eps, dequantize):
 def _act_triton(x, eps, dequantize):
     from forge.kernels.bitnet import act_quant_triton
 
-    return act_quant_triton(x.contiguous(), eps, dequantize)
+    out, scale = act_quant_triton(x.reshape(-1, x.shape[-1]).contiguous(), eps, dequantize)
+    return _rows_as_reference(x, out, scale, dequantize)
 
 
 @_register(("ternary_linear",), "triton")
 def _linear_triton(x, packed, scale, eps):
     from forge.kernels.bitnet import ternary_linear_triton
 
-    return ternary_linear_triton(x.contiguous(), packed.contiguous(), scale.contiguous(), eps)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return _rows_of(x, ternary_linear_triton(x2, packed.contiguous(), scale.reshape(-1).contiguous(), eps))
+
+
+def _rows_as_reference(x, out, scale, dequantize):
+    """A GPU or Triton act kernel's (rows, k) results in x's shape, rows whose scale is NaN or Inf (x held NaN or
+    Inf) as the reference has them: q = 0, q * scale = NaN. Those kernels clamp a NaN ratio to -127 instead; one
+    masked pass fixes that without a sync (the cpu kernel writes such rows itself)."""
+    out = out.masked_fill(~torch.isfinite(scale).reshape(-1, 1), float("nan") if dequantize else 0)
+    return out.reshape(x.shape), (None if dequantize else scale.reshape(x.shape[:-1]))
+
+
+def _rows_of(x, y):
+    """A GPU or Triton linear kernel's (rows, n) output in x's leading shape; a token row of x holding NaN or Inf
+    gives NaN outputs, as in the reference (those kernels may give +-Inf; the cpu kernel gives NaN itself)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = y.masked_fill(~torch.isfinite(x2).all(dim=1, keepdim=True), float("nan"))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,9 +378,10 @@ def _check_linear(x, packed, scale, out_features, eps) -> float:
         raise TypeError(f"scale must be a float32 tensor (from ternary_quant); got {getattr(scale, 'dtype', type(scale).__name__)}")
     if scale.numel() not in (1, out_features):
         raise ValueError(f"scale must hold 1 or out_features={out_features} values; got shape {tuple(scale.shape)}")
-    for name, t in (("packed", packed), ("scale", scale)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    device = x.device
+    if packed.device != device or scale.device != device:
+        name, t = ("packed", packed) if packed.device != device else ("scale", scale)
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
     return eps
 
 
@@ -366,17 +397,7 @@ def _run_ternary(w, per_channel, eps, backend, dequantize=False):
 
 def _run_act(x, eps, backend, dequantize=False):
     op = "ste_act_int8" if dequantize else "act_quant_int8"
-    out, scale = _dispatch.resolve(op, x.device, backend)(x.reshape(-1, x.shape[-1]), eps, dequantize)
-    if scale is not None:
-        out = _non_finite_rows_as_reference(out, scale, dequantize)
-    return out.reshape(x.shape), (None if scale is None else scale.reshape(x.shape[:-1]))
-
-
-def _non_finite_rows_as_reference(out, scale, dequantize):
-    """Rows whose scale is NaN or Inf (x held NaN or Inf) as the reference has them: q = 0, q * scale = NaN.
-    The kernels clamp a NaN ratio to -127 instead; one masked pass fixes that on every backend, without a sync."""
-    bad = ~torch.isfinite(scale).reshape(-1, 1)
-    return out.masked_fill(bad, float("nan") if dequantize else 0)
+    return _dispatch.resolve(op, x.device, backend)(x, eps, dequantize)
 
 
 @torch.library.custom_op("forge::ternary_quant", mutates_args=())
@@ -449,12 +470,7 @@ def _(x, packed, scale, out_features, eps, backend):
 
 def _linear_dispatch(x, packed, scale, out_features, eps, backend):
     _check_packed_codes(packed, x.shape[-1], f"x's {x.shape[-1]} features")
-    fn = _dispatch.resolve("ternary_linear", x.device, backend)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = fn(x2, packed, scale.reshape(-1), eps)
-    # A token row with NaN or Inf gives NaN outputs, as in the reference (the kernels may give +-Inf).
-    y = y.masked_fill(~torch.isfinite(x2).all(dim=1, keepdim=True), float("nan"))
-    return y.reshape(*x.shape[:-1], out_features)
+    return _dispatch.resolve("ternary_linear", x.device, backend)(x, packed, scale, eps)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -472,10 +488,14 @@ class _StraightThrough(torch.autograd.Function):
 # Eager implementations, with the signatures of the torch.library ops (for _dispatch.call_op).
 
 def _ste_ternary_eager(w, per_channel, eps, backend):
+    if not _dispatch.needs_autograd(w):  # no graph to record: the Function would only add its overhead
+        return _run_ternary(w, per_channel, eps, backend, dequantize=True)[0]
     return _StraightThrough.apply(w, lambda t: _run_ternary(t, per_channel, eps, backend, dequantize=True)[0])
 
 
 def _ste_act_eager(x, eps, backend):
+    if not _dispatch.needs_autograd(x):
+        return _run_act(x, eps, backend, dequantize=True)[0]
     return _StraightThrough.apply(x, lambda t: _run_act(t, eps, backend, dequantize=True)[0])
 
 
@@ -510,7 +530,7 @@ def ternary_quant(w: torch.Tensor, per_channel: bool = False, eps: float = EPS, 
     """
     eps = _check_weight(w, per_channel, eps)
     q, scale = _dispatch.call_op(_ternary_quant_op, _run_ternary, w, per_channel, eps, backend)
-    return q.reshape(w.shape), (scale.reshape(-1) if per_channel else scale.reshape(()))
+    return q, (scale if per_channel else scale.squeeze())  # q has w's shape, scale (groups,) from every backend
 
 
 def act_quant_int8(x: torch.Tensor, eps: float = EPS, backend: str = "auto"):

@@ -70,12 +70,16 @@ def reduce_rows(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str, v
     """Per-row losses (0 on masked rows) -> the reduction; batchmean/mean divide by the kept rows (at least 1)."""
     if reduction == "none":
         return rows.reshape(lead_shape)
+    if reduction == "batchmean" and mask is None and rows.is_cpu and rows.shape[0] > 0:
+        return rows.mean()  # on the CPU exactly sum / rows (torch's mean_out: sum_out, then div_), in one call
     total = rows.sum()
     if reduction == "sum":
         return total
-    kept = rows.new_tensor(float(rows.shape[0])) if mask is None else mask.sum().to(rows.dtype)
-    divisor = kept.clamp_min(1.0) * (vocab if reduction == "mean" else 1)
-    return total / divisor
+    per_row = vocab if reduction == "mean" else 1
+    if mask is None:  # a Python divisor: one op, where a count tensor took four (each a few us on tiny inputs)
+        return total / float(max(rows.shape[0], 1) * per_row)
+    kept = mask.sum().to(rows.dtype).clamp_min(1.0)
+    return total / (kept * per_row if per_row != 1 else kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +126,8 @@ def _check_logits(student, teacher) -> None:
 def rows_view(x: torch.Tensor) -> torch.Tensor:
     """x as (rows, vocab) with unit stride along the vocabulary: a view when possible, else a copy."""
     vocab = x.shape[-1]
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
     if x.dim() >= 1 and x.stride(-1) == 1:
         try:
             return x.view(-1, vocab)
@@ -139,6 +145,7 @@ class KLKernels:
     """One backend's row kernels, and the whole op on that backend (calling the object).
 
     forward(s, t, inv_t, keep) -> (loss, lse_s, lse_t): float32 (rows,), 0 on rows where keep is False.
+    loss_only(s, t, inv_t, keep) -> (loss, None, None), where nothing needs the backward (None: forward).
     backward(s, t, lse_s, lse_t, row_scale, inv_t, out): out <- (softmax(s*inv_t) - softmax(t*inv_t)) *
         row_scale[:, None], in out's dtype; out may be s itself (rows with row_scale 0 get zeros).
     s, t, out: (rows, vocab) with unit last stride; keep: contiguous bool (rows,) or None.
@@ -147,14 +154,24 @@ class KLKernels:
     name: str
     forward: Callable
     backward: Callable
+    loss_only: Callable | None = None
 
     def __call__(self, student, teacher, temperature, mask, reduction):
         if self.name == "torch":
             return kl_div_logits_reference(student, teacher, temperature, mask, reduction)
         keep = None if mask is None else mask.reshape(-1).contiguous()
-        loss, _, _ = _dispatch.call_op(_kl_div_rows_op, _KLRows.apply, rows_view(student), rows_view(teacher.detach()),
+        teacher = teacher.detach() if teacher.requires_grad else teacher
+        loss, _, _ = _dispatch.call_op(_kl_div_rows_op, self.rows_eager, rows_view(student), rows_view(teacher),
                                        1.0 / temperature, keep, self.name)
-        return reduce_rows(loss, keep, reduction, student.shape[-1], student.shape[:-1]).to(student.dtype)
+        loss = reduce_rows(loss, keep, reduction, student.shape[-1], student.shape[:-1])
+        return loss if loss.dtype == student.dtype else loss.to(student.dtype)
+
+    def rows_eager(self, student, teacher, inv_temperature, keep, backend):
+        """forge::kl_div_rows in eager mode: through _KLRows where autograd needs the backward, else the forward
+        kernel alone (the autograd.Function costs ~20 us a call on tiny inputs: benchmarks/op_overhead.py)."""
+        if _dispatch.needs_autograd(student):
+            return _KLRows.apply(student, teacher, inv_temperature, keep, backend)
+        return (self.loss_only or self.forward)(student, teacher, inv_temperature, keep)
 
 
 def _row_outputs(s: torch.Tensor):
@@ -184,6 +201,14 @@ def _forward_cpu(s, t, inv_t, keep):
     _native.cpu_module().kl_div_forward(*_cpu_args(s, t, keep, *out), s.shape[0], s.shape[1], s.stride(0),
                                         t.stride(0), _native.dtype_code(s), inv_t, torch.get_num_threads())
     return out
+
+
+def _loss_only_cpu(s, t, inv_t, keep):
+    """_forward_cpu without the two log-sum-exp outputs (pointers 0): two allocations fewer."""
+    loss = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)
+    _native.cpu_module().kl_div_forward(*_cpu_args(s, t, keep, loss), 0, 0, s.shape[0], s.shape[1], s.stride(0),
+                                        t.stride(0), _native.dtype_code(s), inv_t, torch.get_num_threads())
+    return loss, None, None
 
 
 def _backward_cpu(s, t, lse_s, lse_t, row_scale, inv_t, out):
@@ -223,9 +248,10 @@ def _backward_triton(s, t, lse_s, lse_t, row_scale, inv_t, out):
     kl_div_backward_triton(s, t, lse_s, lse_t, row_scale, inv_t, out)
 
 
-for _name, _fwd, _bwd in (("torch", _forward_torch, _backward_torch), ("cpu", _forward_cpu, _backward_cpu),
-                          ("triton", _forward_triton, _backward_triton), ("cuda", _forward_cuda, _backward_cuda)):
+for _name, _fwd, _bwd in (("torch", _forward_torch, _backward_torch), ("triton", _forward_triton, _backward_triton),
+                          ("cuda", _forward_cuda, _backward_cuda)):
     _dispatch.register("kl_div_logits", _name)(KLKernels(_name, _fwd, _bwd))
+_dispatch.register("kl_div_logits", "cpu")(KLKernels("cpu", _forward_cpu, _backward_cpu, _loss_only_cpu))
 
 
 def kernels_for(device: torch.device, backend: str = "auto") -> KLKernels:
@@ -324,6 +350,6 @@ def kl_div_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     """
     _check_logits(student_logits, teacher_logits)
     temperature = check_finite_number("temperature", temperature, low=0.0, low_open=True)
-    mask = check_mask(mask, student_logits.shape[:-1], student_logits.device)
+    mask = None if mask is None else check_mask(mask, student_logits.shape[:-1], student_logits.device)
     reduction = check_reduction(reduction)
     return kernels_for(student_logits.device, backend)(student_logits, teacher_logits, temperature, mask, reduction)

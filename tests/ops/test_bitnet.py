@@ -204,6 +204,26 @@ def test_non_finite_tokens_match_the_reference(backend):
     torch.testing.assert_close(y, ternary_linear(x, pack_ternary(qw), sw, 7, backend="torch"), equal_nan=True)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Triton's interpreter, on NaN
+@pytest.mark.parametrize("backend, dtype", cases("act_quant_int8"))
+def test_non_finite_tokens_in_every_dtype_and_leading_shape(backend, dtype):
+    """As above on a (2, 3, 16) x in each dtype: the kernels write the non-finite rows themselves (q = 0, NaN
+    dequantized values and outputs) wherever they sit among the leading dims."""
+    x = torch.randn(2, 3, 16).to(dtype)
+    x[0, 2, 5], x[1, 0, 0], x[1, 1, 15] = float("nan"), float("inf"), float("-inf")
+    bad = torch.tensor([[False, False, True], [True, True, False]])
+    q, scale = act_quant_int8(x, backend=backend)
+    _, want_scale = act_quant_int8(x, backend="torch")
+    assert q.shape == x.shape and scale.shape == (2, 3)
+    assert (q[bad] == 0).all() and torch.equal(scale.isfinite(), ~bad)
+    torch.testing.assert_close(scale, want_scale, equal_nan=True, rtol=1e-6, atol=0)
+    out = ste_act_int8(x, backend=backend)
+    assert out.dtype == dtype and out[bad].isnan().all() and out[~bad].isfinite().all()
+    qw, sw = ternary_quant(torch.randn(5, 16))
+    y = ternary_linear(x, pack_ternary(qw), sw, 5, backend=backend)
+    assert y.shape == (2, 3, 5) and y[bad].isnan().all() and y[~bad].isfinite().all()
+
+
 @pytest.mark.parametrize("backend", cpu_backends("ternary_linear"))
 @pytest.mark.parametrize("features", [21, 22, 23])
 def test_narrower_activation_than_the_packed_weight_is_refused(backend, features):

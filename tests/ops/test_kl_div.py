@@ -107,6 +107,29 @@ def test_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", cpu_backends("kl_div_logits"))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_without_a_gradient_matches_the_autograd_path(backend, reduction):
+    """A call with nothing to differentiate runs the forward kernel alone (on the cpu backend without its
+    log-sum-exp outputs): the same values bit for bit as through the autograd.Function, masked or not, and
+    against float64; batchmean without a mask is exactly the sum over the rows (one mean call on the CPU)."""
+    s, t = torch.randn(2, 5, 37) * 3, torch.randn(2, 5, 37) * 3
+    for mask in (None, torch.rand(2, 5) > 0.4):
+        tracked = kl_div_logits(s.clone().requires_grad_(), t, 1.5, mask=mask, reduction=reduction, backend=backend)
+        plain = kl_div_logits(s, t, 1.5, mask=mask, reduction=reduction, backend=backend)
+        with torch.no_grad():
+            no_grad = kl_div_logits(s.clone().requires_grad_(), t, 1.5, mask=mask, reduction=reduction, backend=backend)
+        assert tracked.requires_grad and not plain.requires_grad and not no_grad.requires_grad
+        assert torch.equal(plain, tracked.detach()) and torch.equal(no_grad, plain)
+        expected, _ = float64_kl(s, t, 1.5, mask, reduction)
+        scale = expected.abs().max().item() + 1e-30
+        torch.testing.assert_close(plain.double(), expected.detach(), rtol=1e-5, atol=1e-5 * scale)
+    for rows in range(1, 25) if reduction == "batchmean" else ():  # 1 / rows as a factor: off by an ulp on some
+        s, t = torch.randn(rows, 37) * 3, torch.randn(rows, 37) * 3
+        total = kl_div_logits(s, t, reduction="sum", backend=backend)
+        assert torch.equal(kl_div_logits(s, t, reduction="batchmean", backend=backend), total / rows)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("kl_div_logits"))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_rows_masked_gives_zero_and_zero_grad(backend, reduction):
     s = torch.randn(3, 4, 50, requires_grad=True)
     t = torch.randn(3, 4, 50)
