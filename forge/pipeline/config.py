@@ -253,6 +253,7 @@ class Phase5Config(Section):
     consecutive_for_mastery: int = Field(3, ge=1)
     max_hint: int = Field(0, ge=0)
     mix_fraction: float = Field(0.75, ge=0, le=1)
+    level_sampling: Literal["uniform", "edge"] = "uniform"   # levels of the mixed share; edge: favour 0.1-0.9 accuracy
     steps: int = Field(1200, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)

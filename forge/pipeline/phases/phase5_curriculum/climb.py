@@ -37,6 +37,17 @@ class ClimbLog:
     dreams: list[dict] = field(default_factory=list)     # {step, task, level, generated, kept, correct}
 
 
+EDGE_FLOOR = 0.1       # the edge sampler's weight of a level answered always or never right (0.5 weighs 1.1)
+EDGE_RATE = 0.05       # the running accuracy's update per answer (an exponential mean over about 20 answers)
+EDGE_PRIOR = 0.5       # the running accuracy before a level's first answer: every level weighs the same
+
+
+def edge_weights(accuracies: list[float], floor: float = EDGE_FLOOR) -> list[float]:
+    """Sampling weights of levels by accuracy: floor + 4a(1-a), highest for a level answered right half the time,
+    lowest (floor, never zero: mastered levels are still rehearsed) for one always or never right."""
+    return [floor + 4 * a * (1 - a) for a in accuracies]
+
+
 def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
@@ -47,7 +58,11 @@ class Climber:
     Each batch gives every task an equal share: `mix_fraction` of it drawn uniformly from all the task's levels
     (so nothing is forgotten and what lies ahead is seen: the "combined" curriculum of Zaremba & Sutskever
     2014, arXiv 1410.4615, where it beat both a plain curriculum and none), the rest from its current level's
-    pool; a task past the top level only mixes. Every `eval_every` steps each climbing task answers
+    pool; a task past the top level only mixes. With `level_sampling: edge` the mixed share's levels are drawn
+    by `edge_weights` of each level's running accuracy on its mixed training answers (before each step: the
+    greedy-exact flags of `train_step`), so the levels neither mastered nor hopeless get most of it (a
+    learning-progress teacher in the spirit of Matiisen et al. 2017, arXiv 1707.00183). Every `eval_every`
+    steps each climbing task answers
     `val_questions` held-out questions of its level; at `advance_accuracy` the level is passed, dreams
     consolidate it and the next level's pool opens.
     """
@@ -64,6 +79,7 @@ class Climber:
         for climb in self.climbs.values():
             self._open(climb)
         self._mix_cache: dict = {}
+        self.mix_accuracy = {(t, lv): EDGE_PRIOR for t in self.climbs for lv in range(1, cfg.num_levels + 1)}
         self.log, self.step = ClimbLog(), 0
 
     def _open(self, climb: TaskClimb) -> None:
@@ -72,34 +88,47 @@ class Climber:
         if climb.pool is not None:
             self.pools.append(climb.pool)
 
+    def mix_level(self, task: str) -> int:
+        """The level of one mixed question of `task`: uniform over all levels, or by `edge_weights`."""
+        levels = range(1, self.cfg.num_levels + 1)
+        if self.cfg.level_sampling == "uniform":
+            return self.rng.randint(1, self.cfg.num_levels)
+        weights = edge_weights([self.mix_accuracy[task, lv] for lv in levels])
+        return self.rng.choices(levels, weights)[0]
+
     def _mixed(self, task: str):
-        """A training question of `task` from a level drawn uniformly from all levels."""
-        level = self.rng.randint(1, self.cfg.num_levels)
+        """A training question of `task` from a level drawn by mix_level, and that level."""
+        level = self.mix_level(task)
         if (task, level) not in self._mix_cache:
             self._mix_cache[task, level] = level_examples(task, level, self.cfg.questions_per_level, "train", self.seed)
-        return self.rng.choice(self._mix_cache[task, level])
+        return self.rng.choice(self._mix_cache[task, level]), level
 
-    def _batch(self) -> tuple[list, list]:
+    def _batch(self) -> tuple[list, list, list]:
         """Every task an equal share of the batch: mix_fraction of it (all of it once the task is past the top)
-        from all its levels, the rest from its current level's pool."""
-        examples, asked = [], []
+        from all its levels, the rest from its current level's pool. Also (index, task, level) per mixed one."""
+        examples, asked, mixes = [], [], []
         for climb, share in zip(self.climbs.values(), _split(self.cfg.batch_size, len(self.climbs))):
             mixed = share if climb.pool is None else round(share * self.cfg.mix_fraction)
-            examples += [self._mixed(climb.task) for _ in range(mixed)]
+            for _ in range(mixed):
+                example, level = self._mixed(climb.task)
+                mixes.append((len(examples), climb.task, level))
+                examples.append(example)
             if climb.pool is not None:
                 for question in climb.pool.draw(self.rng, share - mixed):
                     asked.append((len(examples), climb.pool, question))
                     examples.append(question.prompt())
-        return examples, asked
+        return examples, asked, mixes
 
     def run(self) -> ClimbLog:
         while self.step < self.cfg.steps:
-            examples, asked = self._batch()
+            examples, asked, mixes = self._batch()
             loss, right = train_step(self.model, self.optimizer, examples, self.tokenizer, self.max_len)
             self.step += 1
             self.log.losses.append(loss)
             for index, pool, question in asked:
                 pool.record(question, right[index], self.cfg.consecutive_for_mastery, self.cfg.max_hint)
+            for index, task, level in mixes:
+                self.mix_accuracy[task, level] += EDGE_RATE * (right[index] - self.mix_accuracy[task, level])
             if self.on_step is not None:
                 self.on_step(self.step, loss, self.status())
             if self.step % self.cfg.eval_every == 0:
