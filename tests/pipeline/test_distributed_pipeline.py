@@ -108,7 +108,10 @@ def test_a_killed_rank_fails_the_run_at_once_and_resume_completes_it(tmp_path):
     proc.wait(timeout=TIMEOUT_S + 60)
     log = output.read_text()
     assert proc.returncode != 0 and time.monotonic() - killed < TIMEOUT_S, log[-3000:]
-    assert "another rank of this run failed, was killed or hangs" in log, log[-3000:]
+    # whichever comes first ends it with a clear error: rank 0's collective failing ("a collective failed: another
+    # rank of this run failed, was killed or hangs") or torchrun's SIGTERM ("stopped by torchrun (SIGTERM): another
+    # rank of this run failed or was killed"; seen in a CI run on a busy machine)
+    assert "another rank of this run failed" in log, log[-3000:]
     assert "Signal 9 (SIGKILL)" in log    # torchrun names the rank that died
     with ModelRegistry(runs / "registry.db") as registry:
         (session,) = registry.list_sessions()
