@@ -147,6 +147,31 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def gather_slices(mine: list[float], count: int) -> list[float]:
+    """The values of all `count` items on every rank, each rank having computed `mine` for its own
+    `world().slice_of(count)` (exact: every item is one rank's value plus zeros); `mine` itself on one rank."""
+    here = world()
+    part = here.slice_of(count)
+    if len(mine) != part.stop - part.start:
+        raise ValueError(f"gather_slices: rank {here.rank} holds {len(mine)} values for items {part.start}.."
+                         f"{part.stop - 1} of {count}")
+    if not here.active:
+        return list(mine)
+    full = [0.0] * count
+    full[part] = list(mine)
+    return all_sum(full)
+
+
+def gather_lists(mine: list) -> list:
+    """The concatenation, in rank order, of every rank's `mine` (picklable items), on every rank: with
+    `world().slice_of`'s contiguous shares, the items of the whole list in their order. `mine` on one rank."""
+    if not world().active:
+        return list(mine)
+    parts = [None] * world().size
+    dist.all_gather_object(parts, list(mine))
+    return [item for part in parts for item in part]
+
+
 def data_parallel(model: nn.Module) -> nn.Module:
     """The module to run forward passes through: DistributedDataParallel around `model` when several ranks
     train it (gradients averaged over ranks in backward), else `model` itself. Buffers (RoPE tables) are equal

@@ -18,6 +18,13 @@ from forge.pipeline.config import OptimizerConfig, load_config
 from forge.pipeline.phases.phase3_quietstar.rl_thoughts import ThoughtTrainer
 from forge.pipeline.phases.phase3_quietstar.thought_warmup import warm_up_thoughts
 from forge.pipeline.phases.phase3_quietstar.thoughts import ThoughtIds, thought_token_names
+from forge.pipeline.phases.phase5_curriculum.climb import Climber, train_uniform
+from forge.pipeline.phases.phase5_curriculum.curriculum import HINT, accuracy_table
+from forge.pipeline.phases.phase6_baking.toolformer import train_rows
+from forge.data.levels import level_examples
+from forge.data.tools import add_tool_tokens, answer_with_tool, encode_rows, sequence
+from forge.nn.svf import add_svf, expert_of
+from forge.pipeline.phases.phase7_experts.training import train_expert
 from forge.pipeline.phases.phase8_compression.stages import seedlm_stage, vptq_stage
 from forge.pipeline.training import make_optimizer, train_on_examples
 
@@ -91,13 +98,108 @@ def _rl_training(steps: int) -> dict:
     return {"stats": stats, "state": {k: v.clone() for k, v in model.state_dict().items()}, "rows": sum(trained)}
 
 
-def _worker(rank, world, init_file, out_dir):
+def _tool_model() -> tuple[CharTokenizer, Transformer]:
+    tools = CharTokenizer()
+    add_tool_tokens(tools)
+    torch.manual_seed(0)
+    return tools, Transformer(TransformerConfig(vocab_size=tools.vocab_size, dim=32, n_layers=2, n_heads=2, max_len=32))
+
+
+def _expert_base() -> dict:
+    """The weights of a model that answers about 70% of 1-digit additions (so sampled answers earn both rewards)."""
+    tools, model = _tool_model()
+    train_on_examples(model, make_optimizer(model, OptimizerConfig(), 0.01), level_examples("addition", 1, 400, "train", 0),
+                      tools, steps=200, batch_size=32, max_len=32, seed=1)
+    return model.state_dict()
+
+
+def _experts(base_state: dict) -> dict:
+    """Phase 7's expert training, both methods, with the KL term to the base on: batches of 5 (uneven over 2 and 3
+    ranks), training rows counted (the forwards with gradients; sampling runs without)."""
+    tools, base = _tool_model()
+    base.load_state_dict(base_state)
+    base.eval()
+    cfg = load_config(overrides=["phases.phase7.svf_steps=4", "phases.phase7.svf_batch_size=5", "phases.phase7.eval_every=2",
+                                 "phases.phase7.svf_lr=0.05"]).phases.phase7
+    cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"kl_coefficient": 0.1})})
+    train, val = level_examples("addition", 1, 40, "train", 9), level_examples("addition", 1, 10, "val", 9)
+    out = {}
+    for method in ("reinforce", "cross_entropy"):
+        svf, trained, losses = add_svf(base, 8), [], []
+        svf.register_forward_pre_hook(lambda module, args: trained.append(args[0].shape[0])
+                                      if torch.is_grad_enabled() else None)
+        got = train_expert(svf, base, train, val, tools, cfg, method=method, seed=3,
+                           true_rows=lambda exs: encode_rows([sequence(ex, tools) for ex in exs], tools.pad_id, 32),
+                           on_step=lambda step, loss, reward: losses.append(loss))
+        out[method] = {"expert": {n: z.clone() for n, z in expert_of(svf).items()}, "rewards": got["rewards"],
+                       "losses": losses, "trained": sum(trained), "val": got["val_accuracy"]}
+    return out
+
+
+def _tool_answers(base_state: dict) -> dict:
+    """Greedy answers with the calculator to 13 questions, through a plain callable (decoded by re-reading the
+    batch, so its first call holds every row this process answers)."""
+    tools, model = _tool_model()
+    model.load_state_dict(base_state)
+    fed = []
+
+    def plain(tokens):
+        fed.append(tokens.shape[0])
+        return model.eval()(tokens)
+    outs = answer_with_tool(plain, level_examples("addition", 1, 13, "test", 4), tools, 32)
+    return {"answers": [(o.ids, o.closed, o.calls, o.errors) for o in outs], "rows": fed[0] if fed else 0}
+
+
+def _curriculum(steps: int) -> dict:
+    """Phase 5's climb (batches of 7, a level check every 3 steps), a passed level's dreams (a batch of 2: none for
+    rank 0 of 3), its uniform control and its accuracy table (rows scored counted), and Phase 6's row training
+    (batches of 9)."""
+    tokenizer = CharTokenizer()
+    tokenizer.add_special_tokens([HINT])
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, max_len=40))
+    uniform, trained = copy.deepcopy(model), []
+    model.register_forward_pre_hook(lambda module, args: trained.append(args[0].shape[0]) if module.training else None)
+    cfg = load_config(overrides=[f"phases.phase5.steps={steps}", "phases.phase5.batch_size=7", "phases.phase5.num_levels=3",
+                                 "phases.phase5.eval_every=3", "phases.phase5.val_questions=9", "phases.phase5.questions_per_level=20",
+                                 "phases.phase5.dream_questions=5", "phases.phase5.dream_min_confidence=0.0"]).phases.phase5
+    climber = Climber(model, make_optimizer(model, OptimizerConfig(), 0.01), tokenizer, 40, {"addition": 1, "reversal": 2},
+                      cfg, seed=7)
+    climber.run()
+    climber.cfg = cfg.model_copy(update={"steps": steps + 1})   # room for one more step: the dreams' batch
+    climber._consolidate(climber.climbs["addition"])    # dreams: sampled alike on every rank, trained in one batch
+    scored, climbed = [], sum(trained)
+    hook = model.register_forward_pre_hook(lambda module, args: scored.append(args[0].shape[0]))
+    table = accuracy_table(model, ["addition", "reversal"], 3, 11, "test", 7, tokenizer, 40)
+    hook.remove()
+    pools = [(p.task, p.level, [(q.example.prompt, q.asked, q.streak) for q in p.active + p.retired])
+             for p in climber.pools]
+    climb = {"losses": climber.log.losses, "checks": climber.log.checks, "dreams": climber.log.dreams,
+             "state": {k: v.clone() for k, v in model.state_dict().items()}, "table": table, "scored": sum(scored),
+             "trained": climbed, "pools": pools}
+    losses = train_uniform(uniform, make_optimizer(uniform, OptimizerConfig(), 0.01), tokenizer, 40, ["addition"], cfg,
+                           7, steps)
+    climb["uniform"] = {"losses": losses, "state": {k: v.clone() for k, v in uniform.state_dict().items()}}
+    tools, tool = _tool_model()
+    rows = [sequence(ex, tools) for ex in make_examples(TASKS, 50, "train", 8)]
+    losses = train_rows(tool, make_optimizer(tool, OptimizerConfig(), 0.01), rows, tools, 32, steps=steps,
+                        batch_size=9, seed=2, what="rows")
+    climb["rows"] = {"losses": losses, "state": {k: v.clone() for k, v in tool.state_dict().items()}}
+    return climb
+
+
+def _everything(expert_base: dict) -> dict:
+    return {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4), "rl": _rl_training(3),
+            "curriculum": _curriculum(6), "experts": _experts(expert_base), "answers": _tool_answers(expert_base)}
+
+
+def _worker(rank, world, init_file, out_dir, base_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         outside = distributed.world()
         with distributed.phase_scope() as inside:
-            result = {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4), "rl": _rl_training(3)}
+            result = _everything(torch.load(base_file))
             try:
                 train_on_examples(_model(), make_optimizer(_model(), OptimizerConfig(), 0.01),
                                   make_examples(TASKS, 10, "train", 1), CharTokenizer(), steps=1,
@@ -113,14 +215,60 @@ def _worker(rank, world, init_file, out_dir):
 
 
 @pytest.fixture(scope="module")
-def single():
+def single(tmp_path_factory):
+    """One process's results, and the file of Phase 7's base weights (trained once, loaded by every rank)."""
+    base_file = tmp_path_factory.mktemp("expert") / "base.pt"
     with one_thread():
-        return {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4), "rl": _rl_training(3)}
+        torch.save(_expert_base(), base_file)
+        return {**_everything(torch.load(base_file)), "base_file": str(base_file)}
+
+
+def _phases_5_to_7_match(ranks: list[dict], single: dict) -> None:
+    out = ranks[0]
+    # Phases 5 and 6: every rank trains its slice of each batch and gets every row's greedy-exact flag, so the
+    # pools, the level checks and the dreams agree on all ranks and with one process; the accuracy table scores
+    # each question on one rank only (2 tasks x 3 levels x 11 questions), each training row is trained on one rank
+    cur, one = out["curriculum"], single["curriculum"]
+    assert len(cur["checks"]) == 4 and cur["dreams"][0]["kept"] == 2
+    assert sum(r["curriculum"]["scored"] for r in ranks) == one["scored"] == 66
+    assert sum(r["curriculum"]["trained"] for r in ranks) == one["trained"] == 6 * 7 + 2
+    for other in ranks:
+        mine = other["curriculum"]
+        for key in ("losses", "checks", "dreams", "table", "pools"):
+            assert mine[key] == cur[key], key
+        for got, expected in ((mine, cur), (mine["uniform"], cur["uniform"]), (mine["rows"], cur["rows"])):
+            assert got["losses"] == expected["losses"]
+            assert all(torch.equal(value, expected["state"][name]) for name, value in got["state"].items())
+    for key in ("checks", "dreams", "table", "pools"):
+        assert cur[key] == one[key], key
+    for got, expected in ((cur, one), (cur["uniform"], one["uniform"]), (cur["rows"], one["rows"])):
+        assert got["losses"] == pytest.approx(expected["losses"], rel=1e-4)
+        for name, value in got["state"].items():
+            torch.testing.assert_close(value, expected["state"][name], rtol=1e-4, atol=1e-4, msg=name)
+    # Phase 7: both methods train each rank's slice of every batch of 5 (REINFORCE on the same sampled answers), the
+    # same z-vectors, rewards and reported losses as one process
+    for method, expected in single["experts"].items():
+        got = out["experts"][method]
+        assert sum(r["experts"][method]["trained"] for r in ranks) == expected["trained"] == 4 * 5
+        if method == "reinforce":   # batches answered partly right: the policy term has a gradient
+            assert any(-1 < r < 1 for r in expected["rewards"]) and got["rewards"] == expected["rewards"]
+        for other in ranks:
+            assert other["experts"][method]["losses"] == got["losses"]
+            assert all(torch.equal(z, got["expert"][n]) for n, z in other["experts"][method]["expert"].items())
+        assert got["losses"] == pytest.approx(expected["losses"], rel=1e-4)
+        assert any(not torch.equal(z, torch.ones_like(z)) for z in expected["expert"].values())
+        for name, z in got["expert"].items():
+            torch.testing.assert_close(z, expected["expert"][name], rtol=1e-4, atol=1e-5, msg=f"{method} {name}")
+    # answers with the tool: each rank decodes its share of the questions, every rank gets all the answers
+    assert sum(r["answers"]["rows"] for r in ranks) == single["answers"]["rows"] == 13
+    assert all(r["answers"]["answers"] == single["answers"]["answers"] for r in ranks)
+    assert sum(closed for _, closed, _, _ in single["answers"]["answers"]) >= 10
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_sharing_every_batch_train_the_model_one_process_trains(tmp_path, single, world):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), single["base_file"]), nprocs=world,
+             join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for rank, out in enumerate(ranks):
         assert out["outside"] == distributed.SINGLE          # no collectives outside a phase
@@ -157,6 +305,7 @@ def test_ranks_sharing_every_batch_train_the_model_one_process_trains(tmp_path, 
         # embedding entries (the policy and KL shares left unscaled fail the reported losses above: checked)
         torch.testing.assert_close(value, single["rl"]["state"][name], rtol=1e-4, atol=2e-4,
                                    msg=lambda text, name=name: f"{name}: {text}")
+    _phases_5_to_7_match(ranks, single)
     # sharded evaluation counts every held-out question once, per task
     assert out["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-4)
     oracle, expected = out["oracle"], single["oracle"]

@@ -17,7 +17,7 @@ from forge.data.batching import IGNORE_INDEX, encode_batch, prompt_ids
 from forge.data.decoding import NextLogits, _logits, _model_device
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
-from forge.distributed import all_sum, world
+from forge.distributed import all_sum, gather_slices, world
 
 
 def _score_batch(model, examples, tokenizer, max_len, device) -> tuple[float, int, list[bool]]:
@@ -95,20 +95,22 @@ def evaluate(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_l
 def exact_matches(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int,
                   batch_size: int = 256) -> list[bool]:
     """Per example, whether the greedy answer is exactly the answer followed by <eos> (the exact-match
-    test of `evaluate`, one teacher-forced pass per batch)."""
+    test of `evaluate`, one teacher-forced pass per batch). Inside a phase run on several ranks each rank scores
+    its share of `examples` and every rank gets the flags of all of them."""
     check_positive_int("batch_size", batch_size)
     was_training = isinstance(model, torch.nn.Module) and model.training
     if isinstance(model, torch.nn.Module):
         model.eval()
     device, flags = _model_device(model), []
+    mine = examples[world().slice_of(len(examples))]
     try:
         with torch.no_grad():
-            for lo in range(0, len(examples), batch_size):
-                flags.extend(_score_batch(model, examples[lo: lo + batch_size], tokenizer, max_len, device)[2])
+            for lo in range(0, len(mine), batch_size):
+                flags.extend(_score_batch(model, mine[lo: lo + batch_size], tokenizer, max_len, device)[2])
     finally:
         if was_training:
             model.train()
-    return flags
+    return [bool(flag) for flag in gather_slices(flags, len(examples))]
 
 
 def _evaluate(model, examples, tokenizer, max_len, batch_size) -> dict:

@@ -26,6 +26,7 @@ from forge.data.decoding import NextLogits
 from forge.data.sampling import _check_temperature, draw
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
+from forge.distributed import gather_lists, world
 
 CALL, END_CALL, RESULT, END_RESULT, CALL_ERROR = "<calc>", "</calc>", "<result>", "</result>", "<calc_error>"
 TOOL_TOKENS = (CALL, END_CALL, RESULT, END_RESULT, CALL_ERROR)
@@ -138,12 +139,15 @@ def calculator_for(tokenizer: CharTokenizer) -> Tool | None:
 
 def answer_with_tool(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int, *,
                      tool: Tool | None = calculate, batch_size: int = 256) -> list[ToolOutput]:
-    """Greedy answers to `<bos> prompt <sep>` with the tool (or without it: tool=None), in batches."""
+    """Greedy answers to `<bos> prompt <sep>` with the tool (or without it: tool=None), in batches. Inside a phase
+    run on several ranks (forge.distributed) each rank answers its share of `examples` and every rank gets all the
+    answers."""
     out: list[ToolOutput] = []
-    for lo in range(0, len(examples), batch_size):
-        prefixes = [prompt_ids(ex, tokenizer) for ex in examples[lo: lo + batch_size]]
+    mine = examples[world().slice_of(len(examples))]
+    for lo in range(0, len(mine), batch_size):
+        prefixes = [prompt_ids(ex, tokenizer) for ex in mine[lo: lo + batch_size]]
         out.extend(generate(model, prefixes, tokenizer, max_len, tool=tool))
-    return out
+    return gather_lists(out)
 
 
 def call_ids(expression: str, tokenizer: CharTokenizer, tool: Tool | None = calculate,

@@ -112,18 +112,32 @@ def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, exampl
     ranks each trains on its slice of every batch, through DDP or an FSDP2 copy (module docstring)."""
     if not examples:
         raise ValueError("train_on_examples: no training examples")
-    rows = batch_rows(batch_size, "train_on_examples")
     batch = encode_batch(examples, tokenizer, max_len)
-    lengths = (batch.tokens != tokenizer.pad_id).sum(1)
-    batch = batch.to(model_device(model))
+    return train_on_tokens(model, optimizer, batch.tokens, batch.targets, tokenizer.pad_id, steps=steps,
+                           batch_size=batch_size, seed=seed, evaluate=evaluate, eval_every=eval_every,
+                           on_step=on_step)
+
+
+def train_on_tokens(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, targets: torch.Tensor,
+                    pad_id: int, *, steps: int, batch_size: int, seed: int,
+                    evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 0,
+                    on_step: Callable[[int, float], None] | None = None, what: str = "training") -> TrainingLog:
+    """`steps` optimizer steps on batches of `batch_size` rows of right-padded `tokens` / `targets` ([N, T], targets
+    already shifted, IGNORE_INDEX where nothing is trained), drawn with replacement by a generator seeded with `seed`
+    and trimmed to their longest row; `evaluate(model)` every `eval_every` steps and at the end. On several ranks
+    every rank draws the same rows and trains on its slice of them (module docstring)."""
+    rows = batch_rows(batch_size, what)
+    lengths = (tokens != pad_id).sum(1)
+    device = model_device(model)
+    tokens, targets = tokens.to(device), targets.to(device)
     generator = torch.Generator().manual_seed(seed)
     log = TrainingLog()
     with parallel_training(model, optimizer) as (net, sync):
 
         def loss_at(_step: int) -> torch.Tensor:
-            idx = torch.randint(len(examples), (batch_size,), generator=generator)
+            idx = torch.randint(len(tokens), (batch_size,), generator=generator)
             width = int(lengths[idx].max())
-            return rank_share_nll(net(batch.tokens[idx[rows], :width]), batch.targets[idx, :width], rows)
+            return rank_share_nll(net(tokens[idx[rows], :width]), targets[idx, :width], rows)
 
         def after(step: int, loss: float) -> None:
             if on_step is not None:
@@ -133,7 +147,7 @@ def train_on_examples(model: nn.Module, optimizer: torch.optim.Optimizer, exampl
                 log.evals.append((step, evaluate(model)))
                 net.train()
 
-        log.losses = optimize(net, optimizer, steps, loss_at, on_step=after)
+        log.losses = optimize(net, optimizer, steps, loss_at, what=what, on_step=after)
     return log
 
 

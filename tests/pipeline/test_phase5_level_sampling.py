@@ -34,7 +34,7 @@ def test_the_edge_sampler_draws_mostly_the_edge_level_and_uniform_does_not():
 
 
 def test_the_climb_learns_each_levels_accuracy_from_its_training_answers(monkeypatch):
-    def all_right(model, optimizer, examples, tokenizer, max_len):
+    def all_right(model, optimizer, examples, tokenizer, max_len, net):
         return 0.0, [True] * len(examples)
     monkeypatch.setattr(climb_module, "train_step", all_right)
     climber = _climber("edge", steps=40, eval_every=10_000)

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from forge.data.levels import level_examples
+from forge.distributed import data_parallel
 from forge.pipeline.phases.phase5_curriculum.curriculum import LevelPool, train_step
 from forge.pipeline.phases.phase5_curriculum.dreams import Dreams, dream
 from forge.data import exact_matches
@@ -71,6 +72,7 @@ class Climber:
                  on_step: Callable[[int, float, str], None] | None = None,
                  on_check: Callable[[dict], None] | None = None):
         self.model, self.optimizer, self.tokenizer, self.max_len = model, optimizer, tokenizer, max_len
+        self.net = data_parallel(model)     # the model itself in one process
         self.cfg, self.seed, self.on_step, self.on_check = cfg, seed, on_step, on_check
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
@@ -122,7 +124,7 @@ class Climber:
     def run(self) -> ClimbLog:
         while self.step < self.cfg.steps:
             examples, asked, mixes = self._batch()
-            loss, right = train_step(self.model, self.optimizer, examples, self.tokenizer, self.max_len)
+            loss, right = train_step(self.model, self.optimizer, examples, self.tokenizer, self.max_len, self.net)
             self.step += 1
             self.log.losses.append(loss)
             for index, pool, question in asked:
@@ -180,7 +182,7 @@ class Climber:
                 if self.step >= self.cfg.steps:
                     return
                 loss, _ = train_step(self.model, self.optimizer, order[lo: lo + self.cfg.batch_size],
-                                     self.tokenizer, self.max_len)
+                                     self.tokenizer, self.max_len, self.net)
                 self.step += 1
                 self.log.losses.append(loss)
 
@@ -192,10 +194,10 @@ def train_uniform(model, optimizer, tokenizer, max_len: int, tasks: list[str], c
     rng = random.Random(seed)
     pools = {(t, lv): level_examples(t, lv, cfg.questions_per_level, "train", seed)
              for t in tasks for lv in range(1, cfg.num_levels + 1)}
-    keys, losses = sorted(pools), []
+    keys, losses, net = sorted(pools), [], data_parallel(model)
     for step in range(1, steps + 1):
         examples = [rng.choice(pools[rng.choice(keys)]) for _ in range(cfg.batch_size)]
-        losses.append(train_step(model, optimizer, examples, tokenizer, max_len)[0])
+        losses.append(train_step(model, optimizer, examples, tokenizer, max_len, net)[0])
         if on_step is not None:
             on_step(step, losses[-1])
     return losses

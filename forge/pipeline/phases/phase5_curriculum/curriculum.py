@@ -11,6 +11,7 @@ every evaluation here uses plain held-out questions of the val or test split.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -18,8 +19,9 @@ import torch
 
 from forge.data import IGNORE_INDEX, Example, encode_batch, exact_matches
 from forge.data.levels import level_examples
+from forge.distributed import all_sum, gather_slices, world
 from forge.pipeline.devices import training_autocast
-from forge.pipeline.training import answer_nll
+from forge.pipeline.training import rank_share_nll
 
 HINT = "<hint>"
 
@@ -104,23 +106,28 @@ class LevelPool:
             self.retired.append(question)
 
 
-def train_step(model, optimizer, examples: list[Example], tokenizer, max_len: int) -> tuple[float, list[bool]]:
+def train_step(model, optimizer, examples: list[Example], tokenizer, max_len: int,
+               net=None) -> tuple[float, list[bool]]:
     """One optimizer step on the answers of `examples`; returns the loss and, per example, whether the
     model's greedy answer (before the step) was exactly right: the argmax at every answer position equals the
-    target under teacher forcing, which is what greedy decoding would produce."""
+    target under teacher forcing, which is what greedy decoding would produce. `net` is what the forward pass
+    runs through (default `model`; on several ranks its `forge.distributed.data_parallel` wrapper, made once): each
+    rank then trains its slice of the batch, and the loss and the flags returned are the whole batch's, on every
+    rank."""
     batch = encode_batch(examples, tokenizer, max_len)
-    device = next(model.parameters()).device
+    device, rows, ranks = next(model.parameters()).device, world().slice_of(len(examples)), world().size
     tokens, targets = batch.tokens.to(device), batch.targets.to(device)
     model.train()
     with training_autocast(model):
-        logits = model(tokens)
-        loss = answer_nll(logits, targets)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"phase 5 training loss became {loss.item()}")
-    answer = targets != IGNORE_INDEX
-    right = ((logits.detach().argmax(-1) == targets) | ~answer).all(dim=1).tolist()
+        logits = (model if net is None else net)(tokens[rows])
+        loss = rank_share_nll(logits, targets, rows)
+    value = loss.item() if ranks == 1 else all_sum([loss.item()])[0] / ranks
+    if not math.isfinite(value):
+        raise FloatingPointError(f"phase 5 training loss became {value}")
+    mine = targets[rows]
+    flags = ((logits.detach().argmax(-1) == mine) | (mine == IGNORE_INDEX)).all(dim=1).tolist()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     model.eval()
-    return loss.item(), right
+    return value, [bool(flag) for flag in gather_slices(flags, len(examples))]

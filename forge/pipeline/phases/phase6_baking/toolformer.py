@@ -30,7 +30,7 @@ from forge.data.calculator import CalculatorError, calculate
 from forge.data.evaluate import mean
 from forge.data.levels import level_examples
 from forge.data.tools import answer_with_tool, call_ids, encode_rows, sequence
-from forge.pipeline.training import answer_nll, optimize
+from forge.pipeline.training import train_on_tokens
 
 
 def candidate_calls(example: Example) -> list[str]:
@@ -122,18 +122,11 @@ def filter_calls(scorer, examples: list[Example], tokenizer, max_len: int, tau: 
 
 def train_rows(model, optimizer, rows, tokenizer, max_len: int, *, steps: int, batch_size: int, seed: int,
                what: str, on_step=None) -> list[float]:
-    """`steps` optimizer steps on (ids, trained) rows drawn with replacement by a seeded generator."""
+    """`steps` optimizer steps on (ids, trained) rows drawn with replacement by a seeded generator (on several
+    ranks, each trains its slice of every batch: forge.pipeline.training.train_on_tokens)."""
     tokens, targets = encode_rows(rows, tokenizer.pad_id, max_len)
-    lengths = (tokens != tokenizer.pad_id).sum(1)
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-
-    def loss_at(_step: int) -> torch.Tensor:
-        idx = torch.randint(len(rows), (batch_size,), generator=generator)
-        width = int(lengths[idx].max())
-        return answer_nll(model(tokens[idx, :width].to(device)), targets[idx, :width].to(device))
-
-    return optimize(model, optimizer, steps, loss_at, what=what, on_step=on_step)
+    return train_on_tokens(model, optimizer, tokens, targets, tokenizer.pad_id, steps=steps, batch_size=batch_size,
+                           seed=seed, what=what, on_step=on_step).losses
 
 
 def format_scorer(model, make_opt, examples: list[Example], tokenizer, max_len: int, *, steps: int,

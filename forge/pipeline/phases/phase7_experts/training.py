@@ -11,7 +11,9 @@ over the tokens the model wrote (not the tool's <result> ... </result>), the KL 
 incoming model. Cross-entropy: L = mean NLL of the true answer rows + the same KL term. Only the z-vectors' p
 train, through MuonGrokfast with the phase's settings: they are 1-D, so they take its AdamW path. As the
 paper does, the expert kept is the one with the best validation accuracy seen (checked every `eval_every`
-steps; the base itself, z = 1, counts as step 0).
+steps; the base itself, z = 1, counts as step 0). On several ranks (forge.distributed) every rank samples the same
+answers and trains its slice of each batch through DistributedDataParallel, each loss term scaled so that the
+averaged gradient is the one-process gradient of the whole batch.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from forge.data import IGNORE_INDEX
 from forge.data.batching import prompt_ids
 from forge.data.evaluate import mean
 from forge.data.tools import CALL_ERROR, END_RESULT, RESULT, encode_rows, generate
+from forge.distributed import all_sum, data_parallel, world
 from forge.nn.losses import kl_to_teacher
 from forge.nn.svf import expert_of, set_expert, svf_layers
 from forge.pipeline.devices import model_device
@@ -56,40 +59,54 @@ def written_rows(prefixes: list[list[int]], outputs, tokenizer) -> list[tuple[li
     return rows
 
 
-def kl_term(logits: torch.Tensor, base, tokens: torch.Tensor, targets: torch.Tensor, coefficient: float):
-    """coefficient · KL(π_base || π) per trained position (0 without a coefficient)."""
+def kl_term(logits: torch.Tensor, base, tokens: torch.Tensor, targets: torch.Tensor, coefficient: float,
+            positions: int | None = None):
+    """coefficient · KL(π_base || π) per trained position (0 without a coefficient). On several ranks `logits`,
+    `tokens` and `targets` are this rank's rows of a batch with `positions` trained positions in all: the term is
+    then this rank's share, scaled so that the mean over the ranks (what DDP averages) is the batch's term."""
     if coefficient == 0:
         return logits.new_zeros(())
+    mask = targets != IGNORE_INDEX
+    kept = int(mask.sum())
+    if kept == 0:          # no rows here (a batch smaller than the ranks): nothing to add, still on the graph
+        return logits.sum() * 0.0
     with torch.no_grad():
         base_logits = base(tokens).float()
-    mask = targets != IGNORE_INDEX
-    return coefficient * kl_to_teacher(logits[mask], base_logits[mask])
+    term = coefficient * kl_to_teacher(logits[mask], base_logits[mask])
+    return term if positions is None or not world().active else term * (kept * world().size / positions)
 
 
 def reinforce_step_loss(model, base, examples, tokenizer, max_len: int, kl_coefficient: float,
-                        generator: torch.Generator) -> tuple[torch.Tensor, float]:
-    """(REINFORCE loss of one sampled batch, its mean reward); see the module."""
+                        generator: torch.Generator, net=None) -> tuple[torch.Tensor, float]:
+    """(REINFORCE loss of one sampled batch, its mean reward); see the module. On several ranks every rank samples
+    the same answers and returns its rows' share of the loss (forward through `net`, the DDP wrapper)."""
     prefixes = [prompt_ids(ex, tokenizer) for ex in examples]
     outputs = generate(model, prefixes, tokenizer, max_len, temperature=1.0, generator=generator)
-    device = model_device(model)
+    device, here = model_device(model), world()
     rewards = torch.tensor([1.0 if o.correct(ex, tokenizer) else -1.0 for o, ex in zip(outputs, examples)],
                            device=device)
     tokens, targets = (t.to(device) for t in encode_rows(written_rows(prefixes, outputs, tokenizer),
                                                          tokenizer.pad_id, max_len))
-    logits = model(tokens).float()
-    logp = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none").sum(1)
+    mine = here.slice_of(len(examples))
+    logits = (net or model)(tokens[mine]).float()
+    logp = -F.cross_entropy(logits.transpose(1, 2), targets[mine], ignore_index=IGNORE_INDEX, reduction="none").sum(1)
     advantage = rewards - rewards.mean()
-    loss = -(advantage * logp).mean() + kl_term(logits, base, tokens, targets, kl_coefficient)
-    return loss, float(rewards.mean())
+    policy = -(advantage[mine] * logp).sum() * (here.size / len(examples))
+    positions = int((targets != IGNORE_INDEX).sum())
+    return policy + kl_term(logits, base, tokens[mine], targets[mine], kl_coefficient, positions), float(rewards.mean())
 
 
-def ce_step_loss(model, base, examples, true_rows, kl_coefficient: float) -> tuple[torch.Tensor, float]:
-    """(cross-entropy of the true answer rows `true_rows(examples)` + the KL term, nan: no reward)."""
-    from forge.pipeline.training import answer_nll
+def ce_step_loss(model, base, examples, true_rows, kl_coefficient: float, net=None) -> tuple[torch.Tensor, float]:
+    """(cross-entropy of the true answer rows `true_rows(examples)` + the KL term, nan: no reward); on several
+    ranks this rank's share of it, as `reinforce_step_loss`."""
+    from forge.pipeline.training import rank_share_nll
 
     tokens, targets = (t.to(model_device(model)) for t in true_rows(examples))
-    logits = model(tokens).float()
-    return answer_nll(logits, targets) + kl_term(logits, base, tokens, targets, kl_coefficient), float("nan")
+    mine = world().slice_of(len(examples))
+    logits = (net or model)(tokens[mine]).float()
+    positions = int((targets != IGNORE_INDEX).sum())
+    return (rank_share_nll(logits, targets, mine)
+            + kl_term(logits, base, tokens[mine], targets[mine], kl_coefficient, positions), float("nan"))
 
 
 def train_expert(model, base, train, val, tokenizer, cfg, *, method: str, true_rows, seed: int,
@@ -102,7 +119,7 @@ def train_expert(model, base, train, val, tokenizer, cfg, *, method: str, true_r
     max_len = model.config.max_len
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     optimizer = svf_optimizer(model, cfg.optimizer, cfg.svf_lr)
-    params = [layer.p for layer in svf_layers(model).values()]
+    params, net = [layer.p for layer in svf_layers(model).values()], data_parallel(model)
     best = {"val_accuracy": _accuracy(model, val, tokenizer, max_len), "best_step": 0, "expert": expert_of(model)}
     base_val, rewards = best["val_accuracy"], []
     for step in range(1, cfg.svf_steps + 1):
@@ -110,16 +127,16 @@ def train_expert(model, base, train, val, tokenizer, cfg, *, method: str, true_r
         model.train()
         if method == "reinforce":
             loss, reward = reinforce_step_loss(model, base, batch, tokenizer, max_len, cfg.optimizer.kl_coefficient,
-                                               generator)
+                                               generator, net)
         else:
-            loss, reward = ce_step_loss(model, base, batch, true_rows, cfg.optimizer.kl_coefficient)
+            loss, reward = ce_step_loss(model, base, batch, true_rows, cfg.optimizer.kl_coefficient, net)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         rewards.append(reward)
-        if on_step is not None:
-            on_step(step, float(loss.detach()), reward)
+        if on_step is not None:    # the batch's loss: the mean of the ranks' shares
+            on_step(step, all_sum([float(loss.detach())])[0] / world().size, reward)
         if step % cfg.eval_every == 0 or step == cfg.svf_steps:
             accuracy = _accuracy(model, val, tokenizer, max_len)
             if accuracy > best["val_accuracy"]:
