@@ -25,6 +25,7 @@ from forge.data.levels import level_examples
 from forge.data.tools import add_tool_tokens, answer_with_tool, encode_rows, sequence
 from forge.nn.svf import add_svf, expert_of
 from forge.pipeline.phases.phase7_experts.training import train_expert
+from forge.pipeline.phases.phase8_compression.finetune import distill, teacher_targets
 from forge.pipeline.phases.phase8_compression.stages import seedlm_stage, vptq_stage
 from forge.pipeline.training import make_optimizer, train_on_examples
 
@@ -150,6 +151,19 @@ def _tool_answers(base_state: dict) -> dict:
     return {"answers": [(o.ids, o.closed, o.calls, o.errors) for o in outs], "rows": fed[0] if fed else 0}
 
 
+def _distilled(base_state: dict) -> dict:
+    """Phase 8's distillation: a fresh model learns the trained one's answers (teacher_targets: its own greedy
+    answers) in batches of 5, training rows counted."""
+    tools, teacher = _tool_model()
+    teacher.load_state_dict(base_state)
+    targets = teacher_targets(teacher, level_examples("addition", 1, 30, "train", 5), tools, 32)
+    _, student = _tool_model()
+    trained = []
+    student.register_forward_pre_hook(lambda module, args: trained.append(args[0].shape[0]))
+    losses = distill(student, list(student.parameters()), targets, steps=4, batch_size=5, lr=0.01, seed=6)
+    return {"losses": losses, "trained": sum(trained), "state": {k: v.clone() for k, v in student.state_dict().items()}}
+
+
 def _curriculum(steps: int) -> dict:
     """Phase 5's climb (batches of 7, a level check every 3 steps), a passed level's dreams (a batch of 2: none for
     rank 0 of 3), its uniform control and its accuracy table (rows scored counted), and Phase 6's row training
@@ -190,7 +204,8 @@ def _curriculum(steps: int) -> dict:
 
 def _everything(expert_base: dict) -> dict:
     return {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4), "rl": _rl_training(3),
-            "curriculum": _curriculum(6), "experts": _experts(expert_base), "answers": _tool_answers(expert_base)}
+            "curriculum": _curriculum(6), "experts": _experts(expert_base), "answers": _tool_answers(expert_base),
+            "distilled": _distilled(expert_base)}
 
 
 def _worker(rank, world, init_file, out_dir, base_file):
@@ -223,7 +238,7 @@ def single(tmp_path_factory):
         return {**_everything(torch.load(base_file)), "base_file": str(base_file)}
 
 
-def _phases_5_to_7_match(ranks: list[dict], single: dict) -> None:
+def _phases_5_to_8_match(ranks: list[dict], single: dict) -> None:
     out = ranks[0]
     # Phases 5 and 6: every rank trains its slice of each batch and gets every row's greedy-exact flag, so the
     # pools, the level checks and the dreams agree on all ranks and with one process; the accuracy table scores
@@ -263,6 +278,13 @@ def _phases_5_to_7_match(ranks: list[dict], single: dict) -> None:
     assert sum(r["answers"]["rows"] for r in ranks) == single["answers"]["rows"] == 13
     assert all(r["answers"]["answers"] == single["answers"]["answers"] for r in ranks)
     assert sum(closed for _, closed, _, _ in single["answers"]["answers"]) >= 10
+    # Phase 8's distillation: each rank its slice of every batch of 5, the KL weighted by its answer positions
+    got, expected = out["distilled"], single["distilled"]
+    assert sum(r["distilled"]["trained"] for r in ranks) == expected["trained"] == 4 * 5
+    assert all(r["distilled"]["losses"] == got["losses"] for r in ranks)
+    assert got["losses"] == pytest.approx(expected["losses"], rel=1e-4)
+    for name, value in got["state"].items():
+        torch.testing.assert_close(value, expected["state"][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -305,7 +327,7 @@ def test_ranks_sharing_every_batch_train_the_model_one_process_trains(tmp_path, 
         # embedding entries (the policy and KL shares left unscaled fail the reported losses above: checked)
         torch.testing.assert_close(value, single["rl"]["state"][name], rtol=1e-4, atol=2e-4,
                                    msg=lambda text, name=name: f"{name}: {text}")
-    _phases_5_to_7_match(ranks, single)
+    _phases_5_to_8_match(ranks, single)
     # sharded evaluation counts every held-out question once, per task
     assert out["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-4)
     oracle, expected = out["oracle"], single["oracle"]

@@ -32,13 +32,12 @@ from forge.nn.losses import kl_to_teacher
 from forge.nn.svf import expert_of, set_expert, svf_layers
 from forge.pipeline.devices import model_device
 from forge.pipeline.phases.phase7_experts.discovery import correct_flags
+from forge.pipeline.training import make_optimizer, rank_share_mean, rank_share_nll
 
 
 def svf_optimizer(model: nn.Module, settings, lr: float):
     """MuonGrokfast over the p vectors of `model`'s SVF layers alone (1-D: the AdamW path), from a phase's
     `optimizer:` block; the frozen base weights are not handed to it, so QK-clip never touches them."""
-    from forge.pipeline.training import make_optimizer
-
     holder = nn.ParameterList([layer.p for layer in svf_layers(model).values()])
     return make_optimizer(holder, settings, lr)
 
@@ -73,7 +72,7 @@ def kl_term(logits: torch.Tensor, base, tokens: torch.Tensor, targets: torch.Ten
     with torch.no_grad():
         base_logits = base(tokens).float()
     term = coefficient * kl_to_teacher(logits[mask], base_logits[mask])
-    return term if positions is None or not world().active else term * (kept * world().size / positions)
+    return term if positions is None else rank_share_mean(term, kept, positions)
 
 
 def reinforce_step_loss(model, base, examples, tokenizer, max_len: int, kl_coefficient: float,
@@ -99,8 +98,6 @@ def reinforce_step_loss(model, base, examples, tokenizer, max_len: int, kl_coeff
 def ce_step_loss(model, base, examples, true_rows, kl_coefficient: float, net=None) -> tuple[torch.Tensor, float]:
     """(cross-entropy of the true answer rows `true_rows(examples)` + the KL term, nan: no reward); on several
     ranks this rank's share of it, as `reinforce_step_loss`."""
-    from forge.pipeline.training import rank_share_nll
-
     tokens, targets = (t.to(model_device(model)) for t in true_rows(examples))
     mine = world().slice_of(len(examples))
     logits = (net or model)(tokens[mine]).float()

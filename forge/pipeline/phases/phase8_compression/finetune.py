@@ -20,6 +20,7 @@ from torch import nn
 
 from forge.data.batching import prompt_ids
 from forge.data.tools import answer_with_tool, calculator_for
+from forge.distributed import data_parallel, world
 from forge.nn.compress.coded import CodedLinear, coded_layers, set_module
 from forge.nn.compress.vptq import VQCodes
 from forge.nn.losses import kl_to_teacher
@@ -102,15 +103,24 @@ def teacher_targets(teacher: nn.Module, examples, tokenizer, max_len: int) -> tu
 
 def distill(student: nn.Module, params, targets, *, steps: int, batch_size: int, lr: float, seed: int,
             on_step=None) -> list[float]:
-    """`steps` AdamW steps of KL(teacher || student) on random batches of `targets` (teacher_targets)."""
-    from forge.pipeline.training import optimize
+    """`steps` AdamW steps of KL(teacher || student) on random batches of `targets` (teacher_targets). On several
+    ranks (forge.distributed) every rank draws the same rows and trains its slice of them through DDP, its KL
+    weighted by its share of the batch's answer positions."""
+    from forge.pipeline.training import optimize, rank_share_mean
 
     tokens, mask, logits = targets
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    net, size = data_parallel(student), min(batch_size, len(tokens))
+    part = world().slice_of(size)
 
     def loss_at(_step: int) -> torch.Tensor:
-        rows = torch.randint(0, len(tokens), (min(batch_size, len(tokens)),), generator=generator)
-        return kl_to_teacher(student(tokens[rows])[mask[rows]], logits[rows][mask[rows]])
+        rows = torch.randint(0, len(tokens), (size,), generator=generator)
+        mine = rows[part]
+        out, kept = net(tokens[mine]), mask[mine]
+        if not kept.any():   # no answer position here: nothing to add, but DDP needs this rank's backward
+            return out.sum() * 0.0
+        kl = kl_to_teacher(out[kept], logits[mine][kept])
+        return rank_share_mean(kl, int(kept.sum()), int(mask[rows].sum()))
 
-    return optimize(student, optimizer, steps, loss_at, on_step=on_step)
+    return optimize(net, optimizer, steps, loss_at, on_step=on_step)
