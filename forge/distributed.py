@@ -18,6 +18,9 @@ model itself (whole on every rank throughout) gets the trained weights back when
 ever sees a sharded tensor.
 
 Outside `phase_scope` (a handoff check, the CLI, a test) everything is single-process, even under torchrun.
+Inside it, the split functions (the training loops, `forge.data.evaluate` / `exact_matches`,
+`forge.data.tools.answer_with_tool`) are collectives: every rank must call them in the same order, so never from
+work dealt to one rank (Phase 8's per-layer searches), where the other ranks would wait until the timeout.
 """
 from __future__ import annotations
 
