@@ -150,6 +150,13 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def ranks_mean(value: float | torch.Tensor) -> float:
+    """The mean over the ranks of each rank's `value` (a float or a one-element tensor), the same on every rank;
+    the value itself on one rank. What a trainer reports as a data-parallel batch's loss."""
+    value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    return value if not world().active else all_sum([value])[0] / world().size
+
+
 def gather_slices(mine: list[float], count: int) -> list[float]:
     """The values of all `count` items on every rank, each rank having computed `mine` for its own
     `world().slice_of(count)` (exact: every item is one rank's value plus zeros); `mine` itself on one rank."""

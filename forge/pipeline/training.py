@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge.data import IGNORE_INDEX, encode_batch
-from forge.distributed import all_sum, optimizer_sharing, parallel_training, world
+from forge.distributed import optimizer_sharing, parallel_training, ranks_mean, world
 from forge.pipeline.devices import model_device, training_autocast
 
 
@@ -69,11 +69,16 @@ def rank_share_nll(logits: torch.Tensor, targets: torch.Tensor, rows: slice) -> 
 
 
 def rank_share_mean(mean: torch.Tensor, count: int, total: int) -> torch.Tensor:
-    """A mean over this rank's `count` items (count > 0) as its share of the mean over the batch's `total` items:
-    scaled by count x ranks / total, so that the mean over the ranks (what DDP averages) is the batch's mean. In one
-    process, `mean` itself."""
+    """A mean over this rank's `count` items as its share of the mean over the batch's `total` items: scaled by
+    count x ranks / total, so that the mean over the ranks (what DDP averages) is the batch's mean. With no items
+    here (count 0: `mean` is then NaN or anything), a zero that stays on the graph, so DDP still gets this rank's
+    backward. In one process, `mean` itself."""
     here = world()
-    return mean if not here.active else mean * (count * here.size / total)
+    if not here.active:
+        return mean
+    if count == 0:
+        return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+    return mean * (count * here.size / total)
 
 
 def forward_together(net: nn.Module, pad_id: int, *batches: torch.Tensor) -> list[torch.Tensor]:
@@ -94,12 +99,11 @@ def optimize(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, los
     several ranks the loss reported (and checked) is the mean of the ranks' losses, the same on every rank. Each
     `loss_at` runs under forge.pipeline.devices.training_autocast (bf16 where hardware.precision says so)."""
     losses: list[float] = []
-    ranks = world().size
     model.train()
     for step in range(1, steps + 1):
         with training_autocast(model):
             loss = loss_at(step)
-        value = loss.item() if ranks == 1 else all_sum([loss.item()])[0] / ranks
+        value = ranks_mean(loss)
         if not math.isfinite(value):
             raise FloatingPointError(f"{what} loss became {value} at step {step}")
         optimizer.zero_grad(set_to_none=True)

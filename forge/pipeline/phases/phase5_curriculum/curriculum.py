@@ -19,7 +19,7 @@ import torch
 
 from forge.data import IGNORE_INDEX, Example, encode_batch, exact_matches
 from forge.data.levels import level_examples
-from forge.distributed import all_sum, gather_slices, world
+from forge.distributed import gather_slices, ranks_mean, world
 from forge.pipeline.devices import training_autocast
 from forge.pipeline.training import rank_share_nll
 
@@ -115,13 +115,13 @@ def train_step(model, optimizer, examples: list[Example], tokenizer, max_len: in
     rank then trains its slice of the batch, and the loss and the flags returned are the whole batch's, on every
     rank."""
     batch = encode_batch(examples, tokenizer, max_len)
-    device, rows, ranks = next(model.parameters()).device, world().slice_of(len(examples)), world().size
+    device, rows = next(model.parameters()).device, world().slice_of(len(examples))
     tokens, targets = batch.tokens.to(device), batch.targets.to(device)
     model.train()
     with training_autocast(model):
         logits = (model if net is None else net)(tokens[rows])
         loss = rank_share_nll(logits, targets, rows)
-    value = loss.item() if ranks == 1 else all_sum([loss.item()])[0] / ranks
+    value = ranks_mean(loss)
     if not math.isfinite(value):
         raise FloatingPointError(f"phase 5 training loss became {value}")
     mine = targets[rows]

@@ -27,7 +27,7 @@ from forge.data import IGNORE_INDEX
 from forge.data.batching import prompt_ids
 from forge.data.evaluate import mean
 from forge.data.tools import CALL_ERROR, END_RESULT, RESULT, encode_rows, generate
-from forge.distributed import all_sum, data_parallel, world
+from forge.distributed import data_parallel, ranks_mean, world
 from forge.nn.losses import kl_to_teacher
 from forge.nn.svf import expert_of, set_expert, svf_layers
 from forge.pipeline.devices import model_device
@@ -66,13 +66,10 @@ def kl_term(logits: torch.Tensor, base, tokens: torch.Tensor, targets: torch.Ten
     if coefficient == 0:
         return logits.new_zeros(())
     mask = targets != IGNORE_INDEX
-    kept = int(mask.sum())
-    if kept == 0:          # no rows here (a batch smaller than the ranks): nothing to add, still on the graph
-        return logits.sum() * 0.0
     with torch.no_grad():
         base_logits = base(tokens).float()
     term = coefficient * kl_to_teacher(logits[mask], base_logits[mask])
-    return term if positions is None else rank_share_mean(term, kept, positions)
+    return term if positions is None else rank_share_mean(term, int(mask.sum()), positions)
 
 
 def reinforce_step_loss(model, base, examples, tokenizer, max_len: int, kl_coefficient: float,
@@ -133,7 +130,7 @@ def train_expert(model, base, train, val, tokenizer, cfg, *, method: str, true_r
         optimizer.step()
         rewards.append(reward)
         if on_step is not None:    # the batch's loss: the mean of the ranks' shares
-            on_step(step, all_sum([float(loss.detach())])[0] / world().size, reward)
+            on_step(step, ranks_mean(loss), reward)
         if step % cfg.eval_every == 0 or step == cfg.svf_steps:
             accuracy = _accuracy(model, val, tokenizer, max_len)
             if accuracy > best["val_accuracy"]:

@@ -118,8 +118,6 @@ def distill(student: nn.Module, params, targets, *, steps: int, batch_size: int,
         rows = torch.randint(0, len(tokens), (size,), generator=generator)
         mine = rows[part]
         out, kept = net(tokens[mine]), mask[mine]
-        if not kept.any():   # no answer position here: nothing to add, but DDP needs this rank's backward
-            return out.sum() * 0.0
         kl = kl_to_teacher(out[kept], logits[mine][kept])
         return rank_share_mean(kl, int(kept.sum()), int(mask[rows].sum()))
 
