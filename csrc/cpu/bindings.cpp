@@ -42,6 +42,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("rows"), py::arg("vocab"), py::arg("s_stride"),
         py::arg("t_stride"), py::arg("dtype"), py::arg("inv_t"), py::arg("num_threads"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("kl_div_reduce", &forge::kl_div_reduce_cpu, py::arg("loss"), py::arg("mask"), py::arg("rows"),
+        py::arg("vocab"), py::arg("reduction"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def("kl_div_loss", &forge::kl_div_loss_cpu, py::arg("student"), py::arg("teacher"), py::arg("mask"),
+        py::arg("rows"), py::arg("vocab"), py::arg("s_stride"), py::arg("t_stride"), py::arg("dtype"),
+        py::arg("inv_t"), py::arg("reduction"), py::arg("out"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("kl_div_backward", &forge::kl_div_backward_cpu, py::arg("student"), py::arg("teacher"), py::arg("lse_s"),
         py::arg("lse_t"), py::arg("row_scale"), py::arg("grad"), py::arg("rows"), py::arg("vocab"),
         py::arg("s_stride"), py::arg("t_stride"), py::arg("g_stride"), py::arg("dtype"), py::arg("inv_t"),

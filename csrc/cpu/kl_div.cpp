@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <vector>
 
 #include "cpu/common.h"
 
@@ -196,6 +197,34 @@ void kl_div_forward_cpu(uintptr_t student, uintptr_t teacher, uintptr_t mask, ui
        reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<float*>(loss), reinterpret_cast<float*>(lse_s),
        reinterpret_cast<float*>(lse_t), begin, end, vocab, s_stride, t_stride, inv_t);
   });
+}
+
+double kl_div_reduce_cpu(uintptr_t loss, uintptr_t mask, int64_t rows, int64_t vocab, int reduction, uintptr_t out) {
+  if (reduction < 1 || reduction > 3) throw std::invalid_argument("forge._C.kl_div_reduce: bad reduction code");
+  const float* values = reinterpret_cast<const float*>(loss);
+  const uint8_t* keep = reinterpret_cast<const uint8_t*>(mask);
+  double total = 0.0;
+  int64_t kept = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    total += values[r];
+    kept += keep ? (keep[r] != 0) : 1;
+  }
+  float sum = static_cast<float>(total);
+  float divisor = 1.0f;
+  if (reduction != 1) divisor = static_cast<float>(std::max<int64_t>(kept, 1) * (reduction == 2 ? vocab : 1));
+  *reinterpret_cast<float*>(out) = reduction == 1 ? sum : sum / divisor;
+  return divisor;
+}
+
+double kl_div_loss_cpu(uintptr_t student, uintptr_t teacher, uintptr_t mask, int64_t rows, int64_t vocab,
+                       int64_t s_stride, int64_t t_stride, int dtype, float inv_t, int reduction, uintptr_t out,
+                       int num_threads) {
+  float small[64];
+  std::vector<float> large(rows > 64 ? rows : 0);
+  float* losses = rows > 64 ? large.data() : small;
+  kl_div_forward_cpu(student, teacher, mask, reinterpret_cast<uintptr_t>(losses), 0, 0, rows, vocab, s_stride,
+                     t_stride, dtype, inv_t, num_threads);
+  return kl_div_reduce_cpu(reinterpret_cast<uintptr_t>(losses), mask, rows, vocab, reduction, out);
 }
 
 void kl_div_backward_cpu(uintptr_t student, uintptr_t teacher, uintptr_t lse_s, uintptr_t lse_t, uintptr_t row_scale,

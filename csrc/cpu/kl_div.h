@@ -18,4 +18,15 @@ void kl_div_backward_cpu(uintptr_t student, uintptr_t teacher, uintptr_t lse_s, 
                          uintptr_t grad, int64_t rows, int64_t vocab, int64_t s_stride, int64_t t_stride,
                          int64_t g_stride, int dtype, float inv_t, int num_threads);
 
+// The reduction of per-row losses (0 on masked rows) into *out: reduction 1 = sum, 2 = mean (over kept rows x
+// vocab), 3 = batchmean (over kept rows; mask 0 keeps all). Sums in double in row order (the same value whatever
+// the thread count), rounds the sum to float, then divides in float by the divisor (at least 1), which it returns.
+double kl_div_reduce_cpu(uintptr_t loss, uintptr_t mask, int64_t rows, int64_t vocab, int reduction, uintptr_t out);
+
+// kl_div_forward_cpu and kl_div_reduce_cpu in one call, for a loss nothing differentiates: the per-row losses
+// live in a scratch buffer, *out gets the reduced loss (float32). Returns the divisor.
+double kl_div_loss_cpu(uintptr_t student, uintptr_t teacher, uintptr_t mask, int64_t rows, int64_t vocab,
+                       int64_t s_stride, int64_t t_stride, int dtype, float inv_t, int reduction, uintptr_t out,
+                       int num_threads);
+
 }  // namespace forge

@@ -32,6 +32,7 @@ from forge.ops import _dispatch
 from forge.ops._validate import check_finite_number, check_float_tensor
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
+REDUCTION_CODES = {"sum": 1, "mean": 2, "batchmean": 3}   # forge._C.kl_div_reduce's codes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +149,10 @@ class KLKernels:
     loss_only(s, t, inv_t, keep) -> (loss, None, None), where nothing needs the backward (None: forward).
     backward(s, t, lse_s, lse_t, row_scale, inv_t, out): out <- (softmax(s*inv_t) - softmax(t*inv_t)) *
         row_scale[:, None], in out's dtype; out may be s itself (rows with row_scale 0 get zeros).
+    reduce(loss, keep, vocab, reduction) -> (0-dim float32 loss, divisor): the reduction ("sum", "mean",
+        "batchmean") of per-row losses; reduced_loss(s, t, inv_t, keep, reduction) -> the same from the logits
+        in one call, where nothing needs the backward. Where a backend has them (cpu), every eager reduced call
+        reduces through them, with or without autograd, so both give the same value bit for bit.
     s, t, out: (rows, vocab) with unit last stride; keep: contiguous bool (rows,) or None.
     """
 
@@ -155,16 +160,28 @@ class KLKernels:
     forward: Callable
     backward: Callable
     loss_only: Callable | None = None
+    reduce: Callable | None = None
+    reduced_loss: Callable | None = None
 
     def __call__(self, student, teacher, temperature, mask, reduction):
         if self.name == "torch":
             return kl_div_logits_reference(student, teacher, temperature, mask, reduction)
         keep = None if mask is None else mask.reshape(-1).contiguous()
         teacher = teacher.detach() if teacher.requires_grad else teacher
-        loss, _, _ = _dispatch.call_op(_kl_div_rows_op, self.rows_eager, rows_view(student), rows_view(teacher),
-                                       1.0 / temperature, keep, self.name)
-        loss = reduce_rows(loss, keep, reduction, student.shape[-1], student.shape[:-1])
+        s, t = rows_view(student), rows_view(teacher)
+        if self.reduce is not None and reduction != "none" and not torch.compiler.is_compiling():
+            loss = self.reduced_eager(s, t, 1.0 / temperature, keep, reduction)
+        else:
+            loss, _, _ = _dispatch.call_op(_kl_div_rows_op, self.rows_eager, s, t, 1.0 / temperature, keep, self.name)
+            loss = reduce_rows(loss, keep, reduction, student.shape[-1], student.shape[:-1])
         return loss if loss.dtype == student.dtype else loss.to(student.dtype)
+
+    def reduced_eager(self, student, teacher, inv_temperature, keep, reduction):
+        """The reduced loss through the backend's own reduction: one native call without autograd (per-call cost:
+        benchmarks/op_overhead.py), else _KLLoss."""
+        if _dispatch.needs_autograd(student):
+            return _KLLoss.apply(student, teacher, inv_temperature, keep, reduction, self)
+        return self.reduced_loss(student, teacher, inv_temperature, keep, reduction)
 
     def rows_eager(self, student, teacher, inv_temperature, keep, backend):
         """forge::kl_div_rows in eager mode: through _KLRows where autograd needs the backward, else the forward
@@ -211,6 +228,22 @@ def _loss_only_cpu(s, t, inv_t, keep):
     return loss, None, None
 
 
+def _reduce_cpu(loss, keep, vocab, reduction):
+    out = torch.empty((), dtype=torch.float32)
+    divisor = _native.cpu_module().kl_div_reduce(*_cpu_args(loss, keep), loss.shape[0], vocab,
+                                                 REDUCTION_CODES[reduction], out.data_ptr())
+    return out, divisor
+
+
+def _reduced_loss_cpu(s, t, inv_t, keep, reduction):
+    """forward + _reduce_cpu in one native call (the per-row losses in a scratch buffer of the kernel's own)."""
+    out = torch.empty((), dtype=torch.float32)
+    _native.cpu_module().kl_div_loss(*_cpu_args(s, t, keep), s.shape[0], s.shape[1], s.stride(0), t.stride(0),
+                                     _native.dtype_code(s), inv_t, REDUCTION_CODES[reduction], out.data_ptr(),
+                                     torch.get_num_threads())
+    return out
+
+
 def _backward_cpu(s, t, lse_s, lse_t, row_scale, inv_t, out):
     _native.cpu_module().kl_div_backward(*_cpu_args(s, t, lse_s, lse_t, row_scale, out), s.shape[0], s.shape[1],
                                          s.stride(0), t.stride(0), out.stride(0), _native.dtype_code(s), inv_t,
@@ -251,7 +284,8 @@ def _backward_triton(s, t, lse_s, lse_t, row_scale, inv_t, out):
 for _name, _fwd, _bwd in (("torch", _forward_torch, _backward_torch), ("triton", _forward_triton, _backward_triton),
                           ("cuda", _forward_cuda, _backward_cuda)):
     _dispatch.register("kl_div_logits", _name)(KLKernels(_name, _fwd, _bwd))
-_dispatch.register("kl_div_logits", "cpu")(KLKernels("cpu", _forward_cpu, _backward_cpu, _loss_only_cpu))
+_dispatch.register("kl_div_logits", "cpu")(KLKernels("cpu", _forward_cpu, _backward_cpu, _loss_only_cpu, _reduce_cpu,
+                                                     _reduced_loss_cpu))
 
 
 def kernels_for(device: torch.device, backend: str = "auto") -> KLKernels:
@@ -324,6 +358,28 @@ class _KLRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse_s, grad_lse_t):
         return _rows_backward(ctx, grad_loss, grad_lse_s, grad_lse_t)
+
+
+class _KLLoss(torch.autograd.Function):
+    """The reduced loss in eager mode on a backend with its own reduction (KLKernels.reduce): the row kernels and
+    the native reduction forward, the row-gradient kernel backward with every kept row weighted grad / divisor."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, inv_temperature, keep, reduction, kernels):
+        loss, lse_s, lse_t = kernels.forward(student, teacher, inv_temperature, keep)
+        total, divisor = kernels.reduce(loss, keep, student.shape[1], reduction)
+        ctx.save_for_backward(student, teacher, lse_s, lse_t, keep)
+        ctx.inv_temperature, ctx.divisor, ctx.kernels = inv_temperature, divisor, kernels
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        student, teacher, lse_s, lse_t, keep = ctx.saved_tensors
+        weight = grad_total.float() * (ctx.inv_temperature / ctx.divisor)
+        scale = weight.expand(student.shape[0]) if keep is None else torch.where(keep, weight, 0.0)
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        ctx.kernels.backward(student, teacher, lse_s, lse_t, scale.contiguous(), ctx.inv_temperature, grad)
+        return grad, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,11 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import forge.ops
+
 from conftest import cpu_backends, gpu_backends
 from forge.ops import kl_div_logits, kl_div_logits_reference, last_backend
 from forge.ops._memory import peak_allocated_bytes
 
 REDUCTIONS = ["none", "sum", "mean", "batchmean"]
+
+
+def _native_cpu() -> bool:
+    return "cpu" in forge.ops.available_backends("kl_div_logits")
 
 
 def float64_kl(s, t, temperature, mask, reduction):
@@ -126,6 +132,32 @@ def test_without_a_gradient_matches_the_autograd_path(backend, reduction):
         s, t = torch.randn(rows, 37) * 3, torch.randn(rows, 37) * 3
         total = kl_div_logits(s, t, reduction="sum", backend=backend)
         assert torch.equal(kl_div_logits(s, t, reduction="batchmean", backend=backend), total / rows)
+
+
+@pytest.mark.skipif(not _native_cpu(), reason="forge._C not loaded")
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_cpu_reduction_is_one_native_call_whatever_the_thread_count(reduction):
+    """The cpu backend reduces natively (a double sum in row order): without a gradient the call runs no torch op but
+    its output's allocation; the value does not depend on the thread count, with or without autograd, and matches
+    float64 over thousands of rows."""
+    s, t = torch.randn(3000, 64) * 3, torch.randn(3000, 64) * 3   # 1024-row thread chunks: 3 threads can run
+    mask = torch.rand(3000) > 0.3
+    with torch.autograd.profiler.profile() as prof:
+        kl_div_logits(s, t, 1.5, reduction=reduction, backend="cpu")
+    assert {event.name for event in prof.function_events} <= {"aten::empty"}
+    threads = torch.get_num_threads()
+    try:
+        values = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            values.append(kl_div_logits(s, t, 1.5, mask=mask, reduction=reduction, backend="cpu"))
+            values.append(kl_div_logits(s.clone().requires_grad_(), t, 1.5, mask=mask, reduction=reduction,
+                                        backend="cpu").detach())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(value, values[0]) for value in values)
+    expected, _ = float64_kl(s, t, 1.5, mask, reduction)
+    torch.testing.assert_close(values[0].double(), expected.detach(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", cpu_backends("kl_div_logits"))
