@@ -19,8 +19,10 @@ ever sees a sharded tensor.
 
 Outside `phase_scope` (a handoff check, the CLI, a test) everything is single-process, even under torchrun.
 Inside it, the split functions (the training loops, `forge.data.evaluate` / `exact_matches`,
-`forge.data.tools.answer_with_tool`) are collectives: every rank must call them in the same order, so never from
-work dealt to one rank (Phase 8's per-layer searches), where the other ranks would wait until the timeout.
+`forge.data.tools.answer_with_tool`, and the samplers called with `split=True`:
+`forge.data.sampling.sample_answers`, `forge.data.tools.generate`, Phase 3's `sample_thoughts`) are collectives:
+every rank must call them in the same order, so never from work dealt to one rank (Phase 8's per-layer
+searches), where the other ranks would wait until the timeout.
 """
 from __future__ import annotations
 
@@ -157,6 +159,19 @@ def ranks_mean(value: float | torch.Tensor) -> float:
     return value if not world().active else all_sum([value])[0] / world().size
 
 
+def rank_share_mean(mean: torch.Tensor, count: int, total: int) -> torch.Tensor:
+    """A mean over this rank's `count` items as its share of the mean over the batch's `total` items: scaled by
+    count x ranks / total, so that the mean over the ranks (what DDP averages) is the batch's mean. With no items
+    here (count 0: `mean` is then NaN or anything), a zero that stays on the graph, so DDP still gets this rank's
+    backward. In one process, `mean` itself."""
+    here = world()
+    if not here.active:
+        return mean
+    if count == 0:
+        return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+    return mean * (count * here.size / total)
+
+
 def gather_slices(mine: list[float], count: int) -> list[float]:
     """The values of all `count` items on every rank, each rank having computed `mine` for its own
     `world().slice_of(count)` (exact: every item is one rank's value plus zeros); `mine` itself on one rank."""
@@ -170,6 +185,38 @@ def gather_slices(mine: list[float], count: int) -> list[float]:
     full = [0.0] * count
     full[part] = list(mine)
     return all_sum(full)
+
+
+def gather_rows(mine: torch.Tensor, count: int) -> torch.Tensor:
+    """The rows of all `count` items on every rank, each rank having computed `mine` (same trailing shape, dtype
+    and device everywhere) for its own `world().slice_of(count)`: one all_gather, in rank order; `mine` itself on
+    one rank."""
+    here = world()
+    if not here.active:
+        return mine
+    shares = [len(range(count)[World(rank, here.size).slice_of(count)]) for rank in range(here.size)]
+    if mine.shape[0] != shares[here.rank]:
+        raise ValueError(f"gather_rows: rank {here.rank} holds {mine.shape[0]} rows of its {shares[here.rank]}")
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros((max(shares), *mine.shape[1:]), dtype=mine.dtype, device=on)
+    padded[: mine.shape[0]] = mine.to(on)
+    parts = [torch.empty_like(padded) for _ in shares]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:share] for part, share in zip(parts, shares)]).to(mine.device)
+
+
+def split_layout(count: int, width: int, wide: bool) -> tuple[int, int, int, bool]:
+    """For a batch whose rows the ranks hold in rank order, this rank `count` of them, each `width` wide (0 where
+    unknown) and `wide` (float64) or not: (rows on the ranks before this one, rows on all ranks, the widest width,
+    any wide), the same on every rank, from one all-reduce. (0, count, width, wide) in one process."""
+    here = world()
+    if not here.active:
+        return 0, count, width, wide
+    slots = [0.0] * (3 * here.size)
+    slots[3 * here.rank: 3 * here.rank + 3] = [count, width, float(wide)]
+    sums = all_sum(slots)
+    counts = [int(c) for c in sums[0::3]]
+    return sum(counts[:here.rank]), sum(counts), int(max(sums[1::3])), any(sums[2::3])
 
 
 def gather_lists(mine: list) -> list:

@@ -11,23 +11,26 @@ import torch.multiprocessing as mp
 from _gloo import one_thread
 
 from forge import distributed
+from forge.baking import PromptBaker
 from forge.data import CharTokenizer, evaluate, make_examples
 from forge.nn import Transformer, TransformerConfig
 from forge.nn.losses import KLRegularizer
 from forge.pipeline.config import OptimizerConfig, load_config
 from forge.pipeline.phases.phase3_quietstar.rl_thoughts import ThoughtTrainer
 from forge.pipeline.phases.phase3_quietstar.thought_warmup import warm_up_thoughts
-from forge.pipeline.phases.phase3_quietstar.thoughts import ThoughtIds, thought_token_names
+from forge.pipeline.phases.phase3_quietstar.thoughts import ThoughtIds, sample_thoughts, thought_token_names
 from forge.pipeline.phases.phase5_curriculum.climb import Climber, train_uniform
 from forge.pipeline.phases.phase5_curriculum.curriculum import HINT, accuracy_table
 from forge.pipeline.phases.phase6_baking.toolformer import train_rows
 from forge.data.levels import level_examples
-from forge.data.tools import add_tool_tokens, answer_with_tool, encode_rows, sequence
+from forge.data.batching import prompt_ids
+from forge.data.sampling import sample_answers
+from forge.data.tools import add_tool_tokens, answer_with_tool, encode_rows, generate, sequence
 from forge.nn.svf import add_svf, expert_of
 from forge.pipeline.phases.phase7_experts.training import train_expert
 from forge.pipeline.phases.phase8_compression.finetune import distill, teacher_targets
 from forge.pipeline.phases.phase8_compression.stages import seedlm_stage, vptq_stage
-from forge.pipeline.training import make_optimizer, rank_share_mean, train_on_examples
+from forge.pipeline.training import make_optimizer, train_on_examples
 
 pytestmark = pytest.mark.distributed
 TASKS = {"addition": 1.0, "reversal": 1.0}
@@ -157,16 +160,77 @@ def _tool_answers(base_state: dict) -> dict:
 
 def _distilled(base_state: dict, batch: int) -> dict:
     """Phase 8's distillation: a fresh model learns the trained one's answers (teacher_targets: its own greedy
-    answers) in batches of `batch`, training rows counted."""
+    answers and logits, rows of the teacher's logit pass counted) in batches of `batch`, training rows counted."""
     tools, teacher = _tool_model()
     teacher.load_state_dict(base_state)
+    teacher_rows = []
+    teacher.register_forward_pre_hook(lambda module, args: teacher_rows.append(args[0].shape[0]))
     targets = teacher_targets(teacher, level_examples("addition", 1, 30, "train", 5), tools, 32)
     _, student = _tool_model()
     trained = []
     student.register_forward_pre_hook(lambda module, args: trained.append(args[0].shape[0]))
     losses = distill(student, list(student.parameters()), targets, steps=4, batch_size=batch, lr=0.01, seed=6)
-    return {"losses": losses, "trained": sum(trained), "batch": batch,
+    return {"losses": losses, "trained": sum(trained), "batch": batch, "teacher_rows": teacher_rows,
+            "logits": targets[2],
             "state": {k: v.clone() for k, v in student.state_dict().items()}}
+
+
+def _rows_fed(model, calls: list) -> None:
+    """Record the rows of every forward pass of `model` (forward and the key/value-cached forward_at)."""
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    plain_at = model.forward_at
+    model.forward_at = lambda tokens, *rest: calls.append(tokens.shape[0]) or plain_at(tokens, *rest)
+
+
+def _samplers(base_state: dict) -> dict:
+    """The three samplers split over the ranks (split=True) at temperature 1: answers with the tool (7 and 2
+    prompts: rank 0 of 3 holds none of the 2), answers without it (7) and thoughts (7 rows); per case the samples,
+    the generator's state after and the rows of every forward pass."""
+    tools, model = _tool_model()
+    model.load_state_dict(base_state)
+    out = {}
+    for name, count in (("tool", 7), ("tool_few", 2), ("answers", 7)):
+        examples, generator, calls = level_examples("addition", 1, count, "test", 11), torch.Generator(), []
+        generator.manual_seed(5)
+        _rows_fed(model, calls)
+        if name == "answers":
+            got = [(a.ids, a.closed, a.logprob) for a in sample_answers(
+                model, examples, tools, 32, temperature=1.0, max_new=6, generator=generator, split=True)]
+        else:
+            got = [(o.ids, o.closed, o.calls) for o in generate(
+                model, [prompt_ids(ex, tools) for ex in examples], tools, 32, temperature=1.0, generator=generator,
+                split=True)]
+        out[name] = {"samples": got, "state": generator.get_state(), "rows": calls, "count": count}
+        model = _tool_model()[1]
+        model.load_state_dict(base_state)
+    tokenizer = CharTokenizer()
+    tokenizer.add_special_tokens(thought_token_names(6))
+    torch.manual_seed(0)
+    thinker, calls = Transformer(TransformerConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2,
+                                                   max_len=40)), []
+    _rows_fed(thinker, calls)
+    ids, generator = ThoughtIds.from_tokenizer(tokenizer), torch.Generator().manual_seed(6)
+    prefixes = torch.tensor([prompt_ids(ex, tokenizer) + [ids.think]
+                             for ex in level_examples("addition", 1, 7, "test", 12)])
+    got = sample_thoughts(thinker.eval(), prefixes, ids, 4, 1.0, generator, split=True)
+    out["thoughts"] = {"samples": got, "state": generator.get_state(), "rows": calls, "count": 7}
+    return out
+
+
+def _baked(base_state: dict, batch: int) -> dict:
+    """A prompt bake (peft LoRA, trajectories of 4 tokens, 3 AdamW steps) in batches of `batch`: its training and
+    held-out KL, the merged weights, and the rows of the student's forward passes (those with gradients)."""
+    tools, model = _tool_model()
+    model.load_state_dict(base_state)
+    trained = []
+    model.register_forward_pre_hook(lambda module, args: trained.append(args[0].shape[0])
+                                    if torch.is_grad_enabled() else None)    # wrap_lora's copy keeps the hook
+    pool = torch.tensor([prompt_ids(ex, tools) for ex in level_examples("addition", 1, 20, "train", 13)])
+    torch.manual_seed(1)    # the LoRA factors' initialization
+    baker = PromptBaker(model, rank=4, steps=3, batch_size=batch, traj_len=4, eval_every=2, eval_size=6, seed=3)
+    result = baker.bake(torch.tensor([tools.encode("add:")]), pool)
+    return {"train_kl": result.train_kl, "curve": result.kl_curve, "trained": sum(trained), "batch": batch,
+            "state": {k: v.clone() for k, v in result.model.state_dict().items()}}
 
 
 def _curriculum(steps: int) -> dict:
@@ -211,14 +275,15 @@ def _curriculum(steps: int) -> dict:
 def _everything(expert_base: dict) -> dict:
     return {**_train_and_evaluate(steps=6), "thoughts": _thought_training(steps=4), "rl": _rl_training(3),
             "curriculum": _curriculum(6), "experts": _experts(expert_base), "answers": _tool_answers(expert_base),
-            "distilled": [_distilled(expert_base, 5), _distilled(expert_base, 2)]}
+            "distilled": [_distilled(expert_base, 5), _distilled(expert_base, 2)], "samplers": _samplers(expert_base),
+            "baked": [_baked(expert_base, 5), _baked(expert_base, 2)]}
 
 
 def _shares(rank: int) -> dict:
     """ranks_mean of each rank's number, and rank_share_mean of a mean over no items (NaN: torch's mean of nothing),
     which must be a zero on the graph (a zero gradient), not NaN."""
     nothing = torch.zeros(0, requires_grad=True)
-    share = rank_share_mean(nothing.mean(), 0, 5)
+    share = distributed.rank_share_mean(nothing.mean(), 0, 5)
     share.backward()
     return {"mean": distributed.ranks_mean(torch.tensor(float(rank + 1))), "share": share.item(),
             "grad": nothing.grad is not None and bool(torch.isfinite(nothing.grad).all())}
@@ -252,6 +317,43 @@ def single(tmp_path_factory):
     with one_thread():
         torch.save(_expert_base(), base_file)
         return {**_everything(torch.load(base_file)), "base_file": str(base_file)}
+
+
+def _samplers_match(ranks: list[dict], single: dict) -> None:
+    """Split sampling: every rank ends with one process's samples and generator state, and no forward pass of a
+    rank holds more rows than its share of the batch (a rank sampling the whole batch fails this)."""
+    for name, expected in single["samplers"].items():
+        count = expected["count"]
+        assert max(expected["rows"]) == count, name
+        for rank, out in enumerate(ranks):
+            got = out["samplers"][name]
+            share = len(range(count)[distributed.World(rank, len(ranks)).slice_of(count)])
+            assert max(got["rows"], default=0) == share, (name, rank)
+            assert torch.equal(got["state"], expected["state"]), name
+            if name == "answers":   # log-probabilities summed from other batches' logits
+                assert [a[:2] for a in got["samples"]] == [a[:2] for a in expected["samples"]]
+                assert [a[2] for a in got["samples"]] == pytest.approx([a[2] for a in expected["samples"]], rel=1e-5)
+            else:
+                assert got["samples"] == expected["samples"], name
+    assert len({tuple(ids) for ids, _, _ in single["samplers"]["tool"]["samples"]}) > 1     # really sampled
+
+
+def _bakes_match(ranks: list[dict], single: dict) -> None:
+    """Prompt baking: each rank samples and trains its share of every batch of 5 (a batch of 2 on 3 ranks: all of
+    it on every rank); the same KLs and merged weights as one process."""
+    for index, expected in enumerate(single["baked"]):
+        got = ranks[0]["baked"][index]
+        split = expected["batch"] >= len(ranks)
+        assert sum(r["baked"][index]["trained"] for r in ranks) == expected["trained"] * (1 if split else len(ranks))
+        assert expected["trained"] == 3 * expected["batch"]
+        for other in ranks:
+            assert other["baked"][index]["train_kl"] == got["train_kl"] and other["baked"][index]["curve"] == got["curve"]
+        assert got["train_kl"] == pytest.approx(expected["train_kl"], rel=1e-4)
+        assert [kl for _, kl in got["curve"]] == pytest.approx([kl for _, kl in expected["curve"]], rel=1e-4)
+        assert expected["curve"][-1][1] < expected["curve"][0][1]      # the bake moved the model
+        for name, value in got["state"].items():   # AdamW: near-zero gradients amplify the summation order
+            torch.testing.assert_close(value, expected["state"][name], rtol=1e-4, atol=5e-5,
+                                       msg=lambda text, name=name: f"{name}: {text}")
 
 
 def _phases_5_to_8_match(ranks: list[dict], single: dict) -> None:
@@ -299,6 +401,11 @@ def _phases_5_to_8_match(ranks: list[dict], single: dict) -> None:
     for index, expected in enumerate(single["distilled"]):
         got = out["distilled"][index]
         assert sum(r["distilled"][index]["trained"] for r in ranks) == expected["trained"] == 4 * expected["batch"]
+        # the teacher's logits: each rank runs its share of the 30 rows, every rank gets them all
+        assert sum(r["distilled"][index]["teacher_rows"][0] for r in ranks) == expected["teacher_rows"][0] == 30
+        for other in ranks:
+            assert len(other["distilled"][index]["teacher_rows"]) == 1
+            torch.testing.assert_close(other["distilled"][index]["logits"], expected["logits"], rtol=1e-5, atol=1e-5)
         assert all(r["distilled"][index]["losses"] == got["losses"] for r in ranks)
         assert got["losses"] == pytest.approx(expected["losses"], rel=1e-4)
         for name, value in got["state"].items():   # AdamW normalizes each step: an entry with a near-zero gradient
@@ -349,6 +456,8 @@ def test_ranks_sharing_every_batch_train_the_model_one_process_trains(tmp_path, 
         torch.testing.assert_close(value, single["rl"]["state"][name], rtol=1e-4, atol=2e-4,
                                    msg=lambda text, name=name: f"{name}: {text}")
     _phases_5_to_8_match(ranks, single)
+    _samplers_match(ranks, single)
+    _bakes_match(ranks, single)
     # sharded evaluation counts every held-out question once, per task
     assert out["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-4)
     oracle, expected = out["oracle"], single["oracle"]

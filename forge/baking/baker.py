@@ -24,6 +24,7 @@ from torch import nn
 from forge.baking.lora import DEFAULT_TARGET_MODULES, lora_config, lora_parameters, merge_lora, wrap_lora
 from forge.baking.trajectory import (Trajectories, check_prompt_ids, prefix_cache, sample_trajectories,
                                      student_logits)
+from forge.distributed import all_sum, data_parallel, rank_share_mean, ranks_mean, world
 from forge.nn.losses import kl_to_teacher
 from forge.nn.transformer import Transformer
 from forge.ops._validate import check_finite_number, check_positive_int
@@ -175,9 +176,10 @@ class PromptBaker:
         with torch.no_grad():
             return float(trajectory_kl(student_model, traj))
 
-    def _trajectories(self, teacher: nn.Module, cache, inputs: torch.Tensor, generator) -> Trajectories:
+    def _trajectories(self, teacher: nn.Module, cache, inputs: torch.Tensor, generator,
+                      split: bool = False) -> Trajectories:
         return sample_trajectories(teacher, cache, inputs, self.traj_len, self.temperature, generator,
-                                   self.stop_token)
+                                   self.stop_token, split)
 
     def _bake(self, base: Transformer, prompt_ids, input_sampler, half_bake, eval_inputs) -> BakeResult:
         """One bake of `prompt_ids` whose teacher is `base` WITH the prompt and whose student starts at `base`."""
@@ -202,21 +204,29 @@ class PromptBaker:
     def _train(self, wrapped, cache, batches, held_out: Trajectories, fraction: float | None,
                generator: torch.Generator) -> BakeResult:
         """AdamW on the adapters; the held-out KL every eval_every steps (every step when half-baking,
-        which stops once it is <= (1 - fraction) * kl_before)."""
+        which stops once it is <= (1 - fraction) * kl_before). On several ranks (forge.distributed) each rank
+        samples and trains its share of every batch through DDP (a batch with fewer rows than ranks: all of it on
+        every rank), its KL weighted by its share of the batch's kept positions; the held-out KL is every rank's."""
         optimizer = torch.optim.AdamW(lora_parameters(wrapped), lr=self.lr, weight_decay=self.weight_decay)
+        net = data_parallel(wrapped)
         kl_before = self._held_out_kl(wrapped, held_out)
         result = BakeResult(model=None, kl_before=kl_before, kl_after=kl_before, kl_curve=[(0, kl_before)])
         target = None if fraction is None else (1.0 - fraction) * kl_before
         eval_every = 1 if target is not None else self.eval_every
         for step in range(1, self.steps + 1):
+            inputs = next(batches)
+            split = world().active and inputs.shape[0] >= world().size
             with torch.no_grad(), wrapped.disable_adapter():
-                traj = self._trajectories(wrapped, cache, next(batches), generator)
+                traj = self._trajectories(wrapped, cache, inputs, generator, split)
             wrapped.train()
-            loss = trajectory_kl(wrapped, traj)
+            loss = trajectory_kl(net, traj)
+            if split:
+                kept = int(traj.keep.sum())
+                loss = rank_share_mean(loss, kept, int(all_sum([kept])[0]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            result.train_kl.append(float(loss.detach()))
+            result.train_kl.append(ranks_mean(loss))
             result.steps = step
             if step % eval_every == 0 or step == self.steps:
                 result.kl_curve.append((step, self._held_out_kl(wrapped, held_out)))

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from forge.data.sampling import draw_split
+from forge.distributed import world
+
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -51,19 +54,28 @@ class Trajectories:
 @torch.no_grad()
 def sample_trajectories(model: nn.Module, cache: KVCache, inputs: torch.Tensor, length: int,
                         temperature: float, generator: torch.Generator | None = None,
-                        stop_token: int | None = None) -> Trajectories:
+                        stop_token: int | None = None, split: bool = False) -> Trajectories:
     """Sample y_1..y_T from softmax(logits / temperature) of `model` continuing prompt + inputs.
 
     The logits that each y_t was drawn from are exactly the teacher's next-token distributions at the
-    trajectory positions, so they are kept: training needs no second teacher pass.
+    trajectory positions, so they are kept: training needs no second teacher pass. With `split`, inside a phase
+    run on several ranks (forge.distributed; every rank calls it alike, with at least as many rows as ranks),
+    the trajectories of this rank's `world().slice_of` share of the rows only, drawn as one process draws them
+    (forge.data.sampling.draw_split).
     """
+    split = split and world().active
+    if split:
+        if inputs.shape[0] < world().size:
+            raise ValueError(f"split sampling of {inputs.shape[0]} rows over {world().size} ranks: a rank would "
+                             f"have none")
+        inputs = inputs[world().slice_of(inputs.shape[0])]
     logits, past = model(inputs, past_key_values=cache, use_cache=True)
     tokens, teacher = [], []
     for step in range(length):
         last = logits[:, -1].float()
         teacher.append(last)
         probs = torch.softmax(last / temperature, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)
+        nxt = draw_split(probs, generator, split)
         tokens.append(nxt)
         if step < length - 1:
             logits, past = model(nxt, past_key_values=past, use_cache=True)

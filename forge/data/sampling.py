@@ -14,15 +14,38 @@ from forge.data.batching import prompt_ids
 from forge.data.decoding import NextLogits
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
+from forge.distributed import all_sum, gather_lists, split_layout, world
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None, num_samples: int = 1) -> torch.Tensor:
-    """torch.multinomial(probs, num_samples, generator=generator), also when the seeded generator lives on another
-    device than `probs` (a CPU generator, the model on a GPU): drawn where the generator is (the same draws on any
-    device), returned on probs' device."""
-    if generator is None or generator.device == probs.device:
-        return torch.multinomial(probs, num_samples, generator=generator)
-    return torch.multinomial(probs.to(generator.device), num_samples, generator=generator).to(probs.device)
+def draw_rows(probs: torch.Tensor, generator: torch.Generator | None = None, before: int = 0,
+              total: int | None = None) -> torch.Tensor:
+    """One token per row of `probs` (n, V), as (n, 1): the draws torch.multinomial(whole, 1, generator=generator)
+    makes for rows before..before+n-1 of a batch `whole` of `total` rows (default n) whose other rows other ranks
+    hold. torch draws a single sample per row as argmax(p / q) with q ~ Exp(1) of the whole batch's shape (its
+    fast path for one sample; tests/data/test_sampling.py checks the two agree); this draws the whole q and keeps
+    its rows, so ranks sharing a batch draw together what one process draws, and their generators stay equal.
+    Drawn where the generator is (a CPU generator, the model on a GPU: the same draws on any device), returned
+    on probs' device."""
+    rows, vocab = probs.shape
+    where = probs.device if generator is None else generator.device
+    q = torch.empty((rows if total is None else total, vocab), dtype=probs.dtype, device=where)
+    q.exponential_(1, generator=generator)
+    return (probs.to(where) / q[before: before + rows]).argmax(-1, keepdim=True).to(probs.device)
+
+
+def draw_split(probs: torch.Tensor | None, generator: torch.Generator | None, split: bool) -> torch.Tensor | None:
+    """draw_rows for a batch whose rows the ranks hold in rank order (forge.distributed), this rank's `probs`
+    (None: no row here), when `split`; one all-reduce finds where this rank's rows sit. None when no rank holds a
+    row. Not split, or in one process: draw_rows(probs)."""
+    if not split or not world().active:
+        return None if probs is None else draw_rows(probs, generator)
+    count, width = (0, 0) if probs is None else probs.shape
+    before, total, width, wide = split_layout(count, width, probs is not None and probs.dtype == torch.float64)
+    if total == 0:
+        return None
+    if probs is None:    # no row here: draw the others' noise all the same, so the generators stay in step
+        probs = torch.zeros((0, width), dtype=torch.float64 if wide else torch.float32)
+    return draw_rows(probs, generator, before, total)
 
 
 @dataclass
@@ -46,10 +69,13 @@ def _check_temperature(temperature) -> float:
 
 @torch.no_grad()
 def sample_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer, max_len: int, *,
-                   temperature: float = 0.0, max_new: int | None = None,
-                   generator: torch.Generator | None = None) -> list[SampledAnswer]:
+                   temperature: float = 0.0, max_new: int | None = None, generator: torch.Generator | None = None,
+                   split: bool = False) -> list[SampledAnswer]:
     """The model's own answer to each example's `<bos> prompt <sep>`: up to `max_new` tokens (default: as
-    many as max_len allows) or <eos>. The true answers are never read."""
+    many as max_len allows) or <eos>. The true answers are never read. With `split`, inside a phase run on
+    several ranks (forge.distributed; every rank calls it with the same examples and generator state), each rank
+    decodes its `world().slice_of` share of the examples, draws with `draw_split` (what one process draws) and
+    every rank gets all the answers."""
     temperature = _check_temperature(temperature)
     if not examples:
         return []
@@ -57,13 +83,18 @@ def sample_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer,
     if isinstance(model, torch.nn.Module):
         model.eval()
     try:
-        return _sample(model, examples, tokenizer, max_len, temperature, max_new, generator)
+        if not split or not world().active:
+            return _sample(model, examples, tokenizer, max_len, temperature, max_new, generator, False)
+        mine = list(examples)[world().slice_of(len(examples))]
+        return gather_lists(_sample(model, mine, tokenizer, max_len, temperature, max_new, generator, True))
     finally:
         if was_training:
             model.train()
 
 
-def _sample(model, examples, tokenizer, max_len, temperature, max_new, generator) -> list[SampledAnswer]:
+def _sample(model, examples, tokenizer, max_len, temperature, max_new, generator, split) -> list[SampledAnswer]:
+    """See sample_answers; `examples` are this rank's share when `split` (possibly none), and then the loop runs
+    until every rank's rows are done, drawing for every row of the whole batch at each step."""
     seqs = [prompt_ids(ex, tokenizer) for ex in examples]
     starts = [len(s) for s in seqs]
     budgets = [max_len - n if max_new is None else min(max_new, max_len - n) for n in starts]
@@ -72,15 +103,16 @@ def _sample(model, examples, tokenizer, max_len, temperature, max_new, generator
     closed = [False] * len(seqs)
     next_logits = NextLogits(model, seqs, tokenizer.pad_id, tokenizer.vocab_size)
     every = range(len(seqs))      # finished rows too: the generator draws for every row, as it always did
-    while not all(done):
-        last = next_logits(every)
-        logp = torch.log_softmax(last, -1).cpu()
+    while (all_sum([done.count(False)])[0] if split else done.count(False)) > 0:
+        last = next_logits(every) if seqs else None
+        logp = None if last is None else torch.log_softmax(last, -1).cpu()
         if temperature == 0:
-            next_ids = logp.argmax(-1)
+            next_ids = [] if logp is None else logp.argmax(-1).tolist()
         else:
-            probs = torch.softmax(last.cpu() / temperature, -1)
-            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        for b, tok in enumerate(next_ids.tolist()):
+            drawn = draw_split(None if last is None else torch.softmax(last.cpu() / temperature, -1), generator,
+                               split)
+            next_ids = [] if last is None else drawn.squeeze(1).tolist()
+        for b, tok in enumerate(next_ids):
             if done[b]:
                 continue
             seqs[b].append(tok)

@@ -23,7 +23,7 @@ import torch
 from forge.data.batching import IGNORE_INDEX, prompt_ids
 from forge.data.calculator import CalculatorError, calculate
 from forge.data.decoding import NextLogits
-from forge.data.sampling import _check_temperature, draw
+from forge.data.sampling import _check_temperature, draw_split
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
 from forge.distributed import gather_lists, world
@@ -78,29 +78,36 @@ def tool_reply(expression_ids: list[int], tokenizer: CharTokenizer, tool: Tool) 
 @torch.no_grad()
 def generate(model, prefixes: Sequence[list[int]], tokenizer: CharTokenizer, max_len: int, *,
              tool: Tool | None = calculate, max_new: int | None = None, temperature: float = 0.0,
-             generator: torch.Generator | None = None) -> list[ToolOutput]:
+             generator: torch.Generator | None = None, split: bool = False) -> list[ToolOutput]:
     """Continue each prefix (ids ending in <sep>) until <eos>, `max_new` written tokens or max_len; with a
-    `tool` (default: the calculator), every call the model closes is answered by the tool (see the module)."""
+    `tool` (default: the calculator), every call the model closes is answered by the tool (see the module).
+    With `split`, inside a phase run on several ranks (forge.distributed; every rank calls it with the same
+    prefixes and generator state), each rank continues its `world().slice_of` share of the prefixes, draws with
+    `draw_split` (what one process draws) and every rank gets all the outputs."""
     temperature = _check_temperature(temperature)
     was_training = isinstance(model, torch.nn.Module) and model.training
     if isinstance(model, torch.nn.Module):
         model.eval()
     try:
-        return _generate(model, [list(p) for p in prefixes], tokenizer, max_len, tool, max_new, temperature,
-                         generator)
+        split = split and world().active
+        mine = [list(p) for p in (prefixes[world().slice_of(len(prefixes))] if split else prefixes)]
+        outputs = _generate(model, mine, tokenizer, max_len, tool, max_new, temperature, generator, split)
+        return gather_lists(outputs) if split else outputs
     finally:
         if was_training:
             model.train()
 
 
-def _pick(last: torch.Tensor, temperature: float, generator) -> list[int]:
-    last = last.cpu()
+def _pick(last: torch.Tensor | None, temperature: float, generator, split: bool) -> list[int] | None:
+    """The next token of each live row (`last`: their logits; None: no live row here), greedy at temperature 0;
+    None when the loop is over (no live row here, or, when drawing split over ranks, on any rank)."""
     if temperature == 0:
-        return last.argmax(-1).tolist()
-    return draw(torch.softmax(last / temperature, -1), generator).squeeze(1).tolist()
+        return None if last is None else last.cpu().argmax(-1).tolist()
+    drawn = draw_split(None if last is None else torch.softmax(last.cpu() / temperature, -1), generator, split)
+    return None if drawn is None else drawn.squeeze(1).tolist()
 
 
-def _generate(model, seqs, tokenizer, max_len, tool, max_new, temperature, generator) -> list[ToolOutput]:
+def _generate(model, seqs, tokenizer, max_len, tool, max_new, temperature, generator, split) -> list[ToolOutput]:
     starts = [len(s) for s in seqs]
     limits = [max_len if max_new is None else min(max_len, n + max_new) for n in starts]
     outputs = [ToolOutput([], False) for _ in seqs]
@@ -108,9 +115,12 @@ def _generate(model, seqs, tokenizer, max_len, tool, max_new, temperature, gener
     # without a tool the call tokens are never looked up: a plain vocabulary (before Phase 6) has none
     call, end_call = (tokenizer.token_id(CALL), tokenizer.token_id(END_CALL)) if tool is not None else (None, None)
     next_logits = NextLogits(model, seqs, tokenizer.pad_id, tokenizer.vocab_size)
-    while not all(done):
+    while True:
         live = [b for b in range(len(seqs)) if not done[b]]
-        for b, tok in zip(live, _pick(next_logits(live), temperature, generator)):
+        picks = _pick(next_logits(live) if live else None, temperature, generator, split)
+        if picks is None:
+            break
+        for b, tok in zip(live, picks):
             out = outputs[b]
             if tok == tokenizer.eos_id:
                 out.closed = done[b] = True

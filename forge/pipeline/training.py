@@ -68,19 +68,6 @@ def rank_share_nll(logits: torch.Tensor, targets: torch.Tensor, rows: slice) -> 
     return shard_answer_nll(logits, targets[rows], int((targets != IGNORE_INDEX).sum()), here.size)
 
 
-def rank_share_mean(mean: torch.Tensor, count: int, total: int) -> torch.Tensor:
-    """A mean over this rank's `count` items as its share of the mean over the batch's `total` items: scaled by
-    count x ranks / total, so that the mean over the ranks (what DDP averages) is the batch's mean. With no items
-    here (count 0: `mean` is then NaN or anything), a zero that stays on the graph, so DDP still gets this rank's
-    backward. In one process, `mean` itself."""
-    here = world()
-    if not here.active:
-        return mean
-    if count == 0:
-        return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
-    return mean * (count * here.size / total)
-
-
 def forward_together(net: nn.Module, pad_id: int, *batches: torch.Tensor) -> list[torch.Tensor]:
     """The logits of several token batches from one forward pass (right-padded to one width, then split back; the
     model is causal, so the padding changes no logit kept): DDP expects one forward before each backward."""

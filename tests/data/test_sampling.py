@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from forge.data import CharTokenizer, greedy_answers, make_examples
-from forge.data.sampling import sample_answers
+from forge.data.sampling import draw_rows, sample_answers
 from forge.nn import TransformerConfig, build_model
 
 
@@ -42,3 +42,23 @@ def test_temperature_sampling_is_seeded_and_varies(setup):
     assert len({tuple(ids) for ids in run(1)[:24]} | {tuple(ids) for ids in run(1)[24:48]}) > 24
     with pytest.raises(ValueError, match="temperature"):
         sample_answers(model, examples, tokenizer, 32, temperature=-1.0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 37), (9, 1), (64, 50), (7, 13)])
+def test_draw_rows_draws_what_torch_multinomial_draws_row_by_row_share(shape):
+    """draw_rows is torch.multinomial(probs, 1) (same tokens, same generator state after) for the whole batch, and
+    any contiguous share of the rows drawn with the whole batch's size gives those rows' tokens (what ranks
+    holding a split batch rely on); rows with zero-probability tokens never draw them."""
+    for seed in range(20):
+        probs = torch.softmax(torch.randn(shape) * 3, -1)
+        if shape[1] > 2:
+            probs[:, : shape[1] // 2] = 0.0
+        expected_gen, got_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        expected = torch.multinomial(probs, 1, generator=expected_gen)
+        assert torch.equal(draw_rows(probs, got_gen), expected)
+        assert torch.equal(got_gen.get_state(), expected_gen.get_state())
+        lo, hi = shape[0] // 3, shape[0] - shape[0] // 4
+        share = draw_rows(probs[lo:hi], torch.Generator().manual_seed(seed), lo, shape[0])
+        assert torch.equal(share, expected[lo:hi])
+        if shape[1] > 2:
+            assert bool((expected >= shape[1] // 2).all())

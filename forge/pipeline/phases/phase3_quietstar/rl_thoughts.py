@@ -29,8 +29,9 @@ TERMS = ("policy_loss", "answer_nll_thought", "answer_nll_plain", "kl")
 
 class ThoughtTrainer:
     """Runs RL steps on `examples`; batches are drawn from one prompt-length group at a time (seeded). On several
-    ranks (forge.distributed) every rank draws the same batch and samples the same thoughts (the same model and
-    generator), then trains on its share of the batch's inputs, each with all its thoughts, through
+    ranks (forge.distributed) every rank draws the same batch, samples its share of the thoughts (sample_thoughts'
+    split: together the thoughts one process draws, gathered to every rank), then trains on its share of the
+    batch's inputs, each with all its thoughts, through
     DistributedDataParallel; every loss term is scaled so that the ranks' average is the whole batch's loss."""
 
     def __init__(self, model, optimizer, kl, examples, tokenizer, ids: ThoughtIds, cfg, seed: int):
@@ -55,7 +56,7 @@ class ThoughtTrainer:
         self.model.eval()
         batch = torch.tensor([p + [self.ids.think] for p in prefixes], dtype=torch.long, device=self.device)
         thoughts, closed = sample_thoughts(self.model, batch, self.ids, self.cfg.thought_length,
-                                           self.cfg.temperature, self.generator)
+                                           self.cfg.temperature, self.generator, split=True)
         self.model.train()
         with_t = build_rows(prefixes, answers, self.ids, thoughts, closed)
         plain = build_rows(prefixes[::k], answers[::k], self.ids)

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from forge.data.batching import IGNORE_INDEX, prompt_ids
-from forge.data.sampling import draw
+from forge.data.sampling import draw_split
 from forge.data.tasks import TASKS, rationale
+from forge.distributed import gather_lists, world
 
 THINK, END_THINK = "<think>", "</think>"
 STRATEGY_TOKENS = ("<step>", "<carry>", "<check>", "<sort>", "<rev>", "<copy>", "<mod>", "<digit>", "<recall>",
@@ -50,28 +51,36 @@ class ThoughtIds:
 
 @torch.no_grad()
 def sample_thoughts(model, prefixes: torch.Tensor, ids: ThoughtIds, length: int, temperature: float,
-                    generator: torch.Generator | None = None) -> tuple[list[list[int]], list[bool]]:
+                    generator: torch.Generator | None = None,
+                    split: bool = False) -> tuple[list[list[int]], list[bool]]:
     """Sample one thought per row of `prefixes` (B, P), rows of one length ending in `<think>`, with the
     key/value cache: up to `length` tokens at `temperature` (0 = greedy), stopping a row at `</think>`.
-    Returns the thoughts (without the markers) and whether each closed itself with `</think>`."""
-    logits, cache = model(prefixes, use_cache=True)
+    Returns the thoughts (without the markers) and whether each closed itself with `</think>`. With `split`,
+    inside a phase run on several ranks (forge.distributed; every rank calls it with the same prefixes and
+    generator state), each rank samples its `world().slice_of` share of the rows, draws with `draw_split` (what
+    one process draws) and every rank gets all the thoughts."""
+    split = split and world().active
+    mine = prefixes[world().slice_of(prefixes.shape[0])] if split else prefixes
+    logits, cache = model(mine, use_cache=True) if len(mine) else (None, None)
     steps = []
     for step in range(length):
-        last = logits[:, -1].float()
-        last[:, list(ids.banned)] = float("-inf")
+        last = None if logits is None else logits[:, -1].float()
+        if last is not None:
+            last[:, list(ids.banned)] = float("-inf")
         if temperature > 0:
-            nxt = draw(torch.softmax(last / temperature, -1), generator)
+            nxt = draw_split(None if last is None else torch.softmax(last / temperature, -1), generator, split)
         else:
-            nxt = last.argmax(-1, keepdim=True)
-        steps.append(nxt)
-        if step < length - 1:
-            logits, cache = model(nxt, past_key_values=cache, use_cache=True)
+            nxt = None if last is None else last.argmax(-1, keepdim=True)
+        if last is not None:
+            steps.append(nxt)
+            if step < length - 1:
+                logits, cache = model(nxt, past_key_values=cache, use_cache=True)
     thoughts, closed = [], []
-    for row in torch.cat(steps, 1).tolist():
+    for row in torch.cat(steps, 1).tolist() if steps else [[] for _ in range(len(mine))]:
         ended = ids.end in row
         thoughts.append(row[: row.index(ids.end)] if ended else row)
         closed.append(ended)
-    return thoughts, closed
+    return (gather_lists(thoughts), gather_lists(closed)) if split else (thoughts, closed)
 
 
 @dataclass

@@ -27,7 +27,7 @@ def dream(model, prompts: list[Example], tokenizer, max_len: int, *, temperature
     special token), and whose probability under the model, p(answer and <eos>), is at least `min_confidence`."""
     longest = max((len(tokenizer.encode(ex.answer)) for ex in prompts), default=0)
     sampled = sample_answers(model, prompts, tokenizer, max_len, temperature=temperature, max_new=longest + 2,
-                             generator=generator)
+                             generator=generator, split=True)   # each rank its share, on several ranks
     kept, correct = [], 0
     for ex, answer in zip(prompts, sampled):
         if answer.closed and answer.ids and math.exp(answer.logprob) >= min_confidence:

@@ -11,9 +11,10 @@ over the tokens the model wrote (not the tool's <result> ... </result>), the KL 
 incoming model. Cross-entropy: L = mean NLL of the true answer rows + the same KL term. Only the z-vectors' p
 train, through MuonGrokfast with the phase's settings: they are 1-D, so they take its AdamW path. As the
 paper does, the expert kept is the one with the best validation accuracy seen (checked every `eval_every`
-steps; the base itself, z = 1, counts as step 0). On several ranks (forge.distributed) every rank samples the same
-answers and trains its slice of each batch through DistributedDataParallel, each loss term scaled so that the
-averaged gradient is the one-process gradient of the whole batch.
+steps; the base itself, z = 1, counts as step 0). On several ranks (forge.distributed) each rank samples its slice
+of the answers (generate's split: together what one process draws, gathered to every rank) and trains its slice
+of each batch through DistributedDataParallel, each loss term scaled so that the averaged gradient is the
+one-process gradient of the whole batch.
 """
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ from forge.data import IGNORE_INDEX
 from forge.data.batching import prompt_ids
 from forge.data.evaluate import mean
 from forge.data.tools import CALL_ERROR, END_RESULT, RESULT, encode_rows, generate
-from forge.distributed import data_parallel, ranks_mean, world
+from forge.distributed import data_parallel, rank_share_mean, ranks_mean, world
 from forge.nn.losses import kl_to_teacher
 from forge.nn.svf import expert_of, set_expert, svf_layers
 from forge.pipeline.devices import model_device
 from forge.pipeline.phases.phase7_experts.discovery import correct_flags
-from forge.pipeline.training import make_optimizer, rank_share_mean, rank_share_nll
+from forge.pipeline.training import make_optimizer, rank_share_nll
 
 
 def svf_optimizer(model: nn.Module, settings, lr: float):
@@ -74,10 +75,11 @@ def kl_term(logits: torch.Tensor, base, tokens: torch.Tensor, targets: torch.Ten
 
 def reinforce_step_loss(model, base, examples, tokenizer, max_len: int, kl_coefficient: float,
                         generator: torch.Generator, net=None) -> tuple[torch.Tensor, float]:
-    """(REINFORCE loss of one sampled batch, its mean reward); see the module. On several ranks every rank samples
-    the same answers and returns its rows' share of the loss (forward through `net`, the DDP wrapper)."""
+    """(REINFORCE loss of one sampled batch, its mean reward); see the module. On several ranks each rank samples
+    its share of the answers (all gathered) and returns its rows' share of the loss (forward through `net`, the
+    DDP wrapper)."""
     prefixes = [prompt_ids(ex, tokenizer) for ex in examples]
-    outputs = generate(model, prefixes, tokenizer, max_len, temperature=1.0, generator=generator)
+    outputs = generate(model, prefixes, tokenizer, max_len, temperature=1.0, generator=generator, split=True)
     device, here = model_device(model), world()
     rewards = torch.tensor([1.0 if o.correct(ex, tokenizer) else -1.0 for o, ex in zip(outputs, examples)],
                            device=device)

@@ -20,7 +20,7 @@ from torch import nn
 
 from forge.data.batching import prompt_ids
 from forge.data.tools import answer_with_tool, calculator_for
-from forge.distributed import data_parallel, world
+from forge.distributed import data_parallel, gather_rows, rank_share_mean, world
 from forge.nn.compress.coded import CodedLinear, coded_layers, set_module
 from forge.nn.compress.vptq import VQCodes
 from forge.nn.losses import kl_to_teacher
@@ -84,7 +84,8 @@ def coded_again(model: nn.Module) -> nn.Module:
 def teacher_targets(teacher: nn.Module, examples, tokenizer, max_len: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                      torch.Tensor]:
     """(tokens (N, T), mask of the positions from <sep> on, the teacher's logits there): the teacher's own
-    greedy answers with its calculator, as training sequences."""
+    greedy answers with its calculator, as training sequences. On several ranks (forge.distributed) each rank
+    answers and runs the teacher on its share of the examples, and every rank gets all of it."""
     outs = answer_with_tool(teacher.eval(), examples, tokenizer, max_len, tool=calculator_for(tokenizer))
     rows = [prompt_ids(ex, tokenizer) + out.ids + ([tokenizer.eos_id] if out.closed else [])
             for ex, out in zip(examples, outs)]
@@ -97,8 +98,8 @@ def teacher_targets(teacher: nn.Module, examples, tokenizer, max_len: int) -> tu
         mask[i, len(prompt_ids(ex, tokenizer)) - 1:len(row) - 1] = True    # positions that predict the answer
     tokens, mask = tokens.to(model_device(teacher)), mask.to(model_device(teacher))
     with torch.no_grad():
-        logits = teacher(tokens).float()
-    return tokens, mask, logits
+        logits = teacher(tokens[world().slice_of(len(rows))]).float()
+    return tokens, mask, gather_rows(logits, len(rows))
 
 
 def distill(student: nn.Module, params, targets, *, steps: int, batch_size: int, lr: float, seed: int,
@@ -106,7 +107,7 @@ def distill(student: nn.Module, params, targets, *, steps: int, batch_size: int,
     """`steps` AdamW steps of KL(teacher || student) on random batches of `targets` (teacher_targets). On several
     ranks (forge.distributed) every rank draws the same rows and trains its slice of them through DDP, its KL
     weighted by its share of the batch's answer positions."""
-    from forge.pipeline.training import optimize, rank_share_mean
+    from forge.pipeline.training import optimize
 
     tokens, mask, logits = targets
     generator = torch.Generator().manual_seed(seed)
