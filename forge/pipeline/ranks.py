@@ -62,20 +62,26 @@ def stop_on_sigterm() -> None:
 
 
 def follow(open_registry) -> int:
-    """A follower's life: run each phase rank 0 announces until it announces the end. Returns the exit code."""
+    """A follower's life: run each phase rank 0 announces until it announces the end. Returns the exit code. The
+    registry (opened at the first phase, to read the input models' records) is closed however the life ends."""
     registry = None
-    while True:
-        message = distributed.broadcast()
-        if message.get("end"):
-            if message["error"]:
-                print(f"rank {distributed.launched().rank}: rank 0 ended the run: {message['error']}", file=sys.stderr)
-            return 1 if message["error"] else 0
-        registry = registry or open_registry()
-        try:
-            _run_phase(message, registry)
-        except Exception as error:
-            raise PipelineError(f"rank {distributed.launched().rank}, phase {message['phase']}: "
-                                f"{type(error).__name__}: {distributed.explain(error)}") from error
+    try:
+        while True:
+            message = distributed.broadcast()
+            if message.get("end"):
+                if message["error"]:
+                    print(f"rank {distributed.launched().rank}: rank 0 ended the run: {message['error']}",
+                          file=sys.stderr)
+                return 1 if message["error"] else 0
+            registry = registry or open_registry()
+            try:
+                _run_phase(message, registry)
+            except Exception as error:
+                raise PipelineError(f"rank {distributed.launched().rank}, phase {message['phase']}: "
+                                    f"{type(error).__name__}: {distributed.explain(error)}") from error
+    finally:
+        if registry is not None:
+            registry.close()
 
 
 def _run_phase(message: dict, registry) -> None:
