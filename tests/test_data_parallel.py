@@ -219,17 +219,19 @@ def _samplers(base_state: dict) -> dict:
 
 def _baked(base_state: dict, batch: int) -> dict:
     """A prompt bake (peft LoRA, trajectories of 4 tokens, 3 AdamW steps) in batches of `batch`: its training and
-    held-out KL, the merged weights, and the rows of the student's forward passes (those with gradients)."""
+    held-out KL, the merged weights, and the rows of the forward passes with gradients (the student's training)
+    and without (the teacher's sampling, the held-out KL)."""
     tools, model = _tool_model()
     model.load_state_dict(base_state)
-    trained = []
-    model.register_forward_pre_hook(lambda module, args: trained.append(args[0].shape[0])
-                                    if torch.is_grad_enabled() else None)    # wrap_lora's copy keeps the hook
+    trained, sampled = [], []
+    model.register_forward_pre_hook(lambda module, args: (trained if torch.is_grad_enabled() else sampled).append(
+        args[0].shape[0]))    # wrap_lora's copy keeps the hook
     pool = torch.tensor([prompt_ids(ex, tools) for ex in level_examples("addition", 1, 20, "train", 13)])
     torch.manual_seed(1)    # the LoRA factors' initialization
     baker = PromptBaker(model, rank=4, steps=3, batch_size=batch, traj_len=4, eval_every=2, eval_size=6, seed=3)
     result = baker.bake(torch.tensor([tools.encode("add:")]), pool)
     return {"train_kl": result.train_kl, "curve": result.kl_curve, "trained": sum(trained), "batch": batch,
+            "sampled": sum(sampled), "kl_after": result.kl_after,
             "state": {k: v.clone() for k, v in result.model.state_dict().items()}}
 
 
@@ -346,10 +348,14 @@ def _bakes_match(ranks: list[dict], single: dict) -> None:
         split = expected["batch"] >= len(ranks)
         assert sum(r["baked"][index]["trained"] for r in ranks) == expected["trained"] * (1 if split else len(ranks))
         assert expected["trained"] == 3 * expected["batch"]
+        if split:   # the teacher's trajectories and the held-out KL: each rank its share of the rows (the prompt's
+            # key/value cache, one row, every rank computes)
+            assert sum(r["baked"][index]["sampled"] for r in ranks) == expected["sampled"] + len(ranks) - 1
         for other in ranks:
             assert other["baked"][index]["train_kl"] == got["train_kl"] and other["baked"][index]["curve"] == got["curve"]
         assert got["train_kl"] == pytest.approx(expected["train_kl"], rel=1e-4)
         assert [kl for _, kl in got["curve"]] == pytest.approx([kl for _, kl in expected["curve"]], rel=1e-4)
+        assert got["kl_after"] == pytest.approx(expected["kl_after"], rel=1e-4)
         assert expected["curve"][-1][1] < expected["curve"][0][1]      # the bake moved the model
         for name, value in got["state"].items():   # AdamW: near-zero gradients amplify the summation order
             torch.testing.assert_close(value, expected["state"][name], rtol=1e-4, atol=5e-5,

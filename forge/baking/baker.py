@@ -178,6 +178,9 @@ class PromptBaker:
 
     def _trajectories(self, teacher: nn.Module, cache, inputs: torch.Tensor, generator,
                       split: bool = False) -> Trajectories:
+        """Trajectories of `inputs`; with `split`, this rank's share of them where every rank gets a row (on
+        several ranks: forge.distributed), else all of them."""
+        split = split and world().active and inputs.shape[0] >= world().size
         return sample_trajectories(teacher, cache, inputs, self.traj_len, self.temperature, generator,
                                    self.stop_token, split)
 
@@ -193,12 +196,10 @@ class PromptBaker:
         wrapped = wrap_lora(base, self.rank, self.alpha, self.dropout, self.target_modules)
         with wrapped.disable_adapter():  # the teacher: original weights, prompt in front, computed once
             cache = prefix_cache(wrapped, prompt_ids.to(device))
-            held_out = self._trajectories(wrapped, cache, eval_inputs.to(device), generator)
+            held_out = self._trajectories(wrapped, cache, eval_inputs.to(device), generator, split=True)
         result = self._train(wrapped, cache, batches, held_out, fraction, generator)
         result.model = merge_lora(wrapped)
-        result.model.eval()
-        with torch.no_grad():
-            result.kl_after = float(trajectory_kl(result.model, held_out))
+        result.kl_after = self._held_out_kl(result.model, held_out)
         return result
 
     def _train(self, wrapped, cache, batches, held_out: Trajectories, fraction: float | None,
@@ -206,7 +207,7 @@ class PromptBaker:
         """AdamW on the adapters; the held-out KL every eval_every steps (every step when half-baking,
         which stops once it is <= (1 - fraction) * kl_before). On several ranks (forge.distributed) each rank
         samples and trains its share of every batch through DDP (a batch with fewer rows than ranks: all of it on
-        every rank), its KL weighted by its share of the batch's kept positions; the held-out KL is every rank's."""
+        every rank), its KL weighted by its share of the batch's kept positions; the held-out KL likewise."""
         optimizer = torch.optim.AdamW(lora_parameters(wrapped), lr=self.lr, weight_decay=self.weight_decay)
         net = data_parallel(wrapped)
         kl_before = self._held_out_kl(wrapped, held_out)
@@ -214,13 +215,11 @@ class PromptBaker:
         target = None if fraction is None else (1.0 - fraction) * kl_before
         eval_every = 1 if target is not None else self.eval_every
         for step in range(1, self.steps + 1):
-            inputs = next(batches)
-            split = world().active and inputs.shape[0] >= world().size
             with torch.no_grad(), wrapped.disable_adapter():
-                traj = self._trajectories(wrapped, cache, inputs, generator, split)
+                traj = self._trajectories(wrapped, cache, next(batches), generator, split=True)
             wrapped.train()
             loss = trajectory_kl(net, traj)
-            if split:
+            if traj.split:
                 kept = int(traj.keep.sum())
                 loss = rank_share_mean(loss, kept, int(all_sum([kept])[0]))
             optimizer.zero_grad(set_to_none=True)
@@ -236,9 +235,15 @@ class PromptBaker:
 
     @staticmethod
     def _held_out_kl(student: nn.Module, held_out: Trajectories) -> float:
+        """The mean KL over the held-out kept positions (of every rank's share, when they were split)."""
         student.eval()
         with torch.no_grad():
-            return float(trajectory_kl(student, held_out))
+            kl = float(trajectory_kl(student, held_out))
+        if not held_out.split:
+            return kl
+        kept = int(held_out.keep.sum())
+        total, count = all_sum([kl * kept, kept])
+        return total / count
 
 
 def _check_half_bake(half_bake) -> float | None:

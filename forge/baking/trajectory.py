@@ -43,12 +43,14 @@ def prefix_cache(model: nn.Module, prompt_ids: torch.Tensor) -> KVCache:
 @dataclass
 class Trajectories:
     """inputs x (B, L), sampled tokens y (B, T), the teacher logits that produced each y_t (B, T, V), and
-    `keep` (B, T): the positions up to and including the first stop token (all True without one)."""
+    `keep` (B, T): the positions up to and including the first stop token (all True without one). `split`: the
+    rows are this rank's share of a batch sampled over several ranks (sample_trajectories' split)."""
 
     inputs: torch.Tensor
     tokens: torch.Tensor
     teacher_logits: torch.Tensor
     keep: torch.Tensor
+    split: bool = False
 
 
 @torch.no_grad()
@@ -80,7 +82,7 @@ def sample_trajectories(model: nn.Module, cache: KVCache, inputs: torch.Tensor, 
         if step < length - 1:
             logits, past = model(nxt, past_key_values=past, use_cache=True)
     tokens = torch.cat(tokens, 1)
-    return Trajectories(inputs, tokens, torch.stack(teacher, 1), keep_until_stop(tokens, stop_token))
+    return Trajectories(inputs, tokens, torch.stack(teacher, 1), keep_until_stop(tokens, stop_token), split)
 
 
 def keep_until_stop(tokens: torch.Tensor, stop_token: int | None) -> torch.Tensor:
