@@ -19,8 +19,9 @@ ever sees a sharded tensor.
 
 Outside `phase_scope` (a handoff check, the CLI, a test) everything is single-process, even under torchrun.
 Inside it, the split functions (the training loops, `forge.data.evaluate` / `exact_matches`,
-`forge.data.tools.answer_with_tool`, and the samplers called with `split=True`:
-`forge.data.sampling.sample_answers`, `forge.data.tools.generate`, Phase 3's `sample_thoughts`) are collectives:
+`forge.data.tools.answer_with_tool`, prompt baking (`forge.baking.PromptBaker`), Phase 8's `teacher_targets`, and
+the samplers called with `split=True`: `forge.data.sampling.sample_answers`, `forge.data.tools.generate`, Phase
+3's `sample_thoughts`, `forge.baking.sample_trajectories`) are collectives:
 every rank must call them in the same order, so never from work dealt to one rank (Phase 8's per-layer
 searches), where the other ranks would wait until the timeout.
 """
@@ -141,13 +142,18 @@ def broadcast(message=None, src: int = 0):
     return box[0]
 
 
+def _collective_device() -> torch.device:
+    """Where this process's tensors for a collective live: its GPU under NCCL (which reduces CUDA tensors only),
+    else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sums of `values` over the ranks of `world()` (float64); the values themselves on one rank."""
     here = world()
     if not here.active:
         return list(values)
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor(values, dtype=torch.float64, device=on)   # NCCL reduces CUDA tensors only
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -197,7 +203,7 @@ def gather_rows(mine: torch.Tensor, count: int) -> torch.Tensor:
     shares = [len(range(count)[World(rank, here.size).slice_of(count)]) for rank in range(here.size)]
     if mine.shape[0] != shares[here.rank]:
         raise ValueError(f"gather_rows: rank {here.rank} holds {mine.shape[0]} rows of its {shares[here.rank]}")
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    on = _collective_device()
     padded = torch.zeros((max(shares), *mine.shape[1:]), dtype=mine.dtype, device=on)
     padded[: mine.shape[0]] = mine.to(on)
     parts = [torch.empty_like(padded) for _ in shares]
