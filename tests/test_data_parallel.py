@@ -186,10 +186,10 @@ def _samplers(base_state: dict) -> dict:
     """The three samplers split over the ranks (split=True) at temperature 1: answers with the tool (7 and 2
     prompts: rank 0 of 3 holds none of the 2), answers without it (7) and thoughts (7 rows); per case the samples,
     the generator's state after and the rows of every forward pass."""
-    tools, model = _tool_model()
-    model.load_state_dict(base_state)
     out = {}
     for name, count in (("tool", 7), ("tool_few", 2), ("answers", 7)):
+        tools, model = _tool_model()
+        model.load_state_dict(base_state)
         examples, generator, calls = level_examples("addition", 1, count, "test", 11), torch.Generator(), []
         generator.manual_seed(5)
         _rows_fed(model, calls)
@@ -201,8 +201,6 @@ def _samplers(base_state: dict) -> dict:
                 model, [prompt_ids(ex, tools) for ex in examples], tools, 32, temperature=1.0, generator=generator,
                 split=True)]
         out[name] = {"samples": got, "state": generator.get_state(), "rows": calls, "count": count}
-        model = _tool_model()[1]
-        model.load_state_dict(base_state)
     tokenizer = CharTokenizer()
     tokenizer.add_special_tokens(thought_token_names(6))
     torch.manual_seed(0)
