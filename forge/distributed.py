@@ -225,6 +225,37 @@ def split_layout(count: int, width: int, wide: bool) -> tuple[int, int, int, boo
     return sum(counts[:here.rank]), sum(counts), int(max(sums[1::3])), any(sums[2::3])
 
 
+def draw_rows(probs: torch.Tensor, generator: torch.Generator | None = None, before: int = 0,
+              total: int | None = None) -> torch.Tensor:
+    """One token per row of `probs` (n, V), as (n, 1): the draws torch.multinomial(whole, 1, generator=generator)
+    makes for rows before..before+n-1 of a batch `whole` of `total` rows (default n) whose other rows other ranks
+    hold. torch draws a single sample per row as argmax(p / q) with q ~ Exp(1) of the whole batch's shape (its
+    fast path for one sample; tests/data/test_sampling.py checks the two agree); this draws the whole q and keeps
+    its rows, so ranks sharing a batch draw together what one process draws, and their generators stay equal.
+    Drawn where the generator is (a CPU generator, the model on a GPU: the same draws on any device), returned
+    on probs' device."""
+    rows, vocab = probs.shape
+    where = probs.device if generator is None else generator.device
+    q = torch.empty((rows if total is None else total, vocab), dtype=probs.dtype, device=where)
+    q.exponential_(1, generator=generator)
+    return (probs.to(where) / q[before: before + rows]).argmax(-1, keepdim=True).to(probs.device)
+
+
+def draw_split(probs: torch.Tensor | None, generator: torch.Generator | None, split: bool) -> torch.Tensor | None:
+    """draw_rows for a batch whose rows the ranks hold in rank order (see the module), this rank's `probs`
+    (None: no row here), when `split`; one all-reduce finds where this rank's rows sit. None when no rank holds a
+    row. Not split, or in one process: draw_rows(probs)."""
+    if not split or not world().active:
+        return None if probs is None else draw_rows(probs, generator)
+    count, width = (0, 0) if probs is None else probs.shape
+    before, total, width, wide = split_layout(count, width, probs is not None and probs.dtype == torch.float64)
+    if total == 0:
+        return None
+    if probs is None:    # no row here: draw the others' noise all the same, so the generators stay in step
+        probs = torch.zeros((0, width), dtype=torch.float64 if wide else torch.float32)
+    return draw_rows(probs, generator, before, total)
+
+
 def gather_lists(mine: list) -> list:
     """The concatenation, in rank order, of every rank's `mine` (picklable items), on every rank: with
     `world().slice_of`'s contiguous shares, the items of the whole list in their order. `mine` on one rank."""

@@ -19,7 +19,7 @@ ALLOWED = {
     "distributed": set(),           # who this process is under torchrun, the collectives phases use (torch only)
     "data": {"distributed"},        # evaluate() shares its counts over the ranks of a phase
     "merge": set(),
-    "baking": {"nn", "ops"},
+    "baking": {"nn", "ops", "distributed"},   # PromptBaker samples and trains its share of each batch
     "registry": set(),
     "tracking": set(),
     "pipeline": {"registry", "tracking", "baking", "optim", "nn", "data", "merge", "ops", "kernels", "_native",

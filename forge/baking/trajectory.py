@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from forge.data.sampling import draw_split
-from forge.distributed import world
+from forge.distributed import draw_split, world
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -63,7 +62,7 @@ def sample_trajectories(model: nn.Module, cache: KVCache, inputs: torch.Tensor, 
     trajectory positions, so they are kept: training needs no second teacher pass. With `split`, inside a phase
     run on several ranks (forge.distributed; every rank calls it alike, with at least as many rows as ranks),
     the trajectories of this rank's `world().slice_of` share of the rows only, drawn as one process draws them
-    (forge.data.sampling.draw_split).
+    (forge.distributed.draw_split).
     """
     split = split and world().active
     if split:

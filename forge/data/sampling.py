@@ -14,38 +14,7 @@ from forge.data.batching import prompt_ids
 from forge.data.decoding import NextLogits
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
-from forge.distributed import all_sum, gather_lists, split_layout, world
-
-
-def draw_rows(probs: torch.Tensor, generator: torch.Generator | None = None, before: int = 0,
-              total: int | None = None) -> torch.Tensor:
-    """One token per row of `probs` (n, V), as (n, 1): the draws torch.multinomial(whole, 1, generator=generator)
-    makes for rows before..before+n-1 of a batch `whole` of `total` rows (default n) whose other rows other ranks
-    hold. torch draws a single sample per row as argmax(p / q) with q ~ Exp(1) of the whole batch's shape (its
-    fast path for one sample; tests/data/test_sampling.py checks the two agree); this draws the whole q and keeps
-    its rows, so ranks sharing a batch draw together what one process draws, and their generators stay equal.
-    Drawn where the generator is (a CPU generator, the model on a GPU: the same draws on any device), returned
-    on probs' device."""
-    rows, vocab = probs.shape
-    where = probs.device if generator is None else generator.device
-    q = torch.empty((rows if total is None else total, vocab), dtype=probs.dtype, device=where)
-    q.exponential_(1, generator=generator)
-    return (probs.to(where) / q[before: before + rows]).argmax(-1, keepdim=True).to(probs.device)
-
-
-def draw_split(probs: torch.Tensor | None, generator: torch.Generator | None, split: bool) -> torch.Tensor | None:
-    """draw_rows for a batch whose rows the ranks hold in rank order (forge.distributed), this rank's `probs`
-    (None: no row here), when `split`; one all-reduce finds where this rank's rows sit. None when no rank holds a
-    row. Not split, or in one process: draw_rows(probs)."""
-    if not split or not world().active:
-        return None if probs is None else draw_rows(probs, generator)
-    count, width = (0, 0) if probs is None else probs.shape
-    before, total, width, wide = split_layout(count, width, probs is not None and probs.dtype == torch.float64)
-    if total == 0:
-        return None
-    if probs is None:    # no row here: draw the others' noise all the same, so the generators stay in step
-        probs = torch.zeros((0, width), dtype=torch.float64 if wide else torch.float32)
-    return draw_rows(probs, generator, before, total)
+from forge.distributed import all_sum, draw_split, gather_lists, world
 
 
 @dataclass

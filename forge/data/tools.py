@@ -23,10 +23,10 @@ import torch
 from forge.data.batching import IGNORE_INDEX, prompt_ids
 from forge.data.calculator import CalculatorError, calculate
 from forge.data.decoding import NextLogits
-from forge.data.sampling import _check_temperature, draw_split
+from forge.data.sampling import _check_temperature
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
-from forge.distributed import gather_lists, world
+from forge.distributed import draw_split, gather_lists, world
 
 CALL, END_CALL, RESULT, END_RESULT, CALL_ERROR = "<calc>", "</calc>", "<result>", "</result>", "<calc_error>"
 TOOL_TOKENS = (CALL, END_CALL, RESULT, END_RESULT, CALL_ERROR)

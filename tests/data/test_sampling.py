@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from forge.data import CharTokenizer, greedy_answers, make_examples
-from forge.data.sampling import draw_rows, sample_answers
+from forge.data.sampling import sample_answers
+from forge.distributed import draw_rows
 from forge.nn import TransformerConfig, build_model
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import forge
 from forge.data import CharTokenizer, make_examples
-from forge.data.sampling import draw_rows
+from forge.distributed import draw_rows
 from forge.nn import Transformer, TransformerConfig
 from forge.pipeline.config import ConfigError, load_config
 from forge.pipeline.devices import current_precision, model_device, resolve_precision, training_precision

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from forge.data.batching import IGNORE_INDEX, prompt_ids
-from forge.data.sampling import draw_split
 from forge.data.tasks import TASKS, rationale
-from forge.distributed import gather_lists, world
+from forge.distributed import draw_split, gather_lists, world
 
 THINK, END_THINK = "<think>", "</think>"
 STRATEGY_TOKENS = ("<step>", "<carry>", "<check>", "<sort>", "<rev>", "<copy>", "<mod>", "<digit>", "<recall>",
