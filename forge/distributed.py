@@ -12,10 +12,11 @@ tracker and the console (forge.pipeline.orchestrator); the other ranks follow it
 wrote and discard what they computed. Every collective has a timeout (`hardware.distributed.timeout_s`), so a
 rank that dies ends the run with an error instead of a hang.
 
-With `hardware.distributed.fsdp` on, the shared training loop trains an FSDP2-sharded copy of the model instead
+With `hardware.distributed.fsdp` on, the loops that train whole models (`parallel_training`: the shared loop,
+Phase 3's warm-up and reinforcement, Phase 5's climb and control) train an FSDP2-sharded copy of the model instead
 (`sharded_training`): the copy keeps 1/N of the parameters, gradients and optimizer state on each rank, and the
-model itself (whole on every rank throughout) gets the trained weights back when the loop ends, so nothing else
-ever sees a sharded tensor.
+model itself (whole on every rank throughout) gets the trained weights back before it is evaluated or sampled
+(`sync`) and when the loop ends, so nothing else ever sees a sharded tensor.
 
 Outside `phase_scope` (a handoff check, the CLI, a test) everything is single-process, even under torchrun.
 Inside it, the split functions (the training loops, `forge.data.evaluate` / `exact_matches`,

@@ -98,7 +98,8 @@ def _rl_training(steps: int) -> dict:
                              tokenizer, ThoughtIds.from_tokenizer(tokenizer), cfg, seed=6)
     trained = []   # rows of the training forwards (sampling runs in eval mode)
     model.register_forward_pre_hook(lambda module, args: trained.append(args[0].shape[0]) if module.training else None)
-    stats = [trainer.step() for _ in range(steps)]
+    with trainer.training():
+        stats = [trainer.step() for _ in range(steps)]
     return {"stats": stats, "state": {k: v.clone() for k, v in model.state_dict().items()}, "rows": sum(trained)}
 
 
@@ -247,11 +248,14 @@ def _curriculum(steps: int) -> dict:
     settings = {"steps": steps, "batch_size": 7, "num_levels": 3, "eval_every": 3, "val_questions": 9,
                 "questions_per_level": 20, "dream_questions": 5, "dream_min_confidence": 0.0}
     cfg = load_config(overrides=[f"phases.phase5.{key}={value}" for key, value in settings.items()]).phases.phase5
+    at_checks = []      # the head's weights the model holds at each level check
     climber = Climber(model, make_optimizer(model, OptimizerConfig(), 0.01), tokenizer, 40,
-                      {"addition": 1, "reversal": 2}, cfg, seed=7)
+                      {"addition": 1, "reversal": 2}, cfg, seed=7,
+                      on_check=lambda check: at_checks.append(model.head.weight.detach().clone()))
     climber.run()
     climber.cfg = cfg.model_copy(update={"steps": steps + 1})   # room for one more step: the dreams' batch
-    climber._consolidate(climber.climbs["addition"])    # dreams: sampled alike on every rank, trained in one batch
+    with distributed.parallel_training(model, climber.optimizer) as (climber.net, _):   # as inside run()
+        climber._consolidate(climber.climbs["addition"])    # dreams: sampled alike on every rank, trained in one batch
     scored, climbed = [], sum(trained)
     hook = model.register_forward_pre_hook(lambda module, args: scored.append(args[0].shape[0]))
     table = accuracy_table(model, ["addition", "reversal"], 3, 11, "test", 7, tokenizer, 40)
@@ -260,7 +264,7 @@ def _curriculum(steps: int) -> dict:
              for p in climber.pools]
     climb = {"losses": climber.log.losses, "checks": climber.log.checks, "dreams": climber.log.dreams,
              "state": {k: v.clone() for k, v in model.state_dict().items()}, "table": table, "scored": sum(scored),
-             "trained": climbed, "pools": pools}
+             "trained": climbed, "pools": pools, "at_checks": at_checks}
     losses = train_uniform(uniform, make_optimizer(uniform, OptimizerConfig(), 0.01), tokenizer, 40, ["addition"], cfg,
                            7, steps)
     climb["uniform"] = {"losses": losses, "state": {k: v.clone() for k, v in uniform.state_dict().items()}}

@@ -1,6 +1,7 @@
 """FSDP2 (`fully_shard`) on real gloo process groups (2 CPU processes): the shared training loop with
 hardware.distributed.fsdp trains the model DDP and one process train, and MuonGrokfast steps a DTensor-sharded
 parameter (uneven rows, 1 x n, n x 1, conv-shaped, 1-D AdamW) as it steps the whole tensor."""
+import contextlib
 import os
 from datetime import timedelta
 
@@ -9,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _gloo import one_thread
+from test_data_parallel import _curriculum, _rl_training, _thought_training
 from torch import nn
 
 from forge import distributed
@@ -114,9 +116,43 @@ def _training_worker(rank) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _sharded_copies(seen: list):
+    """Record the class of every FSDP2 copy that forge.distributed.parallel_training trains (the real
+    sharded_training runs; this only looks at what it yields)."""
+    real = distributed.sharded_training
+
+    @contextlib.contextmanager
+    def looking(model, optimizer):
+        with real(model, optimizer) as sharded:
+            seen.append(type(sharded).__name__)
+            yield sharded
+    distributed.sharded_training = looking
+    try:
+        yield
+    finally:
+        distributed.sharded_training = real
+
+
+def _phase_loops_worker(rank) -> dict:
+    """The phases' own loops under DDP and under FSDP (test_data_parallel's cases): Phase 3's thought warm-up and
+    reinforcement (its sampling on the model, synced before each step), Phase 5's climb (level checks and dreams
+    on the model, synced before each check), its uniform control and Phase 6's row training."""
+    out = {}
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        distributed.init(DistributedConfig(fsdp=fsdp), torch.device("cpu"))
+        copies = []
+        with distributed.phase_scope(), _sharded_copies(copies):
+            out[name] = {"warmup": _thought_training(4), "rl": _rl_training(3), "curriculum": _curriculum(6),
+                         "copies": copies}
+    distributed.init(DistributedConfig(), torch.device("cpu"))
+    return out
+
+
 def _worker(rank) -> dict:
     """Everything the tests below read from the ranks, in one spawn (starting 2 processes costs seconds)."""
-    return {"training": _training_worker(rank), "optimizer": _optimizer_worker(rank)}
+    return {"training": _training_worker(rank), "optimizer": _optimizer_worker(rank),
+            "loops": _phase_loops_worker(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +188,34 @@ def test_fsdp_training_matches_ddp_and_one_process(trained):
     weights = _max_diff(fsdp["state"], single["plain"]["state"])
     assert weights <= 2e-5, f"max |FSDP - one process| = {weights:.3g}"
     assert fsdp["losses"] == pytest.approx(single["plain"]["losses"], rel=1e-5)
+
+
+def test_the_phases_own_loops_train_an_fsdp_copy_that_matches_ddp(ranks):
+    """With fsdp on, Phase 3's warm-up and reinforcement, Phase 5's climb and uniform control and Phase 6's rows
+    train FSDP2 copies (one per loop; none under DDP) and end where DDP ends: the same losses, level checks, dreams,
+    pools and weights (measured: equal; the bound allows float summation order)."""
+    for out in ranks:
+        ddp, fsdp = out["loops"]["ddp"], out["loops"]["fsdp"]
+        # warm-up, RL, climb, the dreams _curriculum trains after it, uniform control, Phase 6's rows
+        assert ddp["copies"] == [] and fsdp["copies"] == ["FSDPTransformer"] * 6
+        assert fsdp["warmup"]["losses"] == pytest.approx(ddp["warmup"]["losses"], abs=1e-6)
+        for got, want in zip(fsdp["rl"]["stats"], ddp["rl"]["stats"], strict=True):
+            assert got == pytest.approx(want, abs=1e-6)      # the same thoughts sampled: the same rewards
+        assert fsdp["rl"]["rows"] == ddp["rl"]["rows"]
+        for key in ("warmup", "rl"):
+            assert _max_diff(fsdp[key]["state"], ddp[key]["state"]) <= 1e-6, key
+        got, want = fsdp["curriculum"], ddp["curriculum"]
+        for key in ("checks", "dreams", "table", "pools", "trained", "scored"):
+            assert got[key] == want[key], key
+        assert len(got["checks"]) == 4 and got["dreams"][0]["kept"] == 2
+        # the checks run on the model, which holds the weights trained so far (synced before each check)
+        assert not torch.equal(got["at_checks"][0], got["at_checks"][-1])
+        assert max(float((a - b).abs().max()) for a, b in zip(got["at_checks"], want["at_checks"], strict=True)) <= 1e-6
+        for part, expected in ((got, want), (got["uniform"], want["uniform"]), (got["rows"], want["rows"])):
+            assert part["losses"] == pytest.approx(expected["losses"], abs=1e-6)
+            assert _max_diff(part["state"], expected["state"]) <= 1e-6
+    one, other = (out["loops"]["fsdp"]["curriculum"]["state"] for out in ranks)
+    assert _max_diff(one, other) == 0      # every rank ends with the same full weights
 
 
 def test_an_error_inside_sharded_training_leaves_model_and_optimizer_as_on_entry(trained):

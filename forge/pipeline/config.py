@@ -60,9 +60,10 @@ class DistributedConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl on CUDA, gloo on the CPU
     timeout_s: float = Field(600.0, gt=0)   # a collective waiting longer (a rank died or hangs) fails the run
     share_newton_schulz: bool = False       # split Muon's orthogonalizations over the ranks; off: each rank does all
-    fsdp: bool = False   # FSDP2 (fully_shard of every transformer block and the root) instead of DDP in the shared
-    # training loop: the trained copy keeps 1/N of parameters, gradients and optimizer state per rank (the model
-    # object itself stays whole on every rank and gets the trained weights back when the loop ends)
+    fsdp: bool = False   # FSDP2 (fully_shard of every transformer block and the root) instead of DDP in the loops
+    # that train whole models (forge.distributed.parallel_training): the trained copy keeps 1/N of parameters,
+    # gradients and optimizer state per rank (the model object itself stays whole on every rank and gets the trained
+    # weights back before it is evaluated or sampled and when the loop ends)
 
 
 class HardwareConfig(Section):

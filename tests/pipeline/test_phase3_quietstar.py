@@ -146,7 +146,8 @@ def test_rl_step_loss_is_its_terms_with_the_policy_weight(trained, policy_weight
     optimizer = create_optimizer_from_phase(model, 3, lr=1e-4, adamw_lr=1e-4)
     trainer = ThoughtTrainer(model, optimizer, KLRegularizer(grown, 0.1), make_examples(TASKS, 64, "train", 0),
                              tokenizer, ids, cfg, seed=0)
-    s = trainer.step()
+    with trainer.training():
+        s = trainer.step()
     assert s["policy_loss"] != 0.0
     expected = policy_weight * s["policy_loss"] + s["answer_nll_thought"] + s["answer_nll_plain"] + s["kl"]
     assert s["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)

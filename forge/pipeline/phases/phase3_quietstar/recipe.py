@@ -98,13 +98,14 @@ class QuietStarPhase(PhaseController):
         kl = KLRegularizer(baked, cfg.optimizer.kl_coefficient)
         trainer = ThoughtTrainer(model, optimizer, kl, train, tokenizer, ids, cfg, cfg.seed)
         rewards = []
-        for step in range(1, cfg.rl_steps + 1):
-            stats = trainer.step()
-            rewards.append(stats["reward"])
-            if step % 10 == 0:
-                ctx.progress(0.6 + 0.35 * step / cfg.rl_steps, f"RL step {step} reward {stats['reward']:.3f}")
-            if step % 25 == 0:
-                ctx.tracker.log({f"rl/{k}": v for k, v in stats.items()}, step=cfg.warmup_steps + step)
+        with trainer.training():
+            for step in range(1, cfg.rl_steps + 1):
+                stats = trainer.step()
+                rewards.append(stats["reward"])
+                if step % 10 == 0:
+                    ctx.progress(0.6 + 0.35 * step / cfg.rl_steps, f"RL step {step} reward {stats['reward']:.3f}")
+                if step % 25 == 0:
+                    ctx.tracker.log({f"rl/{k}": v for k, v in stats.items()}, step=cfg.warmup_steps + step)
         model.eval()
         return rewards
 

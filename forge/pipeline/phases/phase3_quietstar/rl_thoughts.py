@@ -12,12 +12,13 @@ can only beat accuracy without them through what the thoughts carry, not through
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
 import torch
 
-from forge.distributed import all_sum, data_parallel, world
+from forge.distributed import all_sum, parallel_training, world
 from forge.pipeline.devices import training_autocast
 from forge.pipeline.prompt_bake import bake_task_prompt
 from forge.pipeline.training import batch_rows, forward_together, rank_share_nll
@@ -31,8 +32,9 @@ class ThoughtTrainer:
     """Runs RL steps on `examples`; batches are drawn from one prompt-length group at a time (seeded). On several
     ranks (forge.distributed) every rank draws the same batch, samples its share of the thoughts (sample_thoughts'
     split: together the thoughts one process draws, gathered to every rank), then trains on its share of the
-    batch's inputs, each with all its thoughts, through
-    DistributedDataParallel; every loss term is scaled so that the ranks' average is the whole batch's loss."""
+    batch's inputs, each with all its thoughts, through DistributedDataParallel, or inside `training()` with
+    hardware.distributed.fsdp an FSDP2 copy; every loss term is scaled so that the ranks' average is the whole
+    batch's loss."""
 
     def __init__(self, model, optimizer, kl, examples, tokenizer, ids: ThoughtIds, cfg, seed: int):
         self.model, self.optimizer, self.kl, self.ids, self.cfg = model, optimizer, kl, ids, cfg
@@ -41,7 +43,18 @@ class ThoughtTrainer:
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.device = next(model.parameters()).device
-        self.mine, self.net = batch_rows(cfg.batch_size, "phase 3 RL"), data_parallel(model)
+        self.mine, self.net, self._sync = batch_rows(cfg.batch_size, "phase 3 RL"), None, None
+
+    @contextlib.contextmanager
+    def training(self):
+        """The block the steps run in (forge.distributed.parallel_training): the model itself in one process, DDP
+        around it on several ranks, or with hardware.distributed.fsdp an FSDP2 copy, whose weights the model gets
+        before each step samples its thoughts (the sampling runs on the model) and at the end of the block."""
+        with parallel_training(self.model, self.optimizer) as (self.net, self._sync):
+            try:
+                yield self
+            finally:
+                self.net = self._sync = None
 
     def _batch(self) -> list[int]:
         group = self.rng.choices(self.groups, weights=[len(g) for g in self.groups])[0]
@@ -50,9 +63,12 @@ class ThoughtTrainer:
     def step(self) -> dict:
         """One optimizer step; returns its losses and the mean reward of the sampled thoughts (the whole batch's,
         the same on every rank)."""
+        if self.net is None:
+            raise RuntimeError("ThoughtTrainer.step() runs inside `with trainer.training():`")
         k, rows = self.cfg.num_thoughts, self._batch()
         prefixes = [self.prefixes[i] for i in rows for _ in range(k)]
         answers = [self.answers[i] for i in rows for _ in range(k)]
+        self._sync()
         self.model.eval()
         batch = torch.tensor([p + [self.ids.think] for p in prefixes], dtype=torch.long, device=self.device)
         thoughts, closed = sample_thoughts(self.model, batch, self.ids, self.cfg.thought_length,

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from forge.data import rationale
-from forge.distributed import data_parallel, world
+from forge.distributed import parallel_training, world
 from forge.pipeline.phases.phase3_quietstar.thoughts import ThoughtIds, build_rows, example_ids
 from forge.pipeline.training import batch_rows, forward_together, optimize, rank_share_nll
 
@@ -36,27 +36,28 @@ def train_with_thoughts(model, optimizer, examples, thoughts: list[list[int]], t
                         on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """`steps` optimizer steps on batches of (example, its thought) drawn with a seeded RNG, each row trained
     with its thought and without; returns the losses. Phase 4 uses it to fine-tune a thinking model on the
-    thoughts it wrote before quantization. On several ranks each trains on its rows of every batch (DDP), as
-    forge.pipeline.training.train_on_examples does."""
+    thoughts it wrote before quantization. On several ranks each trains on its rows of every batch, through DDP
+    or (hardware.distributed.fsdp) an FSDP2 copy, as forge.pipeline.training.train_on_examples does."""
     if not examples or len(thoughts) != len(examples):
         raise ValueError(f"train_with_thoughts: {len(examples)} examples and {len(thoughts)} thoughts; expected "
                          "one thought per example and at least one example")
     prefixes, answers = example_ids(examples, tokenizer)
     rng, device = random.Random(seed), next(model.parameters()).device
-    mine, net, ranks = batch_rows(batch_size, "train_with_thoughts"), data_parallel(model), world().size
+    mine, ranks = batch_rows(batch_size, "train_with_thoughts"), world().size
+    with parallel_training(model, optimizer) as (net, _):
 
-    def loss_at(_step: int) -> torch.Tensor:
-        rows = [rng.randrange(len(examples)) for _ in range(batch_size)]
-        pick = lambda items: [items[i] for i in rows]   # noqa: E731
-        with_t = build_rows(pick(prefixes), pick(answers), ids, pick(thoughts), [True] * batch_size)
-        plain = build_rows(pick(prefixes), pick(answers), ids)
-        if ranks == 1:
-            logits_t, logits_p = model(with_t.tokens.to(device)), model(plain.tokens.to(device))
-        else:   # this rank's rows of both batches in one pass (forge.pipeline.training)
-            logits_t, logits_p = forward_together(net, ids.pad, with_t.tokens[mine].to(device),
-                                                  plain.tokens[mine].to(device))
-        return (rank_share_nll(logits_t, with_t.thought_targets.to(device), mine)
-                + rank_share_nll(logits_t, with_t.answer_targets.to(device), mine)
-                + plain_weight * rank_share_nll(logits_p, plain.answer_targets.to(device), mine))
+        def loss_at(_step: int) -> torch.Tensor:
+            rows = [rng.randrange(len(examples)) for _ in range(batch_size)]
+            pick = lambda items: [items[i] for i in rows]   # noqa: E731
+            with_t = build_rows(pick(prefixes), pick(answers), ids, pick(thoughts), [True] * batch_size)
+            plain = build_rows(pick(prefixes), pick(answers), ids)
+            if ranks == 1:
+                logits_t, logits_p = net(with_t.tokens.to(device)), net(plain.tokens.to(device))
+            else:   # this rank's rows of both batches in one pass (forge.pipeline.training)
+                logits_t, logits_p = forward_together(net, ids.pad, with_t.tokens[mine].to(device),
+                                                      plain.tokens[mine].to(device))
+            return (rank_share_nll(logits_t, with_t.thought_targets.to(device), mine)
+                    + rank_share_nll(logits_t, with_t.answer_targets.to(device), mine)
+                    + plain_weight * rank_share_nll(logits_p, plain.answer_targets.to(device), mine))
 
-    return optimize(model, optimizer, steps, loss_at, what="training with thoughts", on_step=on_step)
+        return optimize(net, optimizer, steps, loss_at, what="training with thoughts", on_step=on_step)

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from forge.data.levels import level_examples
-from forge.distributed import data_parallel
+from forge.distributed import parallel_training
 from forge.pipeline.phases.phase5_curriculum.curriculum import LevelPool, train_step
 from forge.pipeline.phases.phase5_curriculum.dreams import Dreams, dream
 from forge.data import exact_matches
@@ -72,7 +72,7 @@ class Climber:
                  on_step: Callable[[int, float, str], None] | None = None,
                  on_check: Callable[[dict], None] | None = None):
         self.model, self.optimizer, self.tokenizer, self.max_len = model, optimizer, tokenizer, max_len
-        self.net = data_parallel(model)     # the model itself in one process
+        self.net = None     # what the steps train, inside run(): forge.distributed.parallel_training
         self.cfg, self.seed, self.on_step, self.on_check = cfg, seed, on_step, on_check
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
@@ -122,20 +122,30 @@ class Climber:
         return examples, asked, mixes
 
     def run(self) -> ClimbLog:
-        while self.step < self.cfg.steps:
-            examples, asked, mixes = self._batch()
-            loss, right = train_step(self.model, self.optimizer, examples, self.tokenizer, self.max_len, self.net)
-            self.step += 1
-            self.log.losses.append(loss)
-            for index, pool, question in asked:
-                pool.record(question, right[index], self.cfg.consecutive_for_mastery, self.cfg.max_hint)
-            for index, task, level in mixes:
-                self.mix_accuracy[task, level] += EDGE_RATE * (right[index] - self.mix_accuracy[task, level])
-            if self.on_step is not None:
-                self.on_step(self.step, loss, self.status())
-            if self.step % self.cfg.eval_every == 0:
-                self._check_levels()
+        """The climb. On several ranks with hardware.distributed.fsdp the steps train an FSDP2 copy of the model,
+        whose weights the model gets before every level check (the checks and dreams run on the model)."""
+        with parallel_training(self.model, self.optimizer) as (self.net, sync):
+            try:
+                while self.step < self.cfg.steps:
+                    self._step()
+                    if self.step % self.cfg.eval_every == 0:
+                        sync()
+                        self._check_levels()
+            finally:
+                self.net = None
         return self.log
+
+    def _step(self) -> None:
+        examples, asked, mixes = self._batch()
+        loss, right = train_step(self.model, self.optimizer, examples, self.tokenizer, self.max_len, self.net)
+        self.step += 1
+        self.log.losses.append(loss)
+        for index, pool, question in asked:
+            pool.record(question, right[index], self.cfg.consecutive_for_mastery, self.cfg.max_hint)
+        for index, task, level in mixes:
+            self.mix_accuracy[task, level] += EDGE_RATE * (right[index] - self.mix_accuracy[task, level])
+        if self.on_step is not None:
+            self.on_step(self.step, loss, self.status())
 
     def status(self) -> str:
         """Per task: the level it climbs, its pool's questions left and the last validation accuracy there."""
@@ -165,7 +175,8 @@ class Climber:
                 self._open(climb)
 
     def _consolidate(self, climb: TaskClimb) -> None:
-        """Dreams on prompts of the levels `climb` has passed, then dream_epochs_per_level passes over them."""
+        """Dreams on prompts of the levels `climb` has passed, then dream_epochs_per_level passes over them, trained
+        through run()'s net (called inside run)."""
         if self.cfg.dream_epochs_per_level == 0 or self.cfg.dream_questions == 0:
             return
         levels = list(range(1, climb.level + 1))
@@ -190,14 +201,16 @@ class Climber:
 def train_uniform(model, optimizer, tokenizer, max_len: int, tasks: list[str], cfg, seed: int, steps: int,
                   on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Plain training, the curriculum's control: `steps` optimizer steps on batches whose questions are drawn
-    uniformly over tasks and all levels (from pools of questions_per_level training questions)."""
+    uniformly over tasks and all levels (from pools of questions_per_level training questions). Through DDP or, with
+    hardware.distributed.fsdp, an FSDP2 copy, as the climb."""
     rng = random.Random(seed)
     pools = {(t, lv): level_examples(t, lv, cfg.questions_per_level, "train", seed)
              for t in tasks for lv in range(1, cfg.num_levels + 1)}
-    keys, losses, net = sorted(pools), [], data_parallel(model)
-    for step in range(1, steps + 1):
-        examples = [rng.choice(pools[rng.choice(keys)]) for _ in range(cfg.batch_size)]
-        losses.append(train_step(model, optimizer, examples, tokenizer, max_len, net)[0])
-        if on_step is not None:
-            on_step(step, losses[-1])
+    keys, losses = sorted(pools), []
+    with parallel_training(model, optimizer) as (net, _):
+        for step in range(1, steps + 1):
+            examples = [rng.choice(pools[rng.choice(keys)]) for _ in range(cfg.batch_size)]
+            losses.append(train_step(model, optimizer, examples, tokenizer, max_len, net)[0])
+            if on_step is not None:
+                on_step(step, losses[-1])
     return losses

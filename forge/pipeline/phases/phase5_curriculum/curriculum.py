@@ -111,15 +111,17 @@ def train_step(model, optimizer, examples: list[Example], tokenizer, max_len: in
     """One optimizer step on the answers of `examples`; returns the loss and, per example, whether the
     model's greedy answer (before the step) was exactly right: the argmax at every answer position equals the
     target under teacher forcing, which is what greedy decoding would produce. `net` is what the forward pass
-    runs through (default `model`; on several ranks its `forge.distributed.data_parallel` wrapper, made once): each
-    rank then trains its slice of the batch, and the loss and the flags returned are the whole batch's, on every
-    rank."""
+    runs through (default `model`; on several ranks its DDP wrapper or FSDP2 copy from forge.distributed's
+    `parallel_training`, made once): each rank then trains its slice of the batch, and the loss and the flags
+    returned are the whole batch's, on every rank."""
     batch = encode_batch(examples, tokenizer, max_len)
     device, rows = next(model.parameters()).device, world().slice_of(len(examples))
     tokens, targets = batch.tokens.to(device), batch.targets.to(device)
+    runner = model if net is None else net
     model.train()
+    runner.train()      # an FSDP copy has a mode of its own
     with training_autocast(model):
-        logits = (model if net is None else net)(tokens[rows])
+        logits = runner(tokens[rows])
         loss = rank_share_nll(logits, targets, rows)
     value = ranks_mean(loss)
     if not math.isfinite(value):
@@ -129,5 +131,6 @@ def train_step(model, optimizer, examples: list[Example], tokenizer, max_len: in
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    runner.eval()
     model.eval()
     return value, [bool(flag) for flag in gather_slices(flags, len(examples))]
