@@ -308,11 +308,24 @@ def _(student, teacher, inv_temperature, keep, backend):
     return tuple(student.new_empty(student.shape[0], dtype=torch.float32) for _ in range(3))
 
 
+def _gradient(kernels: KLKernels, student, teacher, lse_s, lse_t, row_scale, inv_temperature: float) -> torch.Tensor:
+    """d loss / d student from the row-gradient kernel, row i weighted by row_scale[i]."""
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    kernels.backward(student, teacher, lse_s, lse_t, row_scale, inv_temperature, grad)
+    return grad
+
+
+def _row_scale(weight: torch.Tensor, keep: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """Each row's gradient weight: `weight` (per row, or one for every row) where the row is kept, 0 elsewhere."""
+    if keep is not None:
+        weight = torch.where(keep, weight, 0.0)
+    return weight.expand(rows).contiguous()
+
+
 def _rows_gradient(student: torch.Tensor, teacher: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
                    row_scale: torch.Tensor, inv_temperature: float, backend: str) -> torch.Tensor:
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    kernels_for(student.device, backend).backward(student, teacher, lse_s, lse_t, row_scale, inv_temperature, grad)
-    return grad
+    return _gradient(kernels_for(student.device, backend), student, teacher, lse_s, lse_t, row_scale,
+                     inv_temperature)
 
 
 _kl_div_rows_backward_op = torch.library.custom_op("forge::kl_div_rows_backward", _rows_gradient, mutates_args=())
@@ -332,11 +345,9 @@ def _setup_context(ctx, inputs, output):
 def _rows_backward(ctx, grad_loss, _grad_lse_s, _grad_lse_t):
     """Only the student gets a gradient: the teacher is a constant (and the log-sum-exps are internal)."""
     student, teacher, lse_s, lse_t, keep = ctx.saved_tensors
-    scale = grad_loss.float() * ctx.inv_temperature
-    if keep is not None:
-        scale = torch.where(keep, scale, 0.0)
+    scale = _row_scale(grad_loss.float() * ctx.inv_temperature, keep, student.shape[0])
     gradient = getattr(ctx, "gradient", _kl_div_rows_backward_op)   # the op, as tracers must see it, unless eager
-    grad = gradient(student, teacher, lse_s, lse_t, scale.contiguous(), ctx.inv_temperature, ctx.backend)
+    grad = gradient(student, teacher, lse_s, lse_t, scale, ctx.inv_temperature, ctx.backend)
     return grad, None, None, None, None
 
 
@@ -375,10 +386,8 @@ class _KLLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         student, teacher, lse_s, lse_t, keep = ctx.saved_tensors
-        weight = grad_total.float() * (ctx.inv_temperature / ctx.divisor)
-        scale = weight.expand(student.shape[0]) if keep is None else torch.where(keep, weight, 0.0)
-        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        ctx.kernels.backward(student, teacher, lse_s, lse_t, scale.contiguous(), ctx.inv_temperature, grad)
+        scale = _row_scale(grad_total.float() * (ctx.inv_temperature / ctx.divisor), keep, student.shape[0])
+        grad = _gradient(ctx.kernels, student, teacher, lse_s, lse_t, scale, ctx.inv_temperature)
         return grad, None, None, None, None, None
 
 
