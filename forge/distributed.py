@@ -248,13 +248,37 @@ def draw_split(probs: torch.Tensor | None, generator: torch.Generator | None, sp
     row. Not split, or in one process: draw_rows(probs)."""
     if not split or not world().active:
         return None if probs is None else draw_rows(probs, generator)
+    return _draw_laid_out(probs, generator, _layout_of(probs))
+
+
+def _layout_of(probs: torch.Tensor | None) -> tuple[int, int, int, bool]:
     count, width = (0, 0) if probs is None else probs.shape
-    before, total, width, wide = split_layout(count, width, probs is not None and probs.dtype == torch.float64)
+    return split_layout(count, width, probs is not None and probs.dtype == torch.float64)
+
+
+def _draw_laid_out(probs: torch.Tensor | None, generator, layout: tuple[int, int, int, bool]) -> torch.Tensor | None:
+    before, total, width, wide = layout
     if total == 0:
         return None
     if probs is None:    # no row here: draw the others' noise all the same, so the generators stay in step
         probs = torch.zeros((0, width), dtype=torch.float64 if wide else torch.float32)
     return draw_rows(probs, generator, before, total)
+
+
+class FixedRowDraws:
+    """draw_split for a decoding loop whose ranks hold the same rows at every step (each step draws for every row,
+    finished or not): where this rank's rows sit is found at the first draw (one all-reduce) and kept, so the later
+    steps draw what draw_split would draw without a collective. Call it with this rank's probs (None: no row)."""
+
+    def __init__(self, generator: torch.Generator | None, split: bool):
+        self.generator, self.split, self.layout = generator, split and world().active, None
+
+    def __call__(self, probs: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.split:
+            return None if probs is None else draw_rows(probs, self.generator)
+        if self.layout is None:
+            self.layout = _layout_of(probs)
+        return _draw_laid_out(probs, self.generator, self.layout)
 
 
 def gather_lists(mine: list) -> list:

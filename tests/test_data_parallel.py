@@ -1,6 +1,7 @@
 """forge.distributed on real gloo process groups (2 and 3 CPU processes): a batch split over ranks trains the model
 one process trains on the whole batch, sharded evaluation counts what one process counts, and nothing is split
 outside `phase_scope`."""
+import contextlib
 import copy
 import os
 
@@ -183,6 +184,21 @@ def _rows_fed(model, calls: list) -> None:
     model.forward_at = lambda tokens, *rest: calls.append(tokens.shape[0]) or plain_at(tokens, *rest)
 
 
+@contextlib.contextmanager
+def _layouts(counted: list):
+    """Count forge.distributed.split_layout's calls (an all-reduce each on several ranks; the real one runs)."""
+    real = distributed.split_layout
+
+    def counting(*args):
+        counted.append(args)
+        return real(*args)
+    distributed.split_layout = counting
+    try:
+        yield
+    finally:
+        distributed.split_layout = real
+
+
 def _samplers(base_state: dict) -> dict:
     """The three samplers split over the ranks (split=True) at temperature 1: answers with the tool (7 and 2
     prompts: rank 0 of 3 holds none of the 2), answers without it (7) and thoughts (7 rows); per case the samples,
@@ -191,17 +207,19 @@ def _samplers(base_state: dict) -> dict:
     for name, count in (("tool", 7), ("tool_few", 2), ("answers", 7)):
         tools, model = _tool_model()
         model.load_state_dict(base_state)
-        examples, generator, calls = level_examples("addition", 1, count, "test", 11), torch.Generator(), []
+        examples, generator, calls, layouts = level_examples("addition", 1, count, "test", 11), torch.Generator(), [], []
         generator.manual_seed(5)
         _rows_fed(model, calls)
-        if name == "answers":
-            got = [(a.ids, a.closed, a.logprob) for a in sample_answers(
-                model, examples, tools, 32, temperature=1.0, max_new=6, generator=generator, split=True)]
-        else:
-            got = [(o.ids, o.closed, o.calls) for o in generate(
-                model, [prompt_ids(ex, tools) for ex in examples], tools, 32, temperature=1.0, generator=generator,
-                split=True)]
-        out[name] = {"samples": got, "state": generator.get_state(), "rows": calls, "count": count}
+        with _layouts(layouts):
+            if name == "answers":
+                got = [(a.ids, a.closed, a.logprob) for a in sample_answers(
+                    model, examples, tools, 32, temperature=1.0, max_new=6, generator=generator, split=True)]
+            else:
+                got = [(o.ids, o.closed, o.calls) for o in generate(
+                    model, [prompt_ids(ex, tools) for ex in examples], tools, 32, temperature=1.0,
+                    generator=generator, split=True)]
+        out[name] = {"samples": got, "state": generator.get_state(), "rows": calls, "count": count,
+                     "layouts": len(layouts)}
     tokenizer = CharTokenizer()
     tokenizer.add_special_tokens(thought_token_names(6))
     torch.manual_seed(0)
@@ -211,8 +229,11 @@ def _samplers(base_state: dict) -> dict:
     ids, generator = ThoughtIds.from_tokenizer(tokenizer), torch.Generator().manual_seed(6)
     prefixes = torch.tensor([prompt_ids(ex, tokenizer) + [ids.think]
                              for ex in level_examples("addition", 1, 7, "test", 12)])
-    got = sample_thoughts(thinker.eval(), prefixes, ids, 4, 1.0, generator, split=True)
-    out["thoughts"] = {"samples": got, "state": generator.get_state(), "rows": calls, "count": 7}
+    layouts = []
+    with _layouts(layouts):
+        got = sample_thoughts(thinker.eval(), prefixes, ids, 4, 1.0, generator, split=True)
+    out["thoughts"] = {"samples": got, "state": generator.get_state(), "rows": calls, "count": 7,
+                       "layouts": len(layouts)}
     return out
 
 
@@ -324,8 +345,9 @@ def single(tmp_path_factory):
 
 
 def _samplers_match(ranks: list[dict], single: dict) -> None:
-    """Split sampling: every rank ends with one process's samples and generator state, and no forward pass of a
-    rank holds more rows than its share of the batch (a rank sampling the whole batch fails this)."""
+    """Split sampling: every rank ends with one process's samples and generator state, no forward pass of a rank
+    holds more rows than its share of the batch (a rank sampling the whole batch fails this), and the samplers that
+    draw every row at every step find the rows' layout once a call (one all-reduce, not one per token)."""
     for name, expected in single["samplers"].items():
         count = expected["count"]
         assert max(expected["rows"]) == count, name
@@ -334,6 +356,9 @@ def _samplers_match(ranks: list[dict], single: dict) -> None:
             share = len(range(count)[distributed.World(rank, len(ranks)).slice_of(count)])
             assert max(got["rows"], default=0) == share, (name, rank)
             assert torch.equal(got["state"], expected["state"]), name
+            # where each rank's rows sit is found once a call where every step draws every row (answers, thoughts);
+            # generate draws for the live rows only, so it finds them every step
+            assert got["layouts"] == 1 if name in ("answers", "thoughts") else got["layouts"] > 1, (name, got["layouts"])
             if name == "answers":   # log-probabilities summed from other batches' logits
                 assert [a[:2] for a in got["samples"]] == [a[:2] for a in expected["samples"]]
                 assert [a[2] for a in got["samples"]] == pytest.approx([a[2] for a in expected["samples"]], rel=1e-5)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from forge.distributed import draw_split, world
+from forge.distributed import FixedRowDraws, world
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -62,7 +62,7 @@ def sample_trajectories(model: nn.Module, cache: KVCache, inputs: torch.Tensor, 
     trajectory positions, so they are kept: training needs no second teacher pass. With `split`, inside a phase
     run on several ranks (forge.distributed; every rank calls it alike, with at least as many rows as ranks),
     the trajectories of this rank's `world().slice_of` share of the rows only, drawn as one process draws them
-    (forge.distributed.draw_split).
+    (forge.distributed.FixedRowDraws).
     """
     split = split and world().active
     if split:
@@ -71,12 +71,12 @@ def sample_trajectories(model: nn.Module, cache: KVCache, inputs: torch.Tensor, 
                              f"have none")
         inputs = inputs[world().slice_of(inputs.shape[0])]
     logits, past = model(inputs, past_key_values=cache, use_cache=True)
-    tokens, teacher = [], []
+    tokens, teacher, draw = [], [], FixedRowDraws(generator, split)     # every row drawn every step
     for step in range(length):
         last = logits[:, -1].float()
         teacher.append(last)
         probs = torch.softmax(last / temperature, dim=-1)
-        nxt = draw_split(probs, generator, split)
+        nxt = draw(probs)
         tokens.append(nxt)
         if step < length - 1:
             logits, past = model(nxt, past_key_values=past, use_cache=True)

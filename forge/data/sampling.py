@@ -14,7 +14,7 @@ from forge.data.batching import prompt_ids
 from forge.data.decoding import NextLogits
 from forge.data.tasks import Example
 from forge.data.tokenizer import CharTokenizer
-from forge.distributed import all_sum, draw_split, gather_lists, world
+from forge.distributed import FixedRowDraws, all_sum, gather_lists, world
 
 
 @dataclass
@@ -43,7 +43,7 @@ def sample_answers(model, examples: Sequence[Example], tokenizer: CharTokenizer,
     """The model's own answer to each example's `<bos> prompt <sep>`: up to `max_new` tokens (default: as
     many as max_len allows) or <eos>. The true answers are never read. With `split`, inside a phase run on
     several ranks (forge.distributed; every rank calls it with the same examples and generator state), each rank
-    decodes its `world().slice_of` share of the examples, draws with `draw_split` (what one process draws) and
+    decodes its `world().slice_of` share of the examples, draws with `FixedRowDraws` (what one process draws) and
     every rank gets all the answers."""
     temperature = _check_temperature(temperature)
     if not examples:
@@ -72,14 +72,14 @@ def _sample(model, examples, tokenizer, max_len, temperature, max_new, generator
     closed = [False] * len(seqs)
     next_logits = NextLogits(model, seqs, tokenizer.pad_id, tokenizer.vocab_size)
     every = range(len(seqs))      # finished rows too: the generator draws for every row, as it always did
+    draw = FixedRowDraws(generator, split)      # so the rows of a rank never change: one layout for the loop
     while (all_sum([done.count(False)])[0] if split else done.count(False)) > 0:
         last = next_logits(every) if seqs else None
         logp = None if last is None else torch.log_softmax(last, -1).cpu()
         if temperature == 0:
             next_ids = [] if logp is None else logp.argmax(-1).tolist()
         else:
-            drawn = draw_split(None if last is None else torch.softmax(last.cpu() / temperature, -1), generator,
-                               split)
+            drawn = draw(None if last is None else torch.softmax(last.cpu() / temperature, -1))
             next_ids = [] if last is None else drawn.squeeze(1).tolist()
         for b, tok in enumerate(next_ids):
             if done[b]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from forge.data.batching import IGNORE_INDEX, prompt_ids
 from forge.data.tasks import TASKS, rationale
-from forge.distributed import draw_split, gather_lists, world
+from forge.distributed import FixedRowDraws, gather_lists, world
 
 THINK, END_THINK = "<think>", "</think>"
 STRATEGY_TOKENS = ("<step>", "<carry>", "<check>", "<sort>", "<rev>", "<copy>", "<mod>", "<digit>", "<recall>",
@@ -56,18 +56,18 @@ def sample_thoughts(model, prefixes: torch.Tensor, ids: ThoughtIds, length: int,
     key/value cache: up to `length` tokens at `temperature` (0 = greedy), stopping a row at `</think>`.
     Returns the thoughts (without the markers) and whether each closed itself with `</think>`. With `split`,
     inside a phase run on several ranks (forge.distributed; every rank calls it with the same prefixes and
-    generator state), each rank samples its `world().slice_of` share of the rows, draws with `draw_split` (what
+    generator state), each rank samples its `world().slice_of` share of the rows, draws with `FixedRowDraws` (what
     one process draws) and every rank gets all the thoughts."""
     split = split and world().active
     mine = prefixes[world().slice_of(prefixes.shape[0])] if split else prefixes
     logits, cache = model(mine, use_cache=True) if len(mine) else (None, None)
-    steps = []
+    steps, draw = [], FixedRowDraws(generator, split)      # every row drawn every step
     for step in range(length):
         last = None if logits is None else logits[:, -1].float()
         if last is not None:
             last[:, list(ids.banned)] = float("-inf")
         if temperature > 0:
-            nxt = draw_split(None if last is None else torch.softmax(last / temperature, -1), generator, split)
+            nxt = draw(None if last is None else torch.softmax(last / temperature, -1))
         else:
             nxt = None if last is None else last.argmax(-1, keepdim=True)
         if last is not None:
