@@ -24,6 +24,7 @@ import tempfile
 import time
 
 from forge.cli import openmp_defaults
+from under_load import busy     # benchmarks/under_load.py: one pure-Python loop per process
 
 SIZES = {
     1: ["phases.phase1.shared_steps=300", "phases.phase1.steps=150", "phases.phase1.eval_every=75",
@@ -34,10 +35,6 @@ SIZES = {
         "phases.phase3.min_gain_over_input=-1.0", "phases.phase3.min_distinct_thoughts=0.0"],
 }
 DONE = re.compile(r"phase (\d+) \([^)]*\): done in ([0-9.]+)s")
-
-
-def busy(n: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
 def settle_down(quiet: float, most_s: float = 300.0) -> None:

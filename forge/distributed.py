@@ -246,23 +246,7 @@ def draw_split(probs: torch.Tensor | None, generator: torch.Generator | None, sp
     """draw_rows for a batch whose rows the ranks hold in rank order (see the module), this rank's `probs`
     (None: no row here), when `split`; one all-reduce finds where this rank's rows sit. None when no rank holds a
     row. Not split, or in one process: draw_rows(probs)."""
-    if not split or not world().active:
-        return None if probs is None else draw_rows(probs, generator)
-    return _draw_laid_out(probs, generator, _layout_of(probs))
-
-
-def _layout_of(probs: torch.Tensor | None) -> tuple[int, int, int, bool]:
-    count, width = (0, 0) if probs is None else probs.shape
-    return split_layout(count, width, probs is not None and probs.dtype == torch.float64)
-
-
-def _draw_laid_out(probs: torch.Tensor | None, generator, layout: tuple[int, int, int, bool]) -> torch.Tensor | None:
-    before, total, width, wide = layout
-    if total == 0:
-        return None
-    if probs is None:    # no row here: draw the others' noise all the same, so the generators stay in step
-        probs = torch.zeros((0, width), dtype=torch.float64 if wide else torch.float32)
-    return draw_rows(probs, generator, before, total)
+    return FixedRowDraws(generator, split)(probs)
 
 
 class FixedRowDraws:
@@ -277,8 +261,14 @@ class FixedRowDraws:
         if not self.split:
             return None if probs is None else draw_rows(probs, self.generator)
         if self.layout is None:
-            self.layout = _layout_of(probs)
-        return _draw_laid_out(probs, self.generator, self.layout)
+            count, width = (0, 0) if probs is None else probs.shape
+            self.layout = split_layout(count, width, probs is not None and probs.dtype == torch.float64)
+        before, total, width, wide = self.layout
+        if total == 0:
+            return None
+        if probs is None:    # no row here: draw the others' noise all the same, so the generators stay in step
+            probs = torch.zeros((0, width), dtype=torch.float64 if wide else torch.float32)
+        return draw_rows(probs, self.generator, before, total)
 
 
 def gather_lists(mine: list) -> list:
