@@ -66,6 +66,46 @@ def test_rotary_matches_complex_rotation():
     torch.testing.assert_close(apply_rotary(x), expected, rtol=1e-13, atol=1e-13)
 
 
+def _rotary_written_out(x: torch.Tensor, offset=0) -> torch.Tensor:
+    """RoFormer eq. 34 in real arithmetic, float64 (the form apply_rotary used before its complex multiply)."""
+    seq, head_dim = x.shape[-2], x.shape[-1]
+    theta = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if isinstance(offset, torch.Tensor):
+        angles = offset.double()[:, None, :, None] * theta
+    else:
+        angles = torch.arange(offset, offset + seq, dtype=torch.float64)[:, None] * theta
+    even, odd = x[..., 0::2].double(), x[..., 1::2].double()
+    return torch.stack((even * angles.cos() - odd * angles.sin(), even * angles.sin() + odd * angles.cos()), -1).flatten(-2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(2, 5, 9)[..., :8],                       # odd strides: no complex view, a copy is made
+    lambda: torch.randn(3, 7, 2, 6).transpose(1, 2),             # the projections' (batch, heads, seq, head_dim)
+    lambda: torch.randn(1, 2, 11, 10)[..., 1:9],                  # an odd offset into the storage
+    lambda: torch.randn(4, 1, 1, 2),                             # 1 x n, one pair
+], ids=["odd-strides", "transposed", "offset", "one-pair"])
+def test_rotary_on_any_layout_matches_the_written_out_form(make):
+    x = make()
+    torch.testing.assert_close(apply_rotary(x), _rotary_written_out(x).float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(apply_rotary(x.double(), offset=3), _rotary_written_out(x, offset=3), rtol=1e-13,
+                               atol=1e-13)
+
+
+def test_rotary_with_per_row_positions_and_its_gradient():
+    x = torch.randn(3, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    positions = torch.randint(0, 40, (3, 5))
+    torch.testing.assert_close(apply_rotary(x, offset=positions), _rotary_written_out(x, positions), rtol=1e-13,
+                               atol=1e-13)
+    torch.autograd.gradcheck(lambda t: apply_rotary(t, offset=positions), (x,))
+
+
+def test_rotary_compiled_is_the_same_function():
+    """Under torch.compile the real form is traced (inductor has no complex code generation); fullgraph: no break."""
+    x = torch.randn(2, 3, 7, 12)
+    compiled = torch.compile(apply_rotary, fullgraph=True)
+    torch.testing.assert_close(compiled(x, offset=5), apply_rotary(x, offset=5), rtol=1e-6, atol=1e-6)
+
+
 def test_rotary_logits_depend_on_relative_position_only():
     """<R_m q, R_n k> = <R_(m+s) q, R_(n+s) k>: place the same q, k at positions (1, 4) and (3, 6)."""
     q, k = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
@@ -182,3 +222,19 @@ def test_bad_arguments_raise():
         module(torch.randn(3, 8))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         module([[1.0] * 8])
+
+
+@pytest.mark.parametrize("seq,past", [(1, 0), (7, 0), (1, 6), (3, 4)])
+def test_causal_mask_adds_exactly_what_masked_fill_sets(seq, past):
+    """scores + mask equals scores.masked_fill(future, -inf) bit for bit, and the cached mask stays unwritten."""
+    from forge.nn.attention import causal_mask
+
+    scores = torch.randn(2, 3, seq, past + seq)
+    future = torch.ones(seq, past + seq, dtype=torch.bool).triu(past + 1)
+    mask = causal_mask(seq, past, scores.dtype, scores.device)
+    assert torch.equal(scores.clone().add_(mask), scores.masked_fill(future, float("-inf")))
+    module = CausalSelfAttention(8, 2, rotary=True)
+    x = torch.randn(2, past + seq, 8, requires_grad=True)
+    module(x).sum().backward()
+    assert torch.equal(causal_mask(seq, past, scores.dtype, scores.device), mask)
+    assert torch.equal(mask.isinf(), future) and (mask[~future] == 0).all()
