@@ -401,6 +401,7 @@ class Phase8Config(Section):
     vptq_finetune_steps: int = Field(1200, ge=0)       # distillation steps on the stored floats; 0: none
     vptq_finetune_lr: float = Field(1e-3, gt=0)        # AdamW rate of that fine-tuning
     vptq_finetune_frozen: list[str] = Field(default_factory=lambda: ["embed", "head"])   # modules whose floats it leaves
+    vptq_attempts: int = Field(2, ge=1, le=8)          # k-means + distillation seeds tried until the gate keeps one
     finetune_examples: int = Field(4096, ge=1)         # training questions the Phase 7 model answers for it
     finetune_batch_size: int = Field(32, ge=1)         # sequences per fine-tuning step
     calibration_samples: int = Field(128, ge=1)        # training prompts whose activations give each Hessian

@@ -256,6 +256,8 @@ METRIC_CATALOGUE: dict[int, dict[str, MetricSpec]] = {
               ("stage_kept/*", _HIGHER, "1 when the stage passed its gates, 0 when it was rolled back"),
               ("stage_encode_seconds/*", _LOWER, "wall time of a stage's encoding (and fine-tuning)"),
               ("stage_eval_seconds/*", _LOWER, "wall time of a stage's evaluation"),
+              ("stage_attempts/*", _LOWER, "seeds a stage tried (VPTQ: again while its gate refuses, up to vptq_attempts)"),
+              ("stage_first_attempt_accuracy/*", _HIGHER, "a stage's held-out accuracy on its first seed"),
               ("stages_kept", _HIGHER, "stages that passed their gates"),
               ("final_stage_index", _HIGHER, "the final stage: 1 SeedLM, 2 VPTQ, 3 hyper (0: none kept)"),
               ("final_bytes", _LOWER, "the final model's file"),

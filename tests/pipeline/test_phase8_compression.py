@@ -149,6 +149,7 @@ def test_phase8_through_the_pipeline_chains_registers_loads_and_resumes_after_a_
     metrics = pipeline.completed(sid)[8]["metrics"]
     kept = [s for s in ("seedlm", "vptq", "hyper") if metrics["stage_kept"][s]]
     assert kept == ["seedlm", "vptq", "hyper"], {s: stages[s]["metadata"]["gate"] for s in stages}
+    assert metrics["stage_attempts"] == {"seedlm": 1, "vptq": 1, "hyper": 1}   # a kept first try is not retried
     assert stages["seedlm"]["parent_ids"] == [p7["id"]]
     assert stages["vptq"]["parent_ids"] == [stages["seedlm"]["id"]]
     assert stages["hyper"]["parent_ids"] == [stages["vptq"]["id"]]
@@ -198,6 +199,9 @@ def test_a_stage_that_loses_accuracy_is_rolled_back_and_the_registry_says_why(tr
     assert stages["seedlm"]["metadata"]["gate"] == "kept"
     assert stages["vptq"]["metadata"]["gate"].startswith("rolled back: accuracy")
     assert "rolled-back" in stages["vptq"]["tags"] and stages["vptq"]["metrics"]["kept"] == 0.0
+    # refused, VPTQ is tried again with the next seed (vptq_attempts: 2), one model registered for the stage
+    assert stages["vptq"]["metrics"]["attempts"] == 2
+    assert stages["vptq"]["metrics"]["accuracy"] >= stages["vptq"]["metrics"]["first_attempt_accuracy"]
     # the hyper stage starts from SeedLM's model (the last kept); coding its weights directly does not shrink it
     assert stages["hyper"]["parent_ids"] == [stages["seedlm"]["id"]]
     assert "not smaller than seedlm's" in stages["hyper"]["metadata"]["gate"]
