@@ -5,10 +5,11 @@ model, Phase 7's, or Phase 6's when runs skip Phase 7), writes a model whose che
 float tensors `preserve_layers` keeps (embeddings, norms, the head), and is evaluated as rebuilt from those bytes.
 A stage is kept when its held-out accuracy is at least `min_stage_retention` of the stage it started from, at
 least `min_final_retention` of the incoming model's, and its file is smaller than that stage's; otherwise the
-phase rolls back to the previous kept stage and the next stage starts from there. Every stage's model is
-registered (parent: the stage it started from, or the incoming model), tagged "kept" or "rolled-back" with the
-gate's reason in its metadata; the last kept stage is tagged "final" and is the session's final model:
-`forge.load_model(id).answer("12+7=")` runs it through the fused decode kernels.
+phase rolls back to the previous kept stage and the next stage starts from there; VPTQ, whose distillation ends
+0.66-0.86 on one model depending on its seed, is first tried again with the next seed (`vptq_attempts`). Every
+stage's model is registered (parent: the stage it started from, or the incoming model), tagged "kept" or
+"rolled-back" with the gate's reason in its metadata; the last kept stage is tagged "final" and is the session's
+final model: `forge.load_model(id).answer("12+7=")` runs it through the fused decode kernels.
 
 Sizes are file bytes of the safetensors checkpoint the orchestrator writes (every header, codec table, seed,
 exponent, codebook, scale and index byte): bits per weight = (file bytes - the preserved float tensors' bytes)

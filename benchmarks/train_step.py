@@ -1,0 +1,167 @@
+"""What the non-GEMM parts of a pipeline training step cost, each against the code it replaced (issue 17, part 2:
+"profile a Phase 1 training step and remove what is not compute").
+
+    python benchmarks/train_step.py [--rounds 8] [--steps 5] [--threads 1]
+
+The pipeline's Phase 1 model (dim 96, 3 blocks, 4 heads, 48 tokens; batch 64), forward + backward of the
+cross-entropy, in one process, the variants alternating round by round (the median of `--steps` steps a round, the
+median over rounds), so that a VM's speed swings hit every variant alike:
+
+- rotary: `forge.nn.apply_rotary` (one complex multiply) against the written-out real form it replaced, and none;
+- mask: the attention with its cached additive causal mask against `masked_fill` (the results are bit-identical:
+  checked here on the loss and every gradient);
+- allocator: the same step in two fresh processes, glibc's own malloc thresholds against the `forge` command's
+  (`forge.cli.malloc_defaults`), with the wall time, system time and page faults per step.
+
+Results: benchmarks/RESULTS.md, "Training step".
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import forge.nn.attention as attention
+from forge.nn import Transformer, TransformerConfig
+from forge.ops.precision import cpu_model, vector_flags
+
+SHAPE = dict(vocab_size=40, dim=96, n_layers=3, n_heads=4, max_len=48)
+BATCH = 64
+
+
+def written_out_rotary(x: torch.Tensor, base: float = 10000.0, offset=0) -> torch.Tensor:
+    """apply_rotary before the complex multiply: the pairs' even and odd halves copied and rotated in reals."""
+    seq, head_dim = x.shape[-2], x.shape[-1]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    theta = base ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=dtype) / head_dim)
+    if isinstance(offset, torch.Tensor):
+        angles = offset.to(dtype)[:, None, :, None] * theta
+    else:
+        angles = torch.arange(offset, offset + seq, device=x.device, dtype=dtype)[:, None] * theta
+    cos, sin = angles.cos(), angles.sin()
+    even, odd = x[..., 0::2].to(dtype), x[..., 1::2].to(dtype)
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def masked_fill_forward(self, x, past_kv=None, use_cache=False):
+    """CausalSelfAttention.forward before the additive mask (no cache: what training runs)."""
+    batch, seq, _ = x.shape
+    q, k, v = self.qkv_heads(x, offset=0)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+    scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), -math.inf)
+    self._record_max_logits(scores)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    out = self.o_proj((probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, seq, self.dim))
+    return (out, (k, v)) if use_cache else out
+
+
+def make_step():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(**SHAPE))
+    tokens = torch.randint(0, SHAPE["vocab_size"], (BATCH, SHAPE["max_len"]))
+
+    def step():
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(tokens).reshape(-1, SHAPE["vocab_size"]), tokens.reshape(-1))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    return step
+
+
+def alternate(variants: dict, rounds: int, steps: int) -> dict[str, float]:
+    """Median ms of a step per variant; each variant is (install, uninstall), applied around its turn."""
+    step, times = make_step(), {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (install, uninstall) in variants.items():
+            install()
+            step()
+            runs = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                step()
+                runs.append(time.perf_counter() - start)
+            uninstall()
+            times[name].append(statistics.median(runs))
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+
+def rotary_and_mask(rounds: int, steps: int) -> None:
+    current_rotary, current_forward = attention.apply_rotary, attention.CausalSelfAttention.forward
+
+    def rotary(fn):
+        return (lambda: setattr(attention, "apply_rotary", fn)), (lambda: setattr(attention, "apply_rotary", current_rotary))
+    none = lambda x, base=0.0, offset=0: x   # noqa: E731
+    print("| rotary | forward + backward, median ms |\n|---|---|")
+    for name, ms in alternate({"complex multiply (forge now)": rotary(current_rotary),
+                               "written-out real form (before)": rotary(written_out_rotary),
+                               "no rotary (floor)": rotary(none)}, rounds, steps).items():
+        print(f"| {name} | {ms:.1f} |")
+
+    def forward(fn):
+        return ((lambda: setattr(attention.CausalSelfAttention, "forward", fn)),
+                (lambda: setattr(attention.CausalSelfAttention, "forward", current_forward)))
+    step = make_step()
+    loss_add, grads_add = step()
+    attention.CausalSelfAttention.forward = masked_fill_forward
+    loss_fill, grads_fill = step()
+    attention.CausalSelfAttention.forward = current_forward
+    same = torch.equal(loss_add, loss_fill) and all(torch.equal(a, b) for a, b in zip(grads_add, grads_fill))
+    print(f"\nadditive mask vs masked_fill: loss and gradients bit-identical: {same}\n")
+    print("| causal mask | forward + backward, median ms |\n|---|---|")
+    for name, ms in alternate({"cached additive mask (forge now)": forward(current_forward),
+                               "masked_fill (before)": forward(masked_fill_forward)}, rounds, steps).items():
+        print(f"| {name} | {ms:.1f} |")
+
+
+def allocator_child(mode: str, steps: int) -> None:
+    """In a fresh process: `steps` timed steps after 3 warm ones; prints wall, system ms and faults per step."""
+    if mode == "forge":
+        from forge.cli import malloc_defaults
+        malloc_defaults({})
+    step = make_step()
+    for _ in range(3):
+        step()
+    before, runs = resource.getrusage(resource.RUSAGE_SELF), []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        runs.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(1000 * statistics.median(runs), 1000 * (after.ru_stime - before.ru_stime) / steps,
+          (after.ru_minflt - before.ru_minflt) / steps)
+
+
+def allocator(rounds: int, steps: int, threads: int) -> None:
+    print("\n| malloc | round | step, median ms | system ms a step | page faults a step |\n|---|---|---|---|---|")
+    for r in range(max(1, rounds // 4)):
+        for mode in ("glibc", "forge"):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(8 * steps),
+                                  "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
+            wall, system, faults = (float(v) for v in out.split()[-3:])
+            label = "glibc defaults" if mode == "glibc" else "forge.cli.malloc_defaults"
+            print(f"| {label} | {r + 1} | {wall:.1f} | {system:.1f} | {faults:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", choices=["glibc", "forge"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return allocator_child(args.child, args.steps)
+    print(f"CPU: {cpu_model()}, flags {' '.join(vector_flags())}; torch {torch.__version__}, {args.threads} thread(s)\n")
+    rotary_and_mask(args.rounds, args.steps)
+    allocator(args.rounds, args.steps, args.threads)
+
+
+if __name__ == "__main__":
+    main()
