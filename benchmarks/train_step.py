@@ -95,7 +95,8 @@ def rotary_and_mask(rounds: int, steps: int) -> None:
     current_rotary, current_forward = attention.apply_rotary, attention.CausalSelfAttention.forward
 
     def rotary(fn):
-        return (lambda: setattr(attention, "apply_rotary", fn)), (lambda: setattr(attention, "apply_rotary", current_rotary))
+        return ((lambda: setattr(attention, "apply_rotary", fn)),
+                (lambda: setattr(attention, "apply_rotary", current_rotary)))
     none = lambda x, base=0.0, offset=0: x   # noqa: E731
     print("| rotary | forward + backward, median ms |\n|---|---|")
     for name, ms in alternate({"complex multiply (forge now)": rotary(current_rotary),
@@ -158,7 +159,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.child:
         return allocator_child(args.child, args.steps)
-    print(f"CPU: {cpu_model()}, flags {' '.join(vector_flags())}; torch {torch.__version__}, {args.threads} thread(s)\n")
+    flags = " ".join(vector_flags())
+    print(f"CPU: {cpu_model()}, flags {flags}; torch {torch.__version__}, {args.threads} thread(s)\n")
     rotary_and_mask(args.rounds, args.steps)
     allocator(args.rounds, args.steps, args.threads)
 

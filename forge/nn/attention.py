@@ -32,8 +32,8 @@ def apply_rotary(x: torch.Tensor, base: float = 10000.0, offset: int | torch.Ten
     theta_i = base^(-2i / head_dim), so <R_m q, R_n k> depends on m - n only. The angles are computed
     in at least float32 whatever x's dtype, then the result is cast back to x's dtype. The pairs are rotated as
     complex numbers (RoFormer's own form: one complex multiply over a complex view of x, no copies of its even
-    and odd halves): forward + backward 0.81 ms against 3.22 ms for the written-out real form on a Phase 1
-    attention input (64 x 4 x 48 x 24 fp32, 1 thread, AVX2 EPYC; benchmarks/RESULTS.md "Rotary"). Under
+    and odd halves): a Phase 1 forward + backward 144.6 ms against 150.2 ms with the written-out real form, 141.3
+    with no rotation at all (1 thread, AVX2 EPYC; `python benchmarks/train_step.py`, RESULTS "Training step"). Under
     torch.compile the real form is traced instead (the same function: inductor fuses it, and has no complex
     code generation).
     """
@@ -66,8 +66,8 @@ def _complex_ready(x: torch.Tensor) -> torch.Tensor:
 def causal_mask(seq: int, past: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(seq, past + seq): 0 where query i (at position past + i) may see key j, -inf where j is in its future.
     Added to the scores in place: x + 0 = x and x + -inf = -inf exactly, so the result equals a masked_fill, and
-    the backward passes the gradient through instead of masking it again (forward + backward of a Phase 1 step
-    about 3 ms less than masked_fill at 64 x 4 x 48 x 48, 1 thread, AVX2 EPYC). Eager calls share one cached
+    the backward passes the gradient through instead of masking it again (a Phase 1 forward + backward 3.3-3.5 ms
+    less than with masked_fill, 1 thread, AVX2 EPYC; `python benchmarks/train_step.py`). Eager calls share one cached
     tensor per shape (read-only, never written); torch.compile traces the plain function."""
     if torch.compiler.is_compiling():
         return _causal_mask(seq, past, dtype, device)

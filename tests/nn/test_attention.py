@@ -75,7 +75,8 @@ def _rotary_written_out(x: torch.Tensor, offset=0) -> torch.Tensor:
     else:
         angles = torch.arange(offset, offset + seq, dtype=torch.float64)[:, None] * theta
     even, odd = x[..., 0::2].double(), x[..., 1::2].double()
-    return torch.stack((even * angles.cos() - odd * angles.sin(), even * angles.sin() + odd * angles.cos()), -1).flatten(-2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2)
 
 
 @pytest.mark.parametrize("make", [
