@@ -30,12 +30,11 @@ def apply_rotary(x: torch.Tensor, base: float = 10000.0, offset: int | torch.Ten
 
     Each pair (x_{2i}, x_{2i+1}) at position m is rotated by the angle m * theta_i with
     theta_i = base^(-2i / head_dim), so <R_m q, R_n k> depends on m - n only. The angles are computed
-    in at least float32 whatever x's dtype, then the result is cast back to x's dtype. The pairs are rotated as
-    complex numbers (RoFormer's own form: one complex multiply over a complex view of x, no copies of its even
-    and odd halves): a Phase 1 forward + backward 144.6 ms against 150.2 ms with the written-out real form, 141.3
-    with no rotation at all (1 thread, AVX2 EPYC; `python benchmarks/train_step.py`, RESULTS "Training step"). Under
-    torch.compile the real form is traced instead (the same function: inductor fuses it, and has no complex
-    code generation).
+    in at least float32 whatever x's dtype, then the result is cast back to x's dtype. Written out in reals on
+    purpose: a complex multiply over a complex view of the pairs was 4% faster on a Phase 1 step
+    (`python benchmarks/train_step.py`) but changed the rounding enough that data-parallel training drifted past
+    tests/test_data_parallel.py's tolerance against one process and a default run's Phase 8 took another path
+    (RESULTS "Training step").
     """
     seq, head_dim = x.shape[-2], x.shape[-1]
     if head_dim % 2:
@@ -47,20 +46,9 @@ def apply_rotary(x: torch.Tensor, base: float = 10000.0, offset: int | torch.Ten
     else:
         angles = torch.arange(offset, offset + seq, device=x.device, dtype=dtype)[:, None] * theta  # (seq, head_dim/2)
     cos, sin = angles.cos(), angles.sin()
-    if torch.compiler.is_compiling():   # inductor fuses the real form into one loop; it has no complex codegen
-        even, odd = x[..., 0::2].to(dtype), x[..., 1::2].to(dtype)
-        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-        return rotated.flatten(-2).to(x.dtype)
-    pairs = torch.view_as_complex(_complex_ready(x.to(dtype)).unflatten(-1, (head_dim // 2, 2)))
-    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
-
-
-def _complex_ready(x: torch.Tensor) -> torch.Tensor:
-    """x itself where a complex view of its last dim's pairs exists (last stride 1, the other strides and the
-    offset even: q and k as the projections make them), else a contiguous copy."""
-    if x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1]):
-        return x
-    return x.contiguous()
+    even, odd = x[..., 0::2].to(dtype), x[..., 1::2].to(dtype)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
 
 
 def causal_mask(seq: int, past: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

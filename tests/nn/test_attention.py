@@ -67,7 +67,7 @@ def test_rotary_matches_complex_rotation():
 
 
 def _rotary_written_out(x: torch.Tensor, offset=0) -> torch.Tensor:
-    """RoFormer eq. 34 in real arithmetic, float64 (the form apply_rotary used before its complex multiply)."""
+    """RoFormer eq. 34 in real arithmetic, float64."""
     seq, head_dim = x.shape[-2], x.shape[-1]
     theta = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if isinstance(offset, torch.Tensor):
@@ -80,7 +80,7 @@ def _rotary_written_out(x: torch.Tensor, offset=0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("make", [
-    lambda: torch.randn(2, 5, 9)[..., :8],                       # odd strides: no complex view, a copy is made
+    lambda: torch.randn(2, 5, 9)[..., :8],                       # odd strides
     lambda: torch.randn(3, 7, 2, 6).transpose(1, 2),             # the projections' (batch, heads, seq, head_dim)
     lambda: torch.randn(1, 2, 11, 10)[..., 1:9],                  # an odd offset into the storage
     lambda: torch.randn(4, 1, 1, 2),                             # 1 x n, one pair
@@ -101,7 +101,7 @@ def test_rotary_with_per_row_positions_and_its_gradient():
 
 
 def test_rotary_compiled_is_the_same_function():
-    """Under torch.compile the real form is traced (inductor has no complex code generation); fullgraph: no break."""
+    """apply_rotary compiles in one graph (fullgraph) to the same function."""
     x = torch.randn(2, 3, 7, 12)
     compiled = torch.compile(apply_rotary, fullgraph=True)
     torch.testing.assert_close(compiled(x, offset=5), apply_rotary(x, offset=5), rtol=1e-6, atol=1e-6)
