@@ -43,7 +43,8 @@ def openmp_defaults(environ=os.environ, load: float | None = None, cores: int | 
 # blocks are freed, but trimming the heap's free top back to the OS beyond 2x it), so a training step of the pipeline's
 # models, whose activations are 0.1-3 MB tensors made afresh every step, gets its pages zeroed and faulted in again
 # and again: 2,300-4,000 page faults and 8-10 ms of system time per Phase 1 step (1 thread, AVX2 EPYC), all of it gone
-# with these two settings, the step 15-18 ms (10%) faster (benchmarks/RESULTS.md, "Allocator"). The heap then keeps
+# with these two settings, the step about 10% faster in three pairs of four (benchmarks/RESULTS.md, "Training step",
+# its allocator table; the VM's own swings are as large). The heap then keeps
 # up to MALLOC_TRIM_BYTES of freed memory for reuse instead of returning it; blocks over MALLOC_MMAP_BYTES (glibc's
 # largest allowed bound) are still mapped and unmapped on their own.
 MALLOC_MMAP_BYTES, MALLOC_TRIM_BYTES = 32 << 20, 256 << 20
