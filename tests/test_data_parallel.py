@@ -98,7 +98,8 @@ def _rl_training(steps: int) -> dict:
                              KLRegularizer(copy.deepcopy(model).eval(), 0.1), make_examples(TASKS, 200, "train", 5),
                              tokenizer, ThoughtIds.from_tokenizer(tokenizer), cfg, seed=6)
     trained = []   # rows of the training forwards (sampling runs in eval mode)
-    model.register_forward_pre_hook(lambda module, args: trained.append(args[0].shape[0]) if module.training else None)
+    model.register_forward_pre_hook(lambda module, args, kwargs: trained.append(_sequences(args[0], kwargs))
+                                    if module.training else None, with_kwargs=True)
     with trainer.training():
         stats = [trainer.step() for _ in range(steps)]
     return {"stats": stats, "state": {k: v.clone() for k, v in model.state_dict().items()}, "rows": sum(trained)}
@@ -255,6 +256,12 @@ def _baked(base_state: dict, batch: int) -> dict:
             "state": {k: v.clone() for k, v in result.model.state_dict().items()}}
 
 
+def _sequences(tokens: torch.Tensor, kwargs: dict) -> int:
+    """Sequences in a forward's rows: one a row, or the segments of packed rows (forge.data.pack_batch)."""
+    segments = kwargs.get("segments")
+    return tokens.shape[0] if segments is None else len(set(segments.flatten().tolist()) - {-1})
+
+
 def _curriculum(steps: int) -> dict:
     """Phase 5's climb (batches of 7, a level check every 3 steps), a passed level's dreams (a batch of 2: none for
     rank 0 of 3), its uniform control and its accuracy table (rows scored counted), and Phase 6's row training
@@ -265,7 +272,8 @@ def _curriculum(steps: int) -> dict:
     config = TransformerConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, max_len=40)
     model = Transformer(config)
     uniform, trained = copy.deepcopy(model), []
-    model.register_forward_pre_hook(lambda module, args: trained.append(args[0].shape[0]) if module.training else None)
+    model.register_forward_pre_hook(lambda module, args, kwargs: trained.append(_sequences(args[0], kwargs))
+                                    if module.training else None, with_kwargs=True)
     settings = {"steps": steps, "batch_size": 7, "num_levels": 3, "eval_every": 3, "val_questions": 9,
                 "questions_per_level": 20, "dream_questions": 5, "dream_min_confidence": 0.0}
     cfg = load_config(overrides=[f"phases.phase5.{key}={value}" for key, value in settings.items()]).phases.phase5

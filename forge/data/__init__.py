@@ -1,5 +1,5 @@
 """forge.data: built-in procedural tasks, the character tokenizer, batching and evaluation."""
-from forge.data.batching import IGNORE_INDEX, Batch, encode_batch
+from forge.data.batching import IGNORE_INDEX, Batch, PackedBatch, encode_batch, pack_batch, pack_rows, per_segment_all
 from forge.data.evaluate import evaluate, exact_matches, greedy_answers, trivial_baseline
 from forge.data.levels import NUM_LEVELS, level_examples, level_task
 from forge.data.modular import modular_arithmetic_split
@@ -12,6 +12,6 @@ __all__ = [
     "NUM_LEVELS", "level_examples", "level_task", "SampledAnswer", "sample_answers",
     "CharTokenizer", "DEFAULT_CHARS",
     "Example", "Task", "TASKS", "SPLITS", "make_examples", "rationale", "split_of",
-    "Batch", "encode_batch", "IGNORE_INDEX",
+    "Batch", "encode_batch", "IGNORE_INDEX", "PackedBatch", "pack_batch", "pack_rows", "per_segment_all",
     "evaluate", "exact_matches", "greedy_answers", "trivial_baseline",
 ]

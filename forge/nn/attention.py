@@ -70,6 +70,16 @@ def _causal_mask(seq: int, past: int, dtype: torch.dtype, device: torch.device) 
 _cached_causal_mask = functools.lru_cache(maxsize=64)(_causal_mask)
 
 
+def packed_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, 1, seq, seq) additive mask of packed rows: 0 where query i may see key j (j <= i, same segment id in
+    `segments`, (batch, seq)), else -inf. Padding (any shared id, e.g. -1) sees padding, so no row is all -inf."""
+    seq = segments.shape[1]
+    allowed = (segments[:, :, None] == segments[:, None, :]) & torch.ones(
+        seq, seq, dtype=torch.bool, device=segments.device).tril()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill_(~allowed, -math.inf)
+    return mask[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with separate q/k/v/o projections (dim -> dim each).
 
@@ -111,22 +121,28 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                use_cache: bool = False):
+                use_cache: bool = False, packing: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Attention over x (batch, seq, dim). With `past_kv` = (k, v) of earlier positions (batch,
         n_heads, past, head_dim), x holds the positions after them; `use_cache=True` returns
-        (out, (k, v)) with the cache extended by x's keys and values."""
+        (out, (k, v)) with the cache extended by x's keys and values. `packing` = (positions, segments), each
+        (batch, seq), runs rows that hold several sequences end to end (forge.data.pack_batch): RoPE at each
+        token's own position, and a token sees only the earlier tokens of its own segment."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, {self.dim}); got {tuple(x.shape)}")
         batch, seq, _ = x.shape
         past = 0 if past_kv is None else past_kv[0].shape[2]
-        q, k, v = self.qkv_heads(x, offset=past)
+        if packing is not None and past:
+            raise ValueError("packing and past_kv cannot be combined: packed rows are whole sequences")
+        q, k, v = self.qkv_heads(x, offset=past if packing is None else packing[0])
         if past_kv is not None:
             k, v = torch.cat((past_kv[0].expand(batch, -1, -1, -1), k), 2), torch.cat(
                 (past_kv[1].expand(batch, -1, -1, -1), v), 2)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        scores = scores.add_(causal_mask(seq, past, scores.dtype, scores.device))   # future keys -> -inf
+        mask = causal_mask(seq, past, scores.dtype, scores.device) if packing is None else packed_mask(
+            packing[1], scores.dtype)
+        scores = scores.add_(mask)   # keys in the future (or of another segment) -> -inf
         self._record_max_logits(scores)
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         out = self.o_proj((probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, seq, self.dim))

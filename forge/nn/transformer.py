@@ -107,8 +107,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = SwiGLU(config.dim, config.hidden)
 
-    def forward(self, x, past_kv=None):
-        attn_out, kv = self.attn(self.attn_norm(x), past_kv=past_kv, use_cache=True)
+    def forward(self, x, past_kv=None, packing=None):
+        attn_out, kv = self.attn(self.attn_norm(x), past_kv=past_kv, use_cache=True, packing=packing)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -119,6 +119,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Decoder-only LM: tokens (batch, seq) int64 -> logits (batch, seq, vocab_size)."""
+
+    supports_packing = True     # forward takes positions= and segments= (packed rows, forge.data.pack_batch)
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -137,20 +139,25 @@ class Transformer(nn.Module):
         """Distinct parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, tokens: torch.Tensor, past_key_values: KVCache | None = None, use_cache: bool = False):
+    def hidden_states(self, tokens: torch.Tensor, past_key_values: KVCache | None = None, use_cache: bool = False,
+                      positions: torch.Tensor | None = None, segments: torch.Tensor | None = None):
         """The final-norm hidden states (batch, seq, dim) that the head maps to logits; with
-        use_cache=True, (hidden, present_key_values) where the cache covers past + these tokens."""
+        use_cache=True, (hidden, present_key_values) where the cache covers past + these tokens. `positions`
+        and `segments` (both or neither, each shaped like tokens) run packed rows (forge.data.pack_batch):
+        each segment is attended to, and positioned, as if it were alone."""
         self._check_tokens(tokens, past_key_values)
+        packing = _packing(tokens, positions, segments)
         x = self.embed(tokens)
         present = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if past_key_values is None else past_key_values[i])
+            x, kv = block(x, None if past_key_values is None else past_key_values[i], packing)
             present.append(kv)
         hidden = self.norm(x)
         return (hidden, present) if use_cache else hidden
 
-    def forward(self, tokens: torch.Tensor, past_key_values: KVCache | None = None, use_cache: bool = False):
-        out = self.hidden_states(tokens, past_key_values, use_cache)
+    def forward(self, tokens: torch.Tensor, past_key_values: KVCache | None = None, use_cache: bool = False,
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+        out = self.hidden_states(tokens, past_key_values, use_cache, positions, segments)
         if use_cache:
             return self.head(out[0]), out[1]
         return self.head(out)
@@ -207,6 +214,16 @@ class Transformer(nn.Module):
         past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if past + tokens.shape[1] > self.config.max_len:
             raise ValueError(f"{past + tokens.shape[1]} positions exceed max_len={self.config.max_len}")
+
+
+def _packing(tokens: torch.Tensor, positions, segments) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if positions is None and segments is None:
+        return None
+    if positions is None or segments is None or positions.shape != tokens.shape or segments.shape != tokens.shape:
+        raise ValueError(f"positions and segments go together, each of the tokens' shape {tuple(tokens.shape)}; got "
+                         f"{None if positions is None else tuple(positions.shape)} and "
+                         f"{None if segments is None else tuple(segments.shape)}")
+    return positions, segments
 
 
 def _init_weights(module: nn.Module) -> None:

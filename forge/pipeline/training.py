@@ -2,8 +2,9 @@
 
 Loss = cross-entropy on the answer tokens only (`forge.data.encode_batch` marks everything else -100),
 so a model is judged on what it answers, never on reproducing the question. Batches are drawn with
-replacement from the pre-encoded examples by a seeded generator, and trimmed to the longest row, so
-a run is reproducible and pays only for the tokens it holds. On several ranks (forge.distributed) every rank
+replacement from the pre-encoded examples by a seeded generator, and packed end to end into rows of the longest
+one's width (forge.data.pack_rows; trimmed to the longest row for a model that cannot take packed rows), so a run
+is reproducible and pays little for padding. On several ranks (forge.distributed) every rank
 draws the same global batch and trains on its own slice of it through DistributedDataParallel, each slice's
 loss scaled so that the averaged gradient is the one-process gradient of the whole batch. With
 hardware.distributed.fsdp, `train_on_examples` trains an FSDP2-sharded copy of the model the same way
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forge.data import IGNORE_INDEX, encode_batch
+from forge.data import IGNORE_INDEX, PackedBatch, encode_batch, pack_rows
 from forge.distributed import optimizer_sharing, parallel_training, ranks_mean, world
 from forge.pipeline.devices import model_device, training_autocast
 
@@ -66,6 +67,13 @@ def rank_share_nll(logits: torch.Tensor, targets: torch.Tensor, rows: slice) -> 
     if not here.active:
         return answer_nll(logits, targets)
     return shard_answer_nll(logits, targets[rows], int((targets != IGNORE_INDEX).sum()), here.size)
+
+
+def packed_nll(net: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """`rank_share_nll` of a packed batch (forge.data.pack_rows): this rank's slice of its rows through `net`."""
+    rows = world().slice_of(batch.tokens.shape[0])
+    logits = net(batch.tokens[rows], positions=batch.positions[rows], segments=batch.segments[rows])
+    return rank_share_nll(logits, batch.targets, rows)
 
 
 def forward_together(net: nn.Module, pad_id: int, *batches: torch.Tensor) -> list[torch.Tensor]:
@@ -123,10 +131,12 @@ def train_on_tokens(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: 
                     on_step: Callable[[int, float], None] | None = None, what: str = "training") -> TrainingLog:
     """`steps` optimizer steps on batches of `batch_size` rows of right-padded `tokens` / `targets` ([N, T], targets
     already shifted, IGNORE_INDEX where nothing is trained), drawn with replacement by a generator seeded with `seed`
-    and trimmed to their longest row; `evaluate(model)` every `eval_every` steps and at the end. On several ranks
-    every rank draws the same rows and trains on its slice of them (module docstring)."""
+    and trimmed to their longest row, or, for a model with `supports_packing` (forge.nn.Transformer), packed end to end
+    into fewer rows (forge.data.pack_rows: the same loss and gradients without the padding's work); `evaluate(model)`
+    every `eval_every` steps and at the end. On several ranks every rank draws the same rows and trains on its slice
+    of them (module docstring)."""
     rows = batch_rows(batch_size, what)
-    lengths = (tokens != pad_id).sum(1)
+    lengths, packs = (tokens != pad_id).sum(1), getattr(model, "supports_packing", False)
     device = model_device(model)
     tokens, targets = tokens.to(device), targets.to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -135,6 +145,8 @@ def train_on_tokens(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: 
 
         def loss_at(_step: int) -> torch.Tensor:
             idx = torch.randint(len(tokens), (batch_size,), generator=generator)
+            if packs:
+                return packed_nll(net, pack_rows(tokens[idx], targets[idx], pad_id, min_rows=world().size))
             width = int(lengths[idx].max())
             return rank_share_nll(net(tokens[idx[rows], :width]), targets[idx, :width], rows)
 

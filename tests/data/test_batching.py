@@ -75,3 +75,50 @@ def test_to_device_keeps_values(tok):
     batch = encode_batch([Example("t", "1", "2")], tok, max_len=8)
     moved = batch.to("cpu")
     assert torch.equal(moved.tokens, batch.tokens) and torch.equal(moved.targets, batch.targets)
+
+
+def test_pack_batch_holds_every_example_once_in_fewer_rows(tok):
+    from forge.data import pack_batch
+    examples = make_examples({name: 1 for name in TASKS}, 37, "train", seed=5)
+    padded, packed = encode_batch(examples, tok, max_len=48), pack_batch(examples, tok, max_len=48)
+    assert packed.tokens.shape[1] == padded.tokens.shape[1] and packed.tokens.shape[0] < len(examples)
+    assert packed.count == len(examples)
+    for i in range(len(examples)):
+        at = packed.segments == i
+        n = int((padded.tokens[i] != tok.pad_id).sum())
+        assert int(at.sum()) == n                                   # one contiguous run in one row
+        row = int(at.any(1).nonzero())
+        cols = at[row].nonzero().flatten()
+        assert cols.tolist() == list(range(int(cols[0]), int(cols[0]) + n))
+        assert packed.tokens[row, cols].tolist() == padded.tokens[i, :n].tolist()
+        assert packed.targets[row, cols].tolist() == padded.targets[i, :n].tolist()
+        assert packed.positions[row, cols].tolist() == list(range(n))
+    free = packed.segments == -1
+    assert (packed.tokens[free] == tok.pad_id).all() and (packed.targets[free] == IGNORE_INDEX).all()
+    assert int((packed.targets != IGNORE_INDEX).sum()) == int((padded.targets != IGNORE_INDEX).sum())
+    again = pack_batch(examples, tok, max_len=48)
+    assert torch.equal(again.tokens, packed.tokens) and torch.equal(again.segments, packed.segments)
+
+
+def test_per_segment_all_reads_each_example_alone(tok):
+    from forge.data import pack_batch, per_segment_all
+    examples = [Example("copy", "copy:abc", "abc"), Example("copy", "copy:a", "a"), Example("x", "1", "")]
+    packed = pack_batch(examples, tok, max_len=48)
+    flags = torch.ones_like(packed.tokens, dtype=torch.bool)
+    assert per_segment_all(flags, packed.segments, 3) == [True, True, True]
+    flags[packed.segments == 1] = False
+    flags[packed.segments == -1] = False      # padding never counts
+    assert per_segment_all(flags, packed.segments, 3) == [True, False, True]
+    assert per_segment_all(flags[:0], packed.segments[:0], 3) == [True, True, True]
+
+
+def test_pack_batch_gives_a_row_each_below_min_rows(tok):
+    from forge.data import pack_batch
+    examples = [Example("copy", "copy:abcdefgh", "abcdefgh"), Example("copy", "copy:a", "a"), Example("x", "1", "")]
+    assert pack_batch(examples, tok, max_len=48, min_rows=2).tokens.shape[0] == 2    # the two short ones share
+    alone = pack_batch(examples, tok, max_len=48, min_rows=3)
+    padded = encode_batch(examples, tok, max_len=48)
+    assert torch.equal(alone.tokens, padded.tokens) and torch.equal(alone.targets, padded.targets)
+    assert alone.segments.max(1).values.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="needs"):
+        pack_batch([Example("copy", "copy:" + "a" * 30, "a" * 30)], tok, max_len=48)

@@ -113,3 +113,61 @@ def test_learns_a_copy_task_with_muon_grokfast():
         opt.step()
         losses.append(loss.item())
     assert losses[0] > 2.0 and sum(losses[-10:]) / 10 < 0.3 * losses[0]
+
+
+def _random_packing(lengths, width, seed):
+    """Sequences of `lengths` placed end to end in rows of `width` (as forge.data.pack_batch lays them out), random
+    tokens; returns tokens, positions, segments and per sequence (row, start)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, where, room = [], [], []
+    for i, n in enumerate(lengths):
+        r = next((r for r, free in enumerate(room) if free >= n), None)
+        if r is None:
+            rows.append([]), room.append(width)
+            r = len(rows) - 1
+        where.append((r, width - room[r]))
+        rows[r].append(i)
+        room[r] -= n
+    tokens = torch.randint(0, 23, (len(rows), width), generator=g)
+    positions, segments = torch.zeros_like(tokens), torch.full_like(tokens, -1)
+    for i, ((r, at), n) in enumerate(zip(where, lengths)):
+        positions[r, at: at + n], segments[r, at: at + n] = torch.arange(n), i
+    return tokens, positions, segments, where
+
+
+@pytest.mark.parametrize("lengths,width", [([5, 9, 3, 17, 1, 11, 6], 24), ([24], 24), ([1, 1, 1], 3), ([7, 2], 13)])
+def test_packed_rows_give_each_sequence_its_own_logits(lengths, width):
+    model = small()
+    tokens, positions, segments, where = _random_packing(lengths, width, seed=len(lengths))
+    packed = model(tokens, positions=positions, segments=segments)
+    for (r, at), n in zip(where, lengths):
+        alone = model(tokens[r: r + 1, at: at + n])[0]
+        torch.testing.assert_close(packed[r, at: at + n], alone, rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(packed).all()        # padding rows attend to padding, never to nothing
+
+
+def test_packed_gradients_equal_the_separate_sequences():
+    model = small(n_layers=1)
+    lengths = [6, 4, 9, 3]
+    tokens, positions, segments, where = _random_packing(lengths, 12, seed=3)
+    targets = torch.randint(0, 23, tokens.shape)
+    targets[segments < 0] = -100
+    loss = torch.nn.functional.cross_entropy(model(tokens, positions=positions, segments=segments).flatten(0, 1),
+                                             targets.flatten(), ignore_index=-100, reduction="sum")
+    packed = torch.autograd.grad(loss, list(model.parameters()))
+    total = sum(torch.nn.functional.cross_entropy(model(tokens[r: r + 1, at: at + n])[0], targets[r, at: at + n],
+                                                  reduction="sum") for (r, at), n in zip(where, lengths))
+    for a, b in zip(packed, torch.autograd.grad(total, list(model.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)   # RMSNorm sums its weight gradients in float32
+
+
+def test_packing_arguments_are_checked():
+    model, tokens = small(), torch.randint(0, 23, (2, 5))
+    with pytest.raises(ValueError, match="positions and segments go together"):
+        model(tokens, positions=torch.zeros_like(tokens))
+    with pytest.raises(ValueError, match="positions and segments go together"):
+        model(tokens, positions=torch.zeros(2, 4, dtype=torch.long), segments=torch.zeros(2, 4, dtype=torch.long))
+    _, cache = model(tokens[:, :2], use_cache=True)
+    with pytest.raises(ValueError, match="packing and past_kv"):
+        model(tokens[:, 2:], past_key_values=cache, positions=torch.zeros(2, 3, dtype=torch.long),
+              segments=torch.zeros(2, 3, dtype=torch.long))

@@ -77,9 +77,9 @@ class Spy(torch.nn.Module):
         self.model, self.config = model, model.config
         self.seen = {True: set(), False: set()}
 
-    def forward(self, tokens):
+    def forward(self, tokens, **packing):
         self.seen[self.training].update(tokens.unique().tolist())
-        return self.model(tokens)
+        return self.model(tokens, **packing)
 
 
 def test_a_climb_passes_levels_retires_questions_and_never_shows_hints_at_evaluation(trained):

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from forge.data import IGNORE_INDEX, Example, encode_batch, exact_matches
+from forge.data import IGNORE_INDEX, Example, exact_matches, pack_batch, per_segment_all
 from forge.data.levels import level_examples
-from forge.distributed import gather_slices, ranks_mean, world
+from forge.distributed import all_sum, ranks_mean, world
 from forge.pipeline.devices import training_autocast
 from forge.pipeline.training import rank_share_nll
 
@@ -110,27 +110,32 @@ def train_step(model, optimizer, examples: list[Example], tokenizer, max_len: in
                net=None) -> tuple[float, list[bool]]:
     """One optimizer step on the answers of `examples`; returns the loss and, per example, whether the
     model's greedy answer (before the step) was exactly right: the argmax at every answer position equals the
-    target under teacher forcing, which is what greedy decoding would produce. `net` is what the forward pass
-    runs through (default `model`; on several ranks its DDP wrapper or FSDP2 copy from forge.distributed's
-    `parallel_training`, made once): each rank then trains its slice of the batch, and the loss and the flags
-    returned are the whole batch's, on every rank."""
-    batch = encode_batch(examples, tokenizer, max_len)
-    device, rows = next(model.parameters()).device, world().slice_of(len(examples))
-    tokens, targets = batch.tokens.to(device), batch.targets.to(device)
+    target under teacher forcing, which is what greedy decoding would produce. The examples are packed end to end
+    into rows (forge.data.pack_batch: each attends only to itself, at its own positions), so a batch of mixed
+    levels does not pay for the padding of its short questions. `net` is what the forward pass runs through
+    (default `model`; on several ranks its DDP wrapper or FSDP2 copy from forge.distributed's
+    `parallel_training`, made once): each rank then trains its slice of the packed rows, and the loss and the
+    flags returned are the whole batch's, on every rank."""
+    here = world()
+    batch = pack_batch(examples, tokenizer, max_len, min_rows=here.size)
+    device = next(model.parameters()).device
+    batch, rows = batch.to(device), here.slice_of(batch.tokens.shape[0])
     runner = model if net is None else net
     model.train()
     runner.train()      # an FSDP copy has a mode of its own
     with training_autocast(model):
-        logits = runner(tokens[rows])
-        loss = rank_share_nll(logits, targets, rows)
+        logits = runner(batch.tokens[rows], positions=batch.positions[rows], segments=batch.segments[rows])
+        loss = rank_share_nll(logits, batch.targets, rows)
     value = ranks_mean(loss)
     if not math.isfinite(value):
         raise FloatingPointError(f"phase 5 training loss became {value}")
-    mine = targets[rows]
-    flags = ((logits.detach().argmax(-1) == mine) | (mine == IGNORE_INDEX)).all(dim=1).tolist()
+    mine = batch.targets[rows]
+    right = per_segment_all((logits.detach().argmax(-1) == mine) | (mine == IGNORE_INDEX), batch.segments[rows],
+                            batch.count)   # True for the examples in other ranks' rows
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     runner.eval()
     model.eval()
-    return value, [bool(flag) for flag in gather_slices(flags, len(examples))]
+    wrong = [float(not flag) for flag in right]
+    return value, [total == 0 for total in (all_sum(wrong) if here.active else wrong)]
