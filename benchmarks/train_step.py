@@ -1,7 +1,7 @@
 """What the non-GEMM parts of a pipeline training step cost, each against the code it replaced (issue 17, part 2:
 "profile a Phase 1 training step and remove what is not compute").
 
-    python benchmarks/train_step.py [--rounds 8] [--steps 5] [--threads 1]
+    python benchmarks/train_step.py [--rounds 8] [--steps 5] [--threads 1] [--cases rotary allocator packing]
 
 The pipeline's Phase 1 model (dim 96, 3 blocks, 4 heads, 48 tokens; batch 64), forward + backward of the
 cross-entropy, in one process, the variants alternating round by round (the median of `--steps` steps a round, the
@@ -11,7 +11,10 @@ median over rounds), so that a VM's speed swings hit every variant alike:
 - mask: the attention with its cached additive causal mask against `masked_fill` (the results are bit-identical:
   checked here on the loss and every gradient);
 - allocator: the same step in two fresh processes, glibc's own malloc thresholds against the `forge` command's
-  (`forge.cli.malloc_defaults`), with the wall time, system time and page faults per step.
+  (`forge.cli.malloc_defaults`), with the wall time, system time and page faults per step;
+- packing: real question batches of the default pipeline's five tasks (Phase 5's uniform control: levels 1-10;
+  Phase 1's trunk: the default difficulty) as one padded row per question against `forge.data.pack_batch`'s packed rows, the
+  batching itself included, with the tokens (padding included) each step computes.
 
 Results: benchmarks/RESULTS.md, "Training step".
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import resource
 import statistics
 import subprocess
@@ -28,7 +32,9 @@ import time
 import torch
 
 import forge.nn.attention as attention
+from forge.data import NUM_LEVELS, CharTokenizer, encode_batch, level_examples, make_examples, pack_batch
 from forge.nn import Transformer, TransformerConfig
+from forge.pipeline.training import answer_nll
 from forge.ops.precision import cpu_model, vector_flags
 
 SHAPE = dict(vocab_size=40, dim=96, n_layers=3, n_heads=4, max_len=48)
@@ -148,11 +154,60 @@ def allocator(rounds: int, steps: int, threads: int) -> None:
             print(f"| {label} | {r + 1} | {wall:.1f} | {system:.1f} | {faults:.0f} |")
 
 
+PIPELINE_TASKS = ("addition", "copy", "modular", "reversal", "sorting")   # the default config's Phase 1 tasks
+
+
+def packing_batches(kind: str, count: int) -> list:
+    """`count` batches of BATCH questions of the default pipeline's tasks: Phase 5's uniform control (levels 1-10
+    alike) or Phase 1's trunk (the tasks at their default difficulty, equal weights)."""
+    rng = random.Random(0)
+    if kind == "phase 5":
+        pools = {(t, lv): level_examples(t, lv, 200, "train", 0) for t in PIPELINE_TASKS
+                 for lv in range(1, NUM_LEVELS + 1)}
+        keys = sorted(pools)
+        return [[rng.choice(pools[rng.choice(keys)]) for _ in range(BATCH)] for _ in range(count)]
+    pool = make_examples({t: 1.0 for t in PIPELINE_TASKS}, 2000, "train", 0)
+    return [rng.sample(pool, BATCH) for _ in range(count)]
+
+
+def packing(rounds: int, steps: int) -> None:
+    """Padded rows (one per question, `encode_batch`) against packed rows (`pack_batch`), batching included."""
+    tokenizer = CharTokenizer()
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size}))
+
+    def padded(examples):
+        batch = encode_batch(examples, tokenizer, SHAPE["max_len"])
+        return batch.tokens.numel(), answer_nll(model(batch.tokens), batch.targets)
+
+    def packed(examples):
+        batch = pack_batch(examples, tokenizer, SHAPE["max_len"])
+        return batch.tokens.numel(), answer_nll(model(batch.tokens, positions=batch.positions,
+                                                      segments=batch.segments), batch.targets)
+    print("\n| batches | rows | tokens a step (with padding) | forward + backward, median ms |\n|---|---|---|---|")
+    for kind in ("phase 5", "phase 1"):
+        batches, times, tokens = packing_batches(kind, steps), {"padded": [], "packed": []}, {}
+        for _ in range(rounds):
+            for name, build in (("padded", padded), ("packed", packed)):
+                runs = []
+                for examples in batches:
+                    start = time.perf_counter()
+                    model.zero_grad()
+                    tokens[name], loss = build(examples)
+                    loss.backward()
+                    runs.append(time.perf_counter() - start)
+                times[name].append(statistics.median(runs))
+        for name, values in times.items():
+            print(f"| {kind} | {name} | {tokens[name]} | {1000 * statistics.median(values):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cases", nargs="+", choices=["rotary", "allocator", "packing"],
+                        default=["rotary", "allocator", "packing"])
     parser.add_argument("--child", choices=["glibc", "forge"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,8 +215,12 @@ def main() -> None:
         return allocator_child(args.child, args.steps)
     flags = " ".join(vector_flags())
     print(f"CPU: {cpu_model()}, flags {flags}; torch {torch.__version__}, {args.threads} thread(s)\n")
-    rotary_and_mask(args.rounds, args.steps)
-    allocator(args.rounds, args.steps, args.threads)
+    if "rotary" in args.cases:
+        rotary_and_mask(args.rounds, args.steps)
+    if "allocator" in args.cases:
+        allocator(args.rounds, args.steps, args.threads)
+    if "packing" in args.cases:
+        packing(args.rounds, args.steps)
 
 
 if __name__ == "__main__":

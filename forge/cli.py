@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -22,13 +23,43 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 OPENMP_SPIN_COUNT = "3000"
 
 
+def busy_cores(interval: float = 0.2, stat: str = "/proc/stat") -> float | None:
+    """Cores kept busy now: `busy_share` of /proc/stat over `interval` seconds times the cores it counts; None where
+    /proc/stat is unreadable."""
+    def sample() -> list[int]:
+        with open(stat) as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    try:
+        first = sample()
+        time.sleep(interval)
+        second = sample()
+        with open(stat) as f:
+            cores = sum(1 for line in f if line.startswith("cpu") and line[3].isdigit())
+    except (OSError, ValueError, IndexError):
+        return None
+    return cores * busy_share(first, second)
+
+
+def busy_share(first: list[int], second: list[int]) -> float:
+    """The busy share of the CPU time between two samples of /proc/stat's `cpu` line (all its fields but guest time):
+    user, nice, system, irq, softirq and steal (a virtual CPU that wanted to run while its host ran another) against
+    idle and iowait."""
+    delta = [b - a for a, b in zip(first, second)]
+    busy = sum(delta[i] for i in (0, 1, 2, 5, 6, 7) if i < len(delta))
+    return busy / max(1, sum(delta[:8]))
+
+
 def openmp_defaults(environ=os.environ, load: float | None = None, cores: int | None = None) -> None:
     """The OpenMP wait policy of the `forge` command and the torchrun ranks it starts, unless the user set
-    GOMP_SPINCOUNT or OMP_WAIT_POLICY: PASSIVE when other processes already keep the cores busy (the 1-minute load
-    average is at least half the cores), else a short spin. libgomp reads both once, when torch loads, so this runs
-    before any torch import."""
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY: PASSIVE when other processes keep at least half the cores busy now
+    (`busy_cores`, where /proc/stat exists; else the 1-minute load average), else a short spin. Not the load average
+    where there is a choice: it trails a finished job by minutes, and a run started in that time slept its threads
+    for all of its life (Phase 5 372 s against 177 s with the short spin, AVX2 EPYC; benchmarks/RESULTS.md,
+    "Sequence packing"). libgomp reads both once, when torch loads, so this runs before any torch import."""
     if "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ:
         return
+    if load is None:
+        load = busy_cores()
     if load is None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if cores is None:

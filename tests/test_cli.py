@@ -6,12 +6,13 @@ import platform
 import re
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from forge.cli import malloc_defaults, openmp_defaults
+from forge.cli import busy_cores, busy_share, malloc_defaults, openmp_defaults
 from forge.ops import available_backends
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,23 @@ def test_openmp_wait_policy_follows_the_load_unless_the_user_chose(user, load, w
     environ = dict(user)
     openmp_defaults(environ, load=load, cores=2)
     assert environ == want
+
+
+def test_busy_cores_counts_the_processes_running_now(tmp_path):
+    """Real busy processes, one per core, raise the count to about all the cores (the 1-minute load average would
+    take a minute to follow them); idle and iowait time are not busy; no /proc/stat: None."""
+    cores = os.cpu_count()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.5)
+        assert busy_cores(0.5) >= 0.75 * cores
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    # user 60, system 15, steal 5, idle 15, iowait 5 between the samples: 0.8 busy
+    assert busy_share([100, 0, 50, 1000, 9, 0, 0, 0, 0, 0], [160, 0, 65, 1015, 14, 0, 0, 5, 0, 0]) == pytest.approx(0.8)
+    assert busy_cores(0.01, str(tmp_path / "absent")) is None
 
 
 def test_the_command_sets_the_wait_policy_before_torch_loads():
