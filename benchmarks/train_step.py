@@ -1,7 +1,7 @@
 """What the non-GEMM parts of a pipeline training step cost, each against the code it replaced (issue 17, part 2:
 "profile a Phase 1 training step and remove what is not compute").
 
-    python benchmarks/train_step.py [--rounds 8] [--steps 5] [--threads 1] [--cases rotary allocator packing]
+    python benchmarks/train_step.py [--rounds 8] [--steps 5] [--threads 1] [--cases rotary allocator packing steps]
 
 The pipeline's Phase 1 model (dim 96, 3 blocks, 4 heads, 48 tokens; batch 64), forward + backward of the
 cross-entropy, in one process, the variants alternating round by round (the median of `--steps` steps a round, the
@@ -14,7 +14,9 @@ median over rounds), so that a VM's speed swings hit every variant alike:
   (`forge.cli.malloc_defaults`), with the wall time, system time and page faults per step;
 - packing: real question batches of the default pipeline's five tasks (Phase 5's uniform control: levels 1-10;
   Phase 1's trunk: the default difficulty) as one padded row per question against `forge.data.pack_batch`'s packed rows, the
-  batching itself included, with the tokens (padding included) each step computes.
+  batching itself included, with the tokens (padding included) each step computes;
+- steps: the same batches as whole training steps (drawing, forward, backward, MuonGrokfast) through the pipeline's
+  `train_on_tokens`, padded against packed.
 
 Results: benchmarks/RESULTS.md, "Training step".
 """
@@ -34,7 +36,8 @@ import torch
 import forge.nn.attention as attention
 from forge.data import NUM_LEVELS, CharTokenizer, encode_batch, level_examples, make_examples, pack_batch
 from forge.nn import Transformer, TransformerConfig
-from forge.pipeline.training import answer_nll
+from forge.pipeline.config import OptimizerConfig
+from forge.pipeline.training import answer_nll, make_optimizer, train_on_tokens
 from forge.ops.precision import cpu_model, vector_flags
 
 SHAPE = dict(vocab_size=40, dim=96, n_layers=3, n_heads=4, max_len=48)
@@ -201,13 +204,37 @@ def packing(rounds: int, steps: int) -> None:
             print(f"| {kind} | {name} | {tokens[name]} | {1000 * statistics.median(values):.1f} |")
 
 
+def whole_steps(rounds: int, steps: int) -> None:
+    """Whole training steps (batch drawing, forward, backward, MuonGrokfast) through the pipeline's own loop,
+    `forge.pipeline.training.train_on_tokens`, on a fresh model of the Phase 1 shape: padded rows (the model's
+    `supports_packing` switched off) against packed rows, alternating by round."""
+    tokenizer = CharTokenizer()
+    print("\n| questions | rows | whole step, median ms |\n|---|---|---|")
+    for kind in ("phase 5", "phase 1"):
+        pool = [ex for batch in packing_batches(kind, 40) for ex in batch]
+        encoded = encode_batch(pool, tokenizer, SHAPE["max_len"])
+        torch.manual_seed(0)
+        model = Transformer(TransformerConfig(**{**SHAPE, "vocab_size": tokenizer.vocab_size}))
+        optimizer = make_optimizer(model, OptimizerConfig(), 1e-3)
+        times = {"padded": [], "packed": []}
+        for r in range(rounds):
+            for name in times:
+                model.supports_packing = name == "packed"
+                start = time.perf_counter()
+                train_on_tokens(model, optimizer, encoded.tokens, encoded.targets, tokenizer.pad_id, steps=4 * steps,
+                                batch_size=BATCH, seed=r)
+                times[name].append((time.perf_counter() - start) / (4 * steps))
+        for name, values in times.items():
+            print(f"| {kind} | {name} | {1000 * statistics.median(values):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cases", nargs="+", choices=["rotary", "allocator", "packing"],
-                        default=["rotary", "allocator", "packing"])
+    parser.add_argument("--cases", nargs="+", choices=["rotary", "allocator", "packing", "steps"],
+                        default=["rotary", "allocator", "packing", "steps"])
     parser.add_argument("--child", choices=["glibc", "forge"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -221,6 +248,8 @@ def main() -> None:
         allocator(args.rounds, args.steps, args.threads)
     if "packing" in args.cases:
         packing(args.rounds, args.steps)
+    if "steps" in args.cases:
+        whole_steps(args.rounds, args.steps)
 
 
 if __name__ == "__main__":
