@@ -53,8 +53,9 @@ def openmp_defaults(environ=os.environ, load: float | None = None, cores: int | 
     """The OpenMP wait policy of the `forge` command and the torchrun ranks it starts, unless the user set
     GOMP_SPINCOUNT or OMP_WAIT_POLICY: PASSIVE when other processes keep at least half the cores busy now
     (`busy_cores`, where /proc/stat exists; else the 1-minute load average), else a short spin. Not the load average
-    where there is a choice: it trails a finished job by minutes, and a run started in that time slept its threads
-    for all of its life (Phase 5 372 s against 177 s with the short spin, AVX2 EPYC; benchmarks/RESULTS.md,
+    where there is a choice: it trails a finished job by minutes, and a run started in that time sleeps its threads
+    for all of its life (Phase 5 runs of the same code 309-413 s with 47-54 s of system time against 168-236 s and
+    6-8 s with the short spin, AVX2 EPYC; the policy those runs chose was inferred, not logged: benchmarks/RESULTS.md,
     "Sequence packing"). libgomp reads both once, when torch loads, so this runs before any torch import."""
     if "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ:
         return
